@@ -1,0 +1,81 @@
+"""An Erlang/OTP-style process runtime in which every process is a real OS process.
+
+Public names only; see the modules for the guides:
+``runtime.process`` (spawn, send, receive, exit), ``runtime.monitor``,
+``runtime.link``, ``runtime.registry`` (names), ``runtime.gen_server``,
+``runtime.agent``, ``runtime.supervisor``, ``runtime.dynamic_supervisor``.
+Timeouts are in seconds.
+"""
+
+from .errors import (
+    AlreadyRegisteredError,
+    CallTimeout,
+    Crash,
+    ExitError,
+    InvalidChildSpec,
+    NoProcError,
+    ProcessError,
+    ReceiveTimeout,
+    StartError,
+    is_clean_exit,
+)
+from .gen_server import GenServer, NoReply, Reply, Stop, call, cast, reply, stop
+from .messages import Down, Exit
+from .pid import Pid, Ref
+from .process import (
+    configure,
+    demonitor,
+    exit,
+    is_alive,
+    link,
+    monitor,
+    receive,
+    self,
+    send,
+    shutdown,
+    spawn,
+    trap_exit,
+    unlink,
+)
+from .registry import register, unregister, whereis
+
+__all__ = [
+    "AlreadyRegisteredError",
+    "CallTimeout",
+    "Crash",
+    "Down",
+    "Exit",
+    "ExitError",
+    "GenServer",
+    "InvalidChildSpec",
+    "NoProcError",
+    "NoReply",
+    "Pid",
+    "ProcessError",
+    "ReceiveTimeout",
+    "Ref",
+    "Reply",
+    "StartError",
+    "Stop",
+    "call",
+    "cast",
+    "configure",
+    "demonitor",
+    "exit",
+    "is_alive",
+    "is_clean_exit",
+    "link",
+    "monitor",
+    "receive",
+    "register",
+    "reply",
+    "self",
+    "send",
+    "shutdown",
+    "spawn",
+    "stop",
+    "trap_exit",
+    "unlink",
+    "unregister",
+    "whereis",
+]

@@ -1,0 +1,304 @@
+"""Internal: creating runtime processes through ``multiprocessing``.
+
+A runtime process is a ``multiprocessing.process.BaseProcess`` whose ``Popen`` is
+one of two small subclasses of the standard ones:
+
+- ``fork`` (default): the parent, a single-threaded runtime process, forks. The
+  child inherits the target function, so nothing is pickled. The embedding
+  process never forks: it asks the node's root process to fork for it.
+- ``spawn``: a fresh interpreter (the macOS default). The target travels
+  cloudpickled. The child does *not* re-import the user's ``__main__`` (the
+  preparation data leaves it out), so a script without an
+  ``if __name__ == "__main__":`` guard neither loops nor breaks.
+
+Before the child runs any user code it: asks the kernel to SIGKILL it when its
+parent dies (``PR_SET_PDEATHSIG``; runtime processes are single-threaded, so the
+forking thread is the process), closes every inherited descriptor but its own,
+ignores SIGINT (Ctrl-C belongs to the embedding process), and builds its node.
+
+The parent does the costly setup before the fork: the slot in the process
+table, the listening socket (so the new pid can be sent to at once), and a
+socketpair to the child that needs no handshake.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import io
+import itertools
+import os
+import pickle
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
+from multiprocessing.context import set_spawning_popen
+from typing import Any
+
+from . import _node, _table, _wire
+from .errors import Crash
+from .pid import Pid
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+BACKLOG = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class InheritFd:
+    """A descriptor handed to a child: its number under fork, passed along under spawn."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.context import get_spawning_popen
+
+        popen = get_spawning_popen()
+        fd = popen.duplicate_for_child(self.fd) if popen is not None else self.fd
+        return (InheritFd, (fd,))
+
+
+@dataclass
+class Boot:
+    """Everything a child needs to become a runtime process."""
+
+    info: _node.NodeInfo
+    serial: int
+    slot: int
+    parent: Pid
+    parent_os_pid: int
+    links: list[Pid]
+    listen: InheritFd
+    conn: InheritFd
+    target: Any = None  # (fn, args) under fork
+    payload: bytes | None = None  # cloudpickled (fn, args) otherwise
+    trap: bool = False
+    pdeathsig: bool = True
+
+
+class ForkPopen(popen_fork.Popen):
+    """multiprocessing's fork Popen, minus the parent-sentinel pipe we do not use."""
+
+    method = "fork"
+
+    def _launch(self, process_obj: RuntimeProcess) -> None:
+        parent_r, child_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(parent_r)
+                gc.freeze()  # the inherited heap is not ours to collect: no copy-on-write
+                process_obj.child_main(child_w)
+            finally:
+                os._exit(1)
+        self.pid = pid
+        os.close(child_w)
+        self.sentinel = parent_r
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_r,))
+
+
+class SpawnPopen(popen_spawn_posix.Popen):
+    """multiprocessing's spawn Popen, without re-running ``__main__`` in the child and
+    without the resource tracker (the child starts one itself if it needs it)."""
+
+    method = "spawn"
+
+    def _launch(self, process_obj: RuntimeProcess) -> None:
+        prep = _preparation_data(process_obj.name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        parent_r = child_w = child_r = parent_w = None
+        try:
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            cmd = spawn.get_command_line(tracker_fd=None, pipe_handle=child_r)
+            self._fds.extend([child_r, child_w])
+            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            self.sentinel = parent_r
+            with open(parent_w, "wb", closefd=False) as f:
+                f.write(buf.getbuffer())
+        finally:
+            self.finalizer = util.Finalize(
+                self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+            )
+            for fd in (child_r, child_w):
+                if fd is not None:
+                    os.close(fd)
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    # Like multiprocessing.spawn.get_preparation_data, but without the main module
+    # (see the module docstring) and without fixing the user's default start method.
+    sys_path = list(sys.path)
+    if "" in sys_path:
+        sys_path[sys_path.index("")] = process.ORIGINAL_DIR
+    return {
+        "name": name,
+        "authkey": bytes(process.current_process().authkey),
+        "sys_path": sys_path,
+        "sys_argv": sys.argv,
+        "orig_dir": process.ORIGINAL_DIR,
+        "dir": os.getcwd(),
+    }
+
+
+_counter = itertools.count(1)
+
+
+class RuntimeProcess(process.BaseProcess):
+    """A runtime process as ``multiprocessing`` sees it."""
+
+    _start_method = None
+
+    def __init__(self, boot: Boot, name: str) -> None:
+        super().__init__(name=name)
+        self.boot = boot
+
+    def start_with(self, method: str) -> Any:
+        """Start the process; unlike ``BaseProcess.start`` this keeps the child out of
+        multiprocessing's ``_children``, whose ``_cleanup`` would reap it behind the
+        runtime's back (the runtime must record the exit status before reaping)."""
+        self._popen = (SpawnPopen if method == "spawn" else ForkPopen)(self)
+        self._sentinel = self._popen.sentinel
+        return self._popen
+
+    def run(self) -> None:  # under spawn, multiprocessing's bootstrap calls this
+        self.child_main(None)
+
+    def child_main(self, sentinel_w: int | None) -> None:
+        boot = self.boot
+        listen_fd = boot.listen.fd
+        conn_fd = boot.conn.fd
+        if boot.pdeathsig:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != boot.parent_os_pid:
+                os._exit(1)  # the parent died before we could ask to follow it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        parent_node = _node.take_forked_from()
+        table = parent_node.table if parent_node is not None else None
+        if sentinel_w is not None:  # fork: drop everything of the parent's but our own fds
+            _become_runtime_child(self)
+            if parent_node is not None:
+                parent_node.abandon()
+            keep = [0, 1, 2, sentinel_w, listen_fd, conn_fd]
+            if table is not None:
+                keep.append(table.fd)
+            _close_all_but(keep)
+        if table is None:
+            table = _table.Table(os.path.join(boot.info.dir, "table"))
+        me = Pid(boot.info.node_id, boot.serial, boot.slot, os.getpid())
+        table.set_os_pid(boot.slot, me.os_pid)
+        listen = socket.socket(fileno=listen_fd)
+        node = _node.Node(boot.info, me, listen, table, is_main=False)
+        node.parent = boot.parent
+        node.adopt_conn(socket.socket(fileno=conn_fd), boot.parent)
+        for pid in boot.links:
+            node._add_link(pid, requested=False)
+        if boot.trap:
+            node.set_trap_exit(True)
+        _node.set_current(node)
+        reason: Any = "normal"
+        try:
+            if boot.payload is not None:
+                fn, args = pickle.loads(boot.payload)
+            else:
+                fn, args = boot.target
+            boot.target = boot.payload = None
+            fn(*args)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                reason = Crash.from_exception(exc)
+        except BaseException as exc:
+            reason = Crash.from_exception(exc)
+        node.exit_process(reason)
+
+
+def _become_runtime_child(proc: RuntimeProcess) -> None:
+    # What multiprocessing's own bootstrap does for a forked child, minus the parts
+    # that assume the child returns to it.
+    process._current_process = proc
+    process._parent_process = None
+    process._children = set()
+    process._process_counter = itertools.count(1)
+    util._finalizer_registry.clear()
+    util._run_after_forkers()
+    _node._foreign_fork = False
+
+
+def _close_all_but(keep: list[int]) -> None:
+    prev = -1
+    for fd in sorted(set(keep)):
+        if fd > prev + 1:
+            os.closerange(prev + 1, fd)
+        prev = fd
+    os.closerange(prev + 1, 1 << 20)
+
+
+def start_child(
+    node: _node.Node,
+    target: Any = None,
+    *,
+    payload: bytes | None = None,
+    link: bool = False,
+    link_to: Pid | None = None,
+    trap: bool = False,
+    name: str = "runtime",
+) -> Pid:
+    """Start a child of ``node`` (which must be this process's node) running
+    ``target = (fn, args)`` or the cloudpickled ``payload``. Returns once the OS
+    process exists and can be sent to; does not wait for it to run."""
+    info = node.info
+    method = info.start_method
+    if method == "spawn" and target is not None:
+        payload, target = _wire.dumps_code(target), None
+    table = node.table
+    serial, slot = table.allocate()
+    path = info.sock_path(serial)
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    popen = None
+    try:
+        listen.bind(path)
+        listen.listen(BACKLOG)
+        links = [node.me] if link else []
+        if link_to is not None:
+            links.append(link_to)
+        boot = Boot(
+            info, serial, slot, node.me, os.getpid(), links,
+            InheritFd(listen.fileno()), InheritFd(theirs.fileno()),
+            target, payload, trap,
+        )
+        proc = RuntimeProcess(boot, f"{name}-{serial}")
+        popen = proc.start_with(method)
+    finally:
+        listen.close()
+        theirs.close()
+        if popen is None:
+            table.free(slot)
+            ours.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    table.set_os_pid(slot, popen.pid)
+    pid = Pid(node.node_id, serial, slot, popen.pid)
+    with node.cond:
+        node.add_child(pid, popen, ours, link)
+    return pid

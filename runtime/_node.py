@@ -1,0 +1,984 @@
+"""Internal: the runtime's state in one OS process, and its single event loop.
+
+Each OS process of a node has exactly one :class:`Node`: its own ``Pid``, its
+mailbox, its connections to other processes, and its *watches*. A watch is one
+file descriptor per watched process that becomes readable when that process
+dies: the ``multiprocessing`` sentinel for a child, a pidfd for anything else.
+Monitors, links and pending calls on the same process share one watch.
+
+Everything waits in one place, :meth:`Node._wait`: one ``epoll`` holds the
+listening socket, every connection and every watch, registered once, so a
+wake-up costs O(1) however many processes are watched. Nothing sleeps and polls.
+
+When a watch fires, the node first drains what the dead process sent before it
+died (so its messages come before its ``Down``), then reads the reason from the
+node's process table (see ``_table``), then delivers ``Down`` for monitors,
+errors for pending calls, and ``Exit`` (or death) for a link.
+
+The embedding (main) process may have threads. All state is guarded by one
+condition lock; one thread at a time polls ("leader"), the others wait on the
+condition and are woken when the leader has queued something. Runtime
+processes are single-threaded and take the same, uncontended path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn
+
+from . import _table, _wire
+from ._wire import T_EXIT, T_HELLO, T_LINK, T_MSG, T_REPLY, T_UNLINK
+from .errors import (
+    CallTimeout,
+    Crash,
+    ExitError,
+    NoProcError,
+    ProcessError,
+    ReceiveTimeout,
+    is_clean_exit,
+)
+from .messages import Down, Exit
+from .pid import Pid, Ref
+
+log = logging.getLogger("runtime")
+
+_NONE = object()
+_PENDING = object()
+_LISTEN = object()
+
+EPOLLIN = select.EPOLLIN
+# In the embedding process, Exit messages nobody receives are capped at this many;
+# the oldest is dropped (with a warning) to make room.
+MAIN_EXIT_BACKLOG = 1000
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What every process of a node knows about the node (inherited by children)."""
+
+    dir: str
+    key: bytes
+    node_id: int
+    main: Pid
+    start_method: str
+
+    def sock_path(self, serial: int) -> str:
+        return os.path.join(self.dir, str(serial))
+
+
+class Conn:
+    """One Unix stream connection to a peer process."""
+
+    __slots__ = ("sock", "fd", "peer", "inbuf", "outbuf")
+
+    def __init__(self, sock: socket.socket, peer: Pid | None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.inbuf = bytearray()
+        self.outbuf = b""
+
+
+class Watch:
+    """The death of one watched process, and who cares about it."""
+
+    __slots__ = ("pid", "fd", "child", "monitors", "calls", "linked", "keep")
+
+    def __init__(self, pid: Pid, fd: int, child: Any = None) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.child = child  # the multiprocessing Popen, if the process is our child
+        self.monitors: set[Ref] = set()
+        self.calls: set[int] = set()
+        self.linked = False
+        self.keep = False  # kept while we talk to the peer: calls reuse it
+
+
+class Reader:
+    """A file descriptor with a callback, polled by the node's loop (see ``add_reader``)."""
+
+    __slots__ = ("fd", "callback")
+
+    def __init__(self, fd: int, callback: Callable[[], None]) -> None:
+        self.fd = fd
+        self.callback = callback
+
+
+class Node:
+    """The runtime state of one OS process. See the module docstring."""
+
+    def __init__(
+        self,
+        info: NodeInfo,
+        me: Pid,
+        listen: socket.socket,
+        table: _table.Table,
+        *,
+        is_main: bool,
+    ) -> None:
+        self.info = info
+        self.key = info.key
+        self.node_id = info.node_id
+        self.me = me
+        self.is_main = is_main
+        self.table = table
+        self.listen = listen
+        listen.setblocking(False)
+        self.epoll = select.epoll()
+        self.cond = threading.Condition(threading.Lock())
+        self.polling = False
+        self.mailbox: deque[Any] = deque()
+        self.removed = 0  # how many messages were taken out of the middle of the mailbox
+        self.exits_queued = 0
+        self.replies: dict[int, Any] = {}
+        self.handlers: dict[int, Any] = {}
+        self.out: dict[int, Conn] = {}
+        self.conns_of: dict[int, set[Conn]] = {}
+        self.watches: dict[int, Watch] = {}
+        self.monitor_refs: dict[Ref, int] = {}
+        self.links: dict[int, Pid] = {}
+        self.children: dict[int, Watch] = {}
+        self.child_by_os_pid: dict[int, int] = {}
+        self.trap = is_main
+        self.names: set[str] = set()
+        # Serials this process has seen die, most recent last: a process whose Down we
+        # delivered is dead to us even before its parent has reaped it.
+        self.dead: dict[int, None] = {}
+        self.refs = itertools.count(1)
+        self.closed = False
+        self.exiting = False
+        self.root: Pid | None = None
+        self.parent: Pid | None = None
+        self.epoll.register(listen.fileno(), EPOLLIN)
+        self.handlers[listen.fileno()] = _LISTEN
+        table.set_trap(me.slot, self.trap)
+        # Threads of the embedding process wake the polling thread through this eventfd
+        # when they queue something it may be waiting for.
+        self.wakefd = -1
+        if is_main:
+            self.wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.handlers[self.wakefd] = Reader(self.wakefd, self._drain_wake)
+            self.epoll.register(self.wakefd, EPOLLIN)
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self.wakefd)
+        except OSError:
+            pass
+
+    def _notify(self) -> None:
+        """Wake every thread waiting on this node: followers and the polling leader."""
+        self.cond.notify_all()
+        if self.polling and self.wakefd >= 0:
+            os.eventfd_write(self.wakefd, 1)
+
+    # ------------------------------------------------------------------ waiting
+
+    def _wait(self, check: Callable[[], Any], deadline: float | None) -> Any:
+        """Block until ``check()`` (called under the lock) returns something other than
+        _NONE, or until ``deadline`` (monotonic seconds; None = forever). Returns _NONE
+        on timeout."""
+        cond = self.cond
+        with cond:
+            while True:
+                r = check()
+                if r is not _NONE:
+                    return r
+                if deadline is None:
+                    remaining = -1.0
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return _NONE
+                if self.closed:
+                    raise ProcessError("the runtime node has been shut down")
+                if self.polling:
+                    cond.wait(None if remaining < 0 else remaining)
+                    continue
+                self.polling = True
+                cond.release()
+                try:
+                    events = self.epoll.poll(remaining)
+                finally:
+                    cond.acquire()
+                    self.polling = False
+                if events:
+                    self._process(events)
+                cond.notify_all()
+
+    def _process(self, events: list[tuple[int, int]]) -> None:
+        handlers = self.handlers
+        deaths = None
+        for fd, _ in events:
+            h = handlers.get(fd)
+            if h is None:
+                continue
+            cls = h.__class__
+            if cls is Conn:
+                self._read(h)
+            elif cls is Watch:
+                if deaths is None:
+                    deaths = [h]
+                else:
+                    deaths.append(h)
+            elif h is _LISTEN:
+                self._accept_all()
+            else:
+                h.callback()
+        if deaths:
+            for w in deaths:
+                if self.watches.get(w.pid.serial) is w:
+                    self._on_death(w)
+
+    def pump(self) -> None:
+        """Process whatever is ready now, without blocking (for an outside event loop)."""
+        self._wait(lambda: None, None)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (under the node lock) whenever ``fd`` is readable."""
+        with self.cond:
+            self.handlers[fd] = Reader(fd, callback)
+            self.epoll.register(fd, EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        with self.cond:
+            if self.handlers.pop(fd, None) is not None:
+                self.epoll.unregister(fd)
+
+    # ---------------------------------------------------------- connections
+
+    def _accept_all(self) -> list[Conn]:
+        new = []
+        while True:
+            try:
+                sock, _ = self.listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return new
+            except OSError:
+                return new
+            sock.setblocking(False)
+            conn = Conn(sock, None)
+            self.handlers[conn.fd] = conn
+            self.epoll.register(conn.fd, EPOLLIN)
+            new.append(conn)
+
+    def _read(self, conn: Conn, drain: bool = False) -> None:
+        sock = conn.sock
+        handlers = self.handlers
+        while True:
+            try:
+                data = sock.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_conn(conn)
+                return
+            buf = conn.inbuf
+            if not buf and len(data) >= 4 and _wire.HEADER.unpack_from(data)[0] + 4 == len(data):
+                # The common case, exactly one whole frame: no copy into the buffer.
+                self._dispatch(conn, memoryview(data)[4:])
+            else:
+                buf += data
+                frames = _wire.split_frames(buf)
+                if frames:
+                    for payload in frames:
+                        self._dispatch(conn, payload)
+                        if handlers.get(conn.fd) is not conn:
+                            return
+            if not drain or handlers.get(conn.fd) is not conn:
+                return
+
+    def _dispatch(self, conn: Conn, payload: memoryview) -> None:
+        try:
+            obj = pickle.loads(payload)
+        except Exception as exc:
+            if conn.peer is None:
+                self._close_conn(conn)
+                return
+            log.error("%r dropped a message from %r that cannot be unpickled here: %r",
+                      self.me, conn.peer, exc)
+            return
+        if conn.peer is None:
+            if not _wire.check_hello(self.key, conn.sock, self.me.serial, obj):
+                log.warning("%r rejected a connection that did not prove the node key", self.me)
+                self._close_conn(conn)
+                return
+            _, serial, slot, os_pid, _ = obj
+            peer = conn.peer = Pid(self.node_id, serial, slot, os_pid)
+            self.conns_of.setdefault(serial, set()).add(conn)
+            if serial not in self.out:
+                self.out[serial] = conn
+            return
+        tag = obj[0]
+        if tag == T_MSG:
+            self.mailbox.append(obj[1])
+        elif tag == T_REPLY:
+            ref = obj[1]
+            if self.replies.get(ref) is _PENDING:
+                self.replies[ref] = (True, obj[2])
+        elif tag == T_LINK:
+            self._add_link(obj[1], requested=False)
+        elif tag == T_UNLINK:
+            self._drop_link(obj[1].serial)
+        elif tag == T_EXIT:
+            self._exit_signal(obj[1], obj[2])
+
+    def _close_conn(self, conn: Conn) -> None:
+        if self.handlers.get(conn.fd) is conn:
+            del self.handlers[conn.fd]
+            try:
+                self.epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+        if conn.peer is not None:
+            serial = conn.peer.serial
+            if self.out.get(serial) is conn:
+                del self.out[serial]
+            peers = self.conns_of.get(serial)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.conns_of[serial]
+        conn.sock.close()
+
+    def _conn_to(self, pid: Pid) -> Conn | None:
+        conn = self.out.get(pid.serial)
+        if conn is not None:
+            return conn
+        if pid.node != self.node_id:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.info.sock_path(pid.serial))
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        conn = Conn(sock, pid)
+        self.handlers[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
+        self.out[pid.serial] = conn
+        self.conns_of.setdefault(pid.serial, set()).add(conn)
+        hello = (T_HELLO, self.me.serial, self.me.slot, os.getpid(),
+                 _wire.proof(self.key, self.me.serial, os.getpid(), pid.serial))
+        self._write(conn, _wire.encode(hello))
+        return conn
+
+    def adopt_conn(self, sock: socket.socket, peer: Pid) -> None:
+        """Use an already connected socket (a socketpair made at spawn) for ``peer``."""
+        sock.setblocking(False)
+        conn = Conn(sock, peer)
+        self.handlers[conn.fd] = conn
+        self.epoll.register(conn.fd, EPOLLIN)
+        self.out[peer.serial] = conn
+        self.conns_of.setdefault(peer.serial, set()).add(conn)
+
+    def _write(self, conn: Conn, data: bytes) -> bool:
+        if conn.outbuf:
+            conn.outbuf += data
+            return self._flush(conn)
+        try:
+            n = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._close_conn(conn)
+            return False
+        if n == len(data):
+            return True
+        conn.outbuf = data[n:]
+        return self._flush(conn)
+
+    def _flush(self, conn: Conn) -> bool:
+        """Finish writing ``conn.outbuf``. While the peer's buffer is full, keep reading
+        our own connections (if no other thread does), so that two processes that
+        write to each other cannot deadlock."""
+        while conn.outbuf:
+            try:
+                n = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                conn.outbuf = b""
+                self._close_conn(conn)
+                return False
+            conn.outbuf = conn.outbuf[n:]
+            if not conn.outbuf:
+                return True
+            if not self.polling:
+                events = self.epoll.poll(0)
+                if events:
+                    self._process(events)
+                    self.cond.notify_all()
+                if self.handlers.get(conn.fd) is not conn:
+                    return False
+            self.cond.release()
+            try:
+                select.select([], [conn.fd], [], 0.05)
+            except (OSError, ValueError):
+                pass
+            finally:
+                self.cond.acquire()
+        return True
+
+    def _send(self, pid: Pid, obj: Any) -> bool:
+        """Send one frame to ``pid``. False if the process is gone (the frame is dropped)."""
+        conn = self.out.get(pid.serial) or self._conn_to(pid)
+        if conn is None:
+            return False
+        return self._write(conn, _wire.encode(obj))
+
+    # ---------------------------------------------------------------- watches
+
+    def _watch(self, pid: Pid) -> Watch | None:
+        """The watch on ``pid``, made if needed. None if ``pid`` is already dead."""
+        w = self.watches.get(pid.serial)
+        if w is not None:
+            return w
+        if pid.node != self.node_id:
+            return None
+        try:
+            fd = os.pidfd_open(pid.os_pid)
+        except (ProcessLookupError, OSError):
+            return None
+        # The table marks a process EXITED before anyone reaps it, so while its slot is
+        # not EXITED the OS pid cannot have been recycled: this pidfd is the right process.
+        if self.table.state(pid.serial, pid.slot) == _table.EXITED:
+            os.close(fd)
+            return None
+        w = Watch(pid, fd)
+        self.watches[pid.serial] = w
+        self.handlers[fd] = w
+        self.epoll.register(fd, EPOLLIN)
+        return w
+
+    def _maybe_unwatch(self, w: Watch) -> None:
+        if w.child is not None or w.monitors or w.calls or w.linked or w.keep:
+            return
+        self._remove_watch(w)
+
+    def _remove_watch(self, w: Watch) -> None:
+        if self.watches.get(w.pid.serial) is w:
+            del self.watches[w.pid.serial]
+        if self.handlers.get(w.fd) is w:
+            del self.handlers[w.fd]
+            try:
+                self.epoll.unregister(w.fd)
+            except (OSError, ValueError):
+                pass
+        if w.child is None:
+            os.close(w.fd)
+
+    def add_child(self, pid: Pid, popen: Any, conn_sock: socket.socket, link: bool) -> None:
+        """Record a child we just forked: watch its sentinel, adopt its socketpair."""
+        w = Watch(pid, popen.sentinel, child=popen)
+        self.watches[pid.serial] = w
+        self.children[pid.serial] = w
+        self.child_by_os_pid[pid.os_pid] = pid.serial
+        self.handlers[w.fd] = w
+        self.epoll.register(w.fd, EPOLLIN)
+        self.adopt_conn(conn_sock, pid)
+        if link:
+            w.linked = True
+            self.links[pid.serial] = pid
+
+    def _drain_peer(self, serial: int) -> None:
+        """Read everything ``serial`` sent before it died, so it is queued before its Down."""
+        for conn in self._accept_all():
+            self._read(conn, drain=True)
+        for conn in list(self.handlers.values()):
+            if conn.__class__ is Conn and conn.peer is None:
+                self._read(conn, drain=True)
+        for conn in list(self.conns_of.get(serial, ())):
+            self._read(conn, drain=True)
+
+    def _reap_child(self, w: Watch) -> Any:
+        """Our child died: publish its reason if it could not, reap it, return the reason."""
+        pid = w.pid
+        table = self.table
+        if table.state(pid.serial, pid.slot) != _table.EXITED:
+            try:
+                info = os.waitid(os.P_PID, pid.os_pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                info = None
+            if info is not None:
+                table.publish(pid.serial, pid.slot, info.si_code, info.si_status)
+            else:
+                table.publish(pid.serial, pid.slot, os.CLD_KILLED, signal.SIGKILL)
+        reason = table.reason(pid.serial, pid.slot, pid.os_pid)
+        try:
+            w.child.poll(0)  # blocking: the child is exiting, maybe not yet waitable
+        except OSError:
+            pass
+        w.child.close()
+        del self.children[pid.serial]
+        self.child_by_os_pid.pop(pid.os_pid, None)
+        try:
+            os.unlink(self.info.sock_path(pid.serial))
+        except OSError:
+            pass
+        return reason
+
+    def _on_death(self, w: Watch) -> None:
+        pid = w.pid
+        serial = pid.serial
+        self._drain_peer(serial)
+        if w.child is not None:
+            reason = self._reap_child(w)
+        else:
+            reason = self.table.reason(serial, pid.slot, pid.os_pid)
+        self._remove_watch(w)
+        w.child = None
+        dead = self.dead
+        dead[serial] = None
+        if len(dead) > 4096:
+            del dead[next(iter(dead))]
+        for conn in list(self.conns_of.get(serial, ())):
+            self._close_conn(conn)
+        replies = self.replies
+        for ref in w.calls:
+            if replies.get(ref) is _PENDING:
+                replies[ref] = (False, reason)
+        for ref in w.monitors:
+            self.monitor_refs.pop(ref, None)
+            self.mailbox.append(Down(ref, pid, reason))
+        if w.linked:
+            self.links.pop(serial, None)
+            self._linked_exit(pid, reason)
+
+    def _linked_exit(self, pid: Pid, reason: Any) -> None:
+        if self.exiting:
+            return
+        if self.trap:
+            if self.is_main and reason == "normal":
+                return
+            self._queue_exit(Exit(pid, reason))
+        elif reason != "normal":
+            self.exit_process(reason, log_crash=False)
+
+    def _queue_exit(self, msg: Exit) -> None:
+        if self.is_main:
+            if self.exits_queued >= MAIN_EXIT_BACKLOG:
+                for i, old in enumerate(self.mailbox):
+                    if old.__class__ is Exit:
+                        del self.mailbox[i]
+                        self.removed += 1
+                        break
+                log.warning("the embedding process has %d unreceived Exit messages; "
+                            "dropped the oldest", MAIN_EXIT_BACKLOG)
+            else:
+                self.exits_queued += 1
+        self.mailbox.append(msg)
+
+    # ------------------------------------------------------------ messaging API
+
+    def make_ref(self) -> Ref:
+        return Ref(self.node_id, self.me.serial, next(self.refs))
+
+    def send(self, pid: Pid, msg: Any) -> None:
+        with self.cond:
+            if pid == self.me:
+                self.mailbox.append(msg)
+                self._notify()
+                return
+            self._send(pid, (T_MSG, msg))
+
+    def send_reply(self, pid: Pid, ref: int, value: Any) -> None:
+        with self.cond:
+            if pid == self.me:
+                if self.replies.get(ref) is _PENDING:
+                    self.replies[ref] = (True, value)
+                    self._notify()
+                return
+            self._send(pid, (T_REPLY, ref, value))
+
+    def receive(self, timeout: float | None, match: Callable[[Any], bool] | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mailbox = self.mailbox
+        if match is None:
+            def check() -> Any:
+                if mailbox:
+                    self.removed += 1
+                    return self._taken(mailbox.popleft())
+                return _NONE
+        else:
+            # Messages already rejected stay rejected: scan only what arrived since.
+            scanned = [0, self.removed]
+
+            def check() -> Any:
+                if scanned[1] != self.removed:
+                    scanned[0] = 0
+                    scanned[1] = self.removed
+                i = scanned[0]
+                n = len(mailbox)
+                while i < n:
+                    m = mailbox[i]
+                    if match(m):
+                        del mailbox[i]
+                        self.removed += 1
+                        scanned[1] = self.removed
+                        return self._taken(m)
+                    i += 1
+                scanned[0] = i
+                return _NONE
+
+        r = self._wait(check, deadline)
+        if r is _NONE:
+            raise ReceiveTimeout(f"no matching message within {timeout}s")
+        return r
+
+    def _taken(self, msg: Any) -> Any:
+        if self.is_main and msg.__class__ is Exit:
+            self.exits_queued -= 1
+        return msg
+
+    def call(self, pid: Pid, request: Any, timeout: float | None) -> Any:
+        """Send a GenServer call and wait for its reply, the server's death, or the timeout."""
+        with self.cond:
+            if pid == self.me:
+                raise ProcessError(f"{pid!r} called itself: that would deadlock")
+            w = self._watch(pid)
+            if w is None:
+                raise NoProcError(pid)
+            ref = next(self.refs)
+            w.calls.add(ref)
+            w.keep = True
+            self.replies[ref] = _PENDING
+            self._send(pid, (T_MSG, ("$gen_call", (self.me, ref), request)))
+        replies = self.replies
+
+        def check() -> Any:
+            r = replies[ref]
+            return _NONE if r is _PENDING else r
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            r = self._wait(check, deadline)
+        finally:
+            with self.cond:
+                replies.pop(ref, None)
+                w.calls.discard(ref)
+        if r is _NONE:
+            raise CallTimeout(pid, request, timeout if timeout is not None else float("inf"))
+        ok, value = r
+        if ok:
+            return value
+        if value == "noproc":
+            raise NoProcError(pid)
+        raise ExitError(pid, value)
+
+    # ------------------------------------------------------------- monitors
+
+    def monitor(self, pid: Pid) -> Ref:
+        ref = self.make_ref()
+        if pid == self.me:
+            return ref  # fires only when we are dead, that is never for us
+        with self.cond:
+            w = self._watch(pid)
+            if w is None:
+                self.mailbox.append(Down(ref, pid, "noproc"))
+                self._notify()
+            else:
+                w.monitors.add(ref)
+                self.monitor_refs[ref] = pid.serial
+        return ref
+
+    def demonitor(self, ref: Ref, flush: bool) -> bool:
+        with self.cond:
+            serial = self.monitor_refs.pop(ref, None)
+            if serial is not None:
+                w = self.watches.get(serial)
+                if w is not None:
+                    w.monitors.discard(ref)
+                    self._maybe_unwatch(w)
+                return True
+            if flush:
+                for i, m in enumerate(self.mailbox):
+                    if m.__class__ is Down and m.ref == ref:
+                        del self.mailbox[i]
+                        self.removed += 1
+                        break
+            return False
+
+    # ---------------------------------------------------------------- links
+
+    def _add_link(self, pid: Pid, requested: bool) -> None:
+        """Link to ``pid``: by our own ``link`` call (requested) or by the peer's request."""
+        if pid.serial in self.links or pid == self.me:
+            return
+        if pid == self.info.main:
+            self.links[pid.serial] = pid  # main traps exits and watches us itself
+            return
+        w = self._watch(pid)
+        if w is not None:
+            w.linked = True
+            self.links[pid.serial] = pid
+        elif requested:
+            if not self.trap:
+                raise NoProcError(pid, "link")
+            self._linked_exit(pid, "noproc")
+        else:
+            # The peer linked to us and died before we read its request: OTP orders
+            # the link before the exit, so we get its exit with the true reason.
+            self._linked_exit(pid, self.table.reason(pid.serial, pid.slot, pid.os_pid))
+
+    def link(self, pid: Pid) -> None:
+        with self.cond:
+            if pid.serial in self.links or pid == self.me:
+                return
+            self._add_link(pid, requested=True)
+            if pid.serial in self.links:
+                self._send(pid, (T_LINK, self.me))
+            self._notify()
+
+    def _drop_link(self, serial: int) -> None:
+        self.links.pop(serial, None)
+        w = self.watches.get(serial)
+        if w is not None and w.linked:
+            w.linked = False
+            self._maybe_unwatch(w)
+
+    def unlink(self, pid: Pid) -> None:
+        with self.cond:
+            if pid.serial in self.links:
+                self._drop_link(pid.serial)
+                self._send(pid, (T_UNLINK, self.me))
+
+    def set_trap_exit(self, flag: bool) -> bool:
+        with self.cond:
+            old = self.trap
+            if self.is_main:
+                return True
+            self.trap = bool(flag)
+            self.table.set_trap(self.me.slot, self.trap)
+            return old
+
+    # ----------------------------------------------------------------- exits
+
+    def _exit_signal(self, sender: Pid, reason: Any) -> None:
+        if self.exiting:
+            return
+        if self.trap:
+            self._queue_exit(Exit(sender, reason))
+        elif reason == "kill":
+            self.exit_process("killed", log_crash=False)
+        elif reason != "normal":
+            self.exit_process(reason, log_crash=False)
+
+    def kill(self, pid: Pid, reason: Any) -> bool:
+        """Write ``reason`` as ``pid``'s exit reason, then SIGKILL it. False if it was
+        already dead or already being killed."""
+        if not self.table.doom(pid.serial, pid.slot, reason):
+            return False
+        w = self.watches.get(pid.serial)
+        try:
+            if w is not None and w.child is None:
+                signal.pidfd_send_signal(w.fd, signal.SIGKILL)
+            elif w is not None:
+                os.kill(pid.os_pid, signal.SIGKILL)  # our unreaped child: the pid is safe
+            else:
+                fd = os.pidfd_open(pid.os_pid)
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+        except (ProcessLookupError, OSError):
+            return False
+        return True
+
+    def exit(self, pid: Pid, reason: Any) -> None:
+        """OTP's exit/2: send an exit signal with ``reason`` to ``pid``."""
+        with self.cond:
+            if pid == self.me:
+                if reason == "kill" and not self.is_main:
+                    self.exit_process("killed", log_crash=False)
+                if self.trap:
+                    self._queue_exit(Exit(self.me, reason))
+                    self._notify()
+                    return
+                self.exit_process(reason, log_crash=False)
+            if pid.node != self.node_id:
+                return
+            if pid == self.info.main:
+                self._send(pid, (T_EXIT, self.me, reason))
+                return
+            if reason == "kill":
+                self.kill(pid, "killed")
+            elif self.table.is_trapping(pid.serial, pid.slot):
+                self._send(pid, (T_EXIT, self.me, reason))
+            elif reason != "normal":
+                self.kill(pid, reason)
+
+    def is_alive(self, pid: Pid) -> bool:
+        if pid == self.me:
+            return True
+        if pid.node != self.node_id or pid.serial in self.dead:
+            return False
+        if self.table.state(pid.serial, pid.slot) == _table.EXITED:
+            return False
+        # The slot says alive: the OS process is ours (not reaped), maybe a zombie.
+        return _table.zombie_status(pid.os_pid) is None
+
+    def exit_process(self, reason: Any, log_crash: bool = True) -> NoReturn:
+        """End this runtime process with ``reason``: never returns.
+
+        In order: read the control frames still queued (a late link), kill the
+        linked processes that do not trap exits (for an abnormal reason), drop our
+        names, write our reason in the table, and exit. Children die with us
+        (their parent-death signal)."""
+        code = 0 if reason == "normal" else 1
+        self.exiting = True
+        try:
+            if self.is_main:
+                raise ProcessError("the embedding process cannot exit through the runtime")
+            if log_crash and not is_clean_exit(reason):
+                _log_exit(self.me, reason)
+            try:
+                self._accept_all()
+                for conn in list(self.handlers.values()):
+                    if conn.__class__ is Conn:
+                        self._read(conn, drain=True)
+            except Exception:
+                pass
+            if reason != "normal":
+                for pid in list(self.links.values()):
+                    if pid != self.info.main and not self.table.is_trapping(pid.serial, pid.slot):
+                        self.kill(pid, reason)
+            from . import registry
+
+            for name in list(self.names):
+                registry.drop_name_of(self, name)
+            self.table.write_exit(self.me.serial, self.me.slot, reason)
+        except BaseException as exc:  # the process must end whatever happens here
+            try:
+                log.error("%r: error while exiting: %r", self.me, exc)
+            except BaseException:
+                pass
+        finally:
+            try:
+                os.unlink(self.info.sock_path(self.me.serial))
+            except BaseException:
+                pass
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            os._exit(code)
+
+    # --------------------------------------------------------------- teardown
+
+    def fds(self) -> list[int]:
+        """Every descriptor this node owns (for closing in a forked child)."""
+        out = [self.epoll.fileno(), self.listen.fileno()]
+        out.extend(self.handlers)
+        return out
+
+    def abandon(self) -> None:
+        """In a forked child: forget this (the parent's) node without closing anything
+        through Python objects, since the child closes the descriptors itself."""
+        _graveyard.append(self)
+        for h in self.handlers.values():
+            if h.__class__ is Conn:
+                h.sock.detach()
+        self.listen.detach()
+        self.closed = True
+
+    def close(self) -> None:
+        """Release every descriptor (main process, at shutdown)."""
+        with self.cond:
+            self.closed = True
+            for h in list(self.handlers.values()):
+                if h.__class__ is Conn:
+                    h.sock.close()
+                elif h.__class__ is Watch and h.child is None:
+                    try:
+                        os.close(h.fd)
+                    except OSError:
+                        pass
+            self.handlers.clear()
+            self.watches.clear()
+            self.out.clear()
+            self.conns_of.clear()
+            self.listen.close()
+            self.epoll.close()
+            self.cond.notify_all()
+
+
+_graveyard: list[Any] = []
+
+
+def _log_exit(pid: Pid, reason: Any) -> None:
+    if isinstance(reason, Crash):
+        log.error("process %r crashed: %s\n%s", pid, reason, reason.traceback.rstrip())
+    else:
+        log.error("process %r exited: %r", pid, reason)
+
+
+# ------------------------------------------------------------------ the current node
+
+_current: Node | None = None
+_start_lock = threading.Lock()
+_foreign_fork = False
+
+
+def current() -> Node:
+    """This process's node; in the embedding process, start the node on first use."""
+    node = _current
+    if node is not None:
+        return node
+    if _foreign_fork:
+        raise ProcessError(
+            "this process was forked outside the runtime (os.fork or multiprocessing); "
+            "start runtime processes with runtime.spawn instead"
+        )
+    with _start_lock:
+        if _current is None:
+            from . import _root
+
+            set_current(_root.start_node())
+        return _current  # type: ignore[return-value]
+
+
+def current_or_none() -> Node | None:
+    return _current
+
+
+def set_current(node: Node | None) -> None:
+    global _current
+    _current = node
+
+
+_forked_from: Node | None = None
+
+
+def _after_fork_in_child() -> None:
+    # A fork we did not make leaves a copy of the parent's node that must not be used;
+    # a runtime fork takes it (take_forked_from) and builds the child's own node.
+    global _current, _foreign_fork, _forked_from
+    if _current is not None:
+        _foreign_fork = True
+    _forked_from = _current
+    _current = None
+
+
+def take_forked_from() -> Node | None:
+    global _forked_from
+    node, _forked_from = _forked_from, None
+    return node
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,305 @@
+"""Internal: starting and stopping a node, and its root process.
+
+The embedding process starts the node on first use: it makes the node's
+directory (mode 0700, under /dev/shm when possible), the process table and a
+random key, joins the node as a process itself, and starts the *root* with
+``multiprocessing``'s spawn method, the one start method that is safe in a
+process that may run threads.
+
+The root is a small GenServer that
+
+- forks the processes the embedding process spawns (the embedding process must
+  never fork), so it is their parent and reaps them;
+- is the child subreaper of the node: a process whose parent died is reparented
+  to it, and it records the exit of such orphans before reaping them;
+- watches the embedding process with a pidfd: if it dies, even by SIGKILL, the
+  root kills every process of the node, removes the node's directory, and exits;
+- on ``shutdown``, stops its children in reverse start order, kills stragglers,
+  and removes the directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from typing import Any
+
+from . import _launch, _node, _table
+from .errors import ProcessError
+from .gen_server import GenServer, NoReply, Reply, loop
+from .messages import Down
+from .pid import Pid
+
+
+def _base_dir() -> str:
+    for candidate in ("/dev/shm", tempfile.gettempdir()):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return tempfile.gettempdir()
+
+
+def _remove_stale_nodes(base: str) -> None:
+    """Remove the directories of nodes whose embedding process is gone (both it and
+    its root were killed at once, so nobody could clean up)."""
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.startswith("rt-"):
+            continue
+        parts = entry.split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        path = os.path.join(base, entry)
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _listen_at(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(_launch.BACKLOG)
+    return sock
+
+
+def start_node() -> _node.Node:
+    """Start a node with the calling (embedding) process as its main process."""
+    from .process import _config
+
+    method = _config["start_method"] or os.environ.get("RUNTIME_START_METHOD") or "fork"
+    if method not in ("fork", "spawn"):
+        raise ValueError(f"RUNTIME_START_METHOD must be fork or spawn, got {method!r}")
+    _raise_nofile()
+    base = _base_dir()
+    _remove_stale_nodes(base)
+    directory = tempfile.mkdtemp(prefix=f"rt-{os.getpid()}-", dir=base)
+    try:
+        os.mkdir(os.path.join(directory, "names"), 0o700)
+        table = _table.Table(os.path.join(directory, "table"), create=True)
+        node_id = int.from_bytes(os.urandom(4), "big") | 1
+        serial, slot = table.allocate()
+        table.set_os_pid(slot, os.getpid())
+        me = Pid(node_id, serial, slot, os.getpid())
+        info = _node.NodeInfo(directory, os.urandom(32), node_id, me, method)
+        node = _node.Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
+        _start_root(node)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    atexit.register(_shutdown_at_exit)
+    return node
+
+
+def _start_root(node: _node.Node) -> None:
+    table = node.table
+    serial, slot = table.allocate()
+    listen = _listen_at(node.info.sock_path(serial))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    boot = _launch.Boot(
+        node.info, serial, slot, node.me, os.getpid(), [],
+        _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
+        target=(_root_main, ()), trap=True, pdeathsig=False,
+    )
+    try:
+        popen = _launch.RuntimeProcess(boot, "runtime-root").start_with("spawn")
+    finally:
+        listen.close()
+        theirs.close()
+    table.set_os_pid(slot, popen.pid)
+    root = Pid(node.node_id, serial, slot, popen.pid)
+    with node.cond:
+        node.add_child(root, popen, ours, link=False)
+    node.root = root
+    try:
+        node.call(root, ("$ping",), 60.0)
+    except ProcessError as exc:
+        raise ProcessError(
+            f"the runtime's root process failed to start ({exc}); if this program starts "
+            "processes at import time, put that code under `if __name__ == \"__main__\":`"
+        ) from exc
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown_node(5.0)
+    except Exception:
+        pass
+
+
+def shutdown_node(timeout: float) -> None:
+    node = _node.current_or_none()
+    if node is None:
+        return
+    if not node.is_main:
+        raise ProcessError("shutdown() stops the whole node: call it from the embedding process")
+    with _node._start_lock:
+        if _node.current_or_none() is not node:
+            return
+        root = node.root
+        popen = node.children.get(root.serial) if root is not None else None
+        if root is not None and popen is not None:
+            try:
+                node.call(root, ("$shutdown", timeout), timeout + 10.0)
+            except ProcessError:
+                pass
+            child = popen.child
+            if child.wait(timeout + 5.0) is None:
+                child.kill()
+                child.wait(5.0)
+            child.close()
+        node.close()
+        node.table.close()
+        shutil.rmtree(node.info.dir, ignore_errors=True)
+        _node.set_current(None)
+
+
+# ----------------------------------------------------------------- the root process
+
+
+def _root_main() -> None:
+    server = _Root()
+    loop(server, server.init(None), None)
+
+
+class _Root(GenServer):
+    def init(self, arg: Any) -> Any:
+        node = _node.current()
+        _launch.prctl(_launch.PR_SET_CHILD_SUBREAPER, 1)
+        self.main_ref = node.monitor(node.info.main)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sigchld_r = r
+        signal.signal(signal.SIGCHLD, lambda signo, frame: None)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        node.add_reader(r, self._reap_orphans)
+        return None
+
+    def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
+        node = _node.current()
+        kind = request[0]
+        if kind == "$spawn":
+            _, payload, link, trap = request
+            pid = _launch.start_child(
+                node, payload=payload, link_to=node.info.main if link else None, trap=trap
+            )
+            return Reply(pid, state)
+        if kind == "$ping":
+            return Reply("pong", state)
+        if kind == "$shutdown":
+            self._teardown(graceful=True, timeout=request[1])
+            pid, ref = from_
+            node.send_reply(pid, ref, "ok")
+            node.exit_process("normal")
+        return super().handle_call(request, from_, state)
+
+    def handle_info(self, msg: Any, state: Any) -> Any:
+        if msg.__class__ is Down and msg.ref == self.main_ref:
+            self._teardown(graceful=False, timeout=0.0)
+            _node.current().exit_process("normal")
+        return NoReply(state)
+
+    def _reap_orphans(self) -> None:
+        """SIGCHLD: record and reap dead processes that were reparented to us."""
+        node = _node.current()
+        try:
+            while os.read(self.sigchld_r, 4096):
+                pass
+        except OSError:
+            pass
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            serial = node.child_by_os_pid.get(info.si_pid)
+            if serial is not None:
+                w = node.watches.get(serial)
+                if w is not None:
+                    node._on_death(w)
+                    continue
+            found = node.table.find_os_pid(info.si_pid)
+            if found is not None:
+                node.table.publish(found[0], found[1], info.si_code, info.si_status)
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                pass
+
+    def _teardown(self, graceful: bool, timeout: float) -> None:
+        node = _node.current()
+        table = node.table
+        main = node.info.main
+        deadline = time.monotonic() + timeout
+        if graceful:
+            children = [w.pid for w in node.children.values()]
+            refs = {node.monitor(pid): pid for pid in children}
+            for pid in reversed(children):
+                node.exit(pid, "shutdown")
+            while refs and time.monotonic() < deadline:
+                try:
+                    down = node.receive(
+                        max(0.0, deadline - time.monotonic()),
+                        lambda m: m.__class__ is Down and m.ref in refs,
+                    )
+                except TimeoutError:
+                    break
+                refs.pop(down.ref, None)
+        # Kill whatever is left anywhere in the node, and wait until it is gone.
+        pidfds = []
+        for serial, slot, os_pid in table.live_slots():
+            if serial in (node.me.serial, main.serial) or os_pid == 0:
+                continue
+            try:
+                fd = os.pidfd_open(os_pid)
+            except OSError:
+                continue
+            if table.state(serial, slot) == _table.EXITED:
+                os.close(fd)
+                continue
+            table.doom(serial, slot, "killed" if not graceful else "shutdown")
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            pidfds.append(fd)
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        waiting = len(pidfds)
+        end = time.monotonic() + 5.0
+        while waiting and time.monotonic() < end:
+            for fd, _ in poller.poll(100):
+                poller.unregister(fd)
+                waiting -= 1
+        for fd in pidfds:
+            os.close(fd)
+        for w in list(node.children.values()):
+            node._on_death(w)
+        self._reap_orphans()
+        shutil.rmtree(node.info.dir, ignore_errors=True)

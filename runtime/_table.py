@@ -1,0 +1,322 @@
+"""The node's process table: one shared-memory file that every process maps.
+
+Why it exists: a process that watches another through a pidfd learns *that* it
+died, not *why*; only the parent can read an exit status, and a process killed
+by a signal cannot say anything. The table is where every death is written down
+before anyone can observe it:
+
+- a process that exits on its own writes its reason, then exits;
+- a process that kills another (``exit(pid, reason)``, a link) writes the
+  victim's reason ("doomed") before it sends SIGKILL;
+- a parent that sees a child die by a signal peeks at the status with
+  ``waitid(WNOWAIT)``, writes it, and only then reaps the child.
+
+So a slot that is not EXITED belongs to an OS process that is not reaped yet:
+its ``os_pid`` cannot have been recycled, which makes pidfds and signals sent
+after a table check safe. A watcher that wakes before the parent has written
+the reason reads the zombie's exit status from ``/proc/<pid>/stat``.
+
+Layout: a 64-byte header (next serial, allocation cursor) and fixed 32-byte
+slots. Slots are reused round-robin, so a dead process's reason stays readable
+until about ``NSLOTS`` later spawns. Reasons other than the common strings are
+pickled into small files next to the table and removed when the slot is reused.
+Allocation and dooming take an ``fcntl`` lock, which the kernel releases if its
+holder dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import pickle
+import signal
+import struct
+from typing import Any
+
+NSLOTS = 1 << 17
+HEADER = 64
+SLOT = 32
+
+FREE, ALIVE, DOOMED, EXITED = 0, 1, 2, 3
+
+# Reason codes stored in a slot.
+_NONE, _NORMAL, _SHUTDOWN, _KILLED, _NOPROC, _SIGNAL, _BLOB = range(7)
+_SIMPLE = {"normal": _NORMAL, "shutdown": _SHUTDOWN, "killed": _KILLED, "noproc": _NOPROC}
+_SIMPLE_BACK = {v: k for k, v in _SIMPLE.items()}
+
+# serial Q, os_pid I, state B, exit code B, exit sig B, doom code B, doom sig B, trap B
+_SLOT = struct.Struct("<QIBBBBBB")
+_HDR = struct.Struct("<QQI")  # magic, next serial, cursor
+_MAGIC = 0x52554E54494D4531  # "RUNTIME1"
+_STATE_OFF = 12
+_TRAP_OFF = 17
+
+
+def signal_reason(signo: int) -> str:
+    """The exit reason for death by signal ``signo``: "killed" for SIGKILL, else its name."""
+    if signo == signal.SIGKILL:
+        return "killed"
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"SIG{signo}"
+
+
+def status_reason(si_code: int, si_status: int) -> Any:
+    """The exit reason for a ``waitid`` result that the process did not write itself."""
+    if si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        return signal_reason(si_status)
+    if si_status == 0:
+        return "normal"
+    return ("exit_code", si_status)
+
+
+def zombie_status(os_pid: int) -> tuple[int, int] | None:
+    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone."""
+    try:
+        with open(f"/proc/{os_pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] != b"Z" or len(fields) < 50:
+        return None
+    wstatus = int(fields[49])
+    if os.WIFSIGNALED(wstatus):
+        return os.CLD_KILLED, os.WTERMSIG(wstatus)
+    return os.CLD_EXITED, os.WEXITSTATUS(wstatus)
+
+
+class Table:
+    """A mapping of the node's table file. One per OS process; not thread-safe for writes
+    of the same slot, which never happens (each slot has one writer at a time)."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        self.blob_dir = os.path.join(os.path.dirname(path), "reasons")
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        self.fd = os.open(path, flags, 0o600)
+        if create:
+            os.ftruncate(self.fd, HEADER + SLOT * NSLOTS)
+            os.mkdir(self.blob_dir, 0o700)
+        self.mm = mmap.mmap(self.fd, HEADER + SLOT * NSLOTS)
+        if create:
+            _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    # -- locking ---------------------------------------------------------------
+
+    def _lock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+
+    def _unlock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+
+    # -- slots -----------------------------------------------------------------
+
+    def allocate(self) -> tuple[int, int]:
+        """Reserve a slot for a new process. Returns (serial, slot). The slot is ALIVE
+        with os_pid 0 until :meth:`set_os_pid`."""
+        mm = self.mm
+        self._lock()
+        try:
+            _, serial, cursor = _HDR.unpack_from(mm, 0)
+            for step in range(NSLOTS):
+                slot = (cursor + step) % NSLOTS
+                off = HEADER + SLOT * slot
+                state = mm[off + _STATE_OFF]
+                if state == FREE or state == EXITED:
+                    break
+            else:
+                raise RuntimeError("runtime process table is full")
+            old_serial, _, _, ecode, _, dcode, _, _ = _SLOT.unpack_from(mm, off)
+            if ecode == _BLOB or dcode == _BLOB:
+                self._drop_blobs(old_serial)
+            _SLOT.pack_into(mm, off, serial, 0, ALIVE, 0, 0, 0, 0, 0)
+            _HDR.pack_into(mm, 0, _MAGIC, serial + 1, (slot + 1) % NSLOTS)
+            return serial, slot
+        finally:
+            self._unlock()
+
+    def set_os_pid(self, slot: int, os_pid: int) -> None:
+        struct.pack_into("<I", self.mm, HEADER + SLOT * slot + 8, os_pid)
+
+    def free(self, slot: int) -> None:
+        """Give back a slot whose process never started."""
+        self.mm[HEADER + SLOT * slot + _STATE_OFF] = FREE
+
+    def read(self, slot: int) -> tuple[int, int, int, int, int, int, int, int]:
+        return _SLOT.unpack_from(self.mm, HEADER + SLOT * slot)  # type: ignore[return-value]
+
+    def state(self, serial: int, slot: int) -> int:
+        """ALIVE, DOOMED or EXITED for this process; EXITED if the slot was reused."""
+        off = HEADER + SLOT * slot
+        if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+            return EXITED
+        st = self.mm[off + _STATE_OFF]
+        return EXITED if st == FREE else st
+
+    def is_trapping(self, serial: int, slot: int) -> bool:
+        off = HEADER + SLOT * slot
+        return struct.unpack_from("<Q", self.mm, off)[0] == serial and bool(
+            self.mm[off + _TRAP_OFF]
+        )
+
+    def set_trap(self, slot: int, flag: bool) -> None:
+        self.mm[HEADER + SLOT * slot + _TRAP_OFF] = 1 if flag else 0
+
+    # -- reasons ---------------------------------------------------------------
+
+    def _encode(self, serial: int, reason: Any, suffix: str) -> tuple[int, int]:
+        code = _SIMPLE.get(reason) if isinstance(reason, str) else None
+        if code is not None:
+            return code, 0
+        if isinstance(reason, str) and reason.startswith("SIG"):
+            try:
+                return _SIGNAL, int(signal.Signals[reason])
+            except KeyError:
+                pass
+        try:
+            data = pickle.dumps(reason, protocol=5)
+        except Exception:
+            data = pickle.dumps(repr(reason), protocol=5)
+        path = os.path.join(self.blob_dir, f"{serial}.{suffix}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return _BLOB, 0
+
+    def _decode(self, serial: int, code: int, sig: int, suffix: str) -> Any:
+        if code == _SIGNAL:
+            return signal_reason(sig)
+        if code == _BLOB:
+            try:
+                with open(os.path.join(self.blob_dir, f"{serial}.{suffix}"), "rb") as f:
+                    return pickle.loads(f.read())
+            except Exception:
+                return "killed"
+        return _SIMPLE_BACK.get(code, "killed")
+
+    def _drop_blobs(self, serial: int) -> None:
+        for suffix in ("x", "d"):
+            try:
+                os.unlink(os.path.join(self.blob_dir, f"{serial}.{suffix}"))
+            except OSError:
+                pass
+
+    def write_exit(self, serial: int, slot: int, reason: Any) -> None:
+        """Record the process's own exit reason (called by the process itself, last thing)."""
+        off = HEADER + SLOT * slot
+        if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+            return
+        if self.mm[off + _STATE_OFF] == DOOMED:
+            return  # a killer has already written our reason and SIGKILL is on its way
+        code, sig = self._encode(serial, reason, "x")
+        self.mm[off + 13] = code
+        self.mm[off + 14] = sig
+        self.mm[off + _STATE_OFF] = EXITED
+
+    def doom(self, serial: int, slot: int, reason: Any) -> bool:
+        """Record ``reason`` for a process we are about to SIGKILL.
+
+        Returns False if the process already exited or was doomed by someone else
+        (then its reason stands and no signal should be sent by us)."""
+        off = HEADER + SLOT * slot
+        self._lock()
+        try:
+            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+                return False
+            if self.mm[off + _STATE_OFF] != ALIVE:
+                return False
+            code, sig = self._encode(serial, reason, "d")
+            self.mm[off + 15] = code
+            self.mm[off + 16] = sig
+            self.mm[off + _STATE_OFF] = DOOMED
+            return True
+        finally:
+            self._unlock()
+
+    def publish(self, serial: int, slot: int, si_code: int, si_status: int) -> None:
+        """Called by whoever reaps a dead process, before reaping it: make its state EXITED,
+        with the doomed reason if there is one, else the reason its status gives."""
+        off = HEADER + SLOT * slot
+        self._lock()
+        try:
+            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+                return
+            state = self.mm[off + _STATE_OFF]
+            if state == EXITED or state == FREE:
+                return
+            if state == DOOMED:
+                self.mm[off + 13] = self.mm[off + 15]
+                self.mm[off + 14] = self.mm[off + 16]
+                if self.mm[off + 15] == _BLOB:
+                    src = os.path.join(self.blob_dir, f"{serial}.d")
+                    try:
+                        os.rename(src, os.path.join(self.blob_dir, f"{serial}.x"))
+                    except OSError:
+                        pass
+            else:
+                code, sig = self._encode(serial, status_reason(si_code, si_status), "x")
+                self.mm[off + 13] = code
+                self.mm[off + 14] = sig
+            self.mm[off + _STATE_OFF] = EXITED
+        finally:
+            self._unlock()
+
+    def reason(self, serial: int, slot: int, os_pid: int) -> Any:
+        """The exit reason of a process known to be dead (its pidfd or sentinel fired)."""
+        for attempt in range(2):
+            s, _, state, ecode, esig, dcode, dsig, _ = self.read(slot)
+            if s != serial:
+                return "noproc"
+            if state == EXITED:
+                return self._decode(serial, ecode, esig, "x")
+            if state == DOOMED:
+                return self._decode(serial, dcode, dsig, "d")
+            if attempt == 0:
+                # Not published yet: the zombie still holds its status, unless the
+                # reaper published and reaped just now, which the second read sees.
+                status = zombie_status(os_pid)
+                if status is not None:
+                    return status_reason(*status)
+        return "killed"
+
+    def live_slots(self) -> list[tuple[int, int, int]]:
+        """(serial, slot, os_pid) of every process not yet known dead."""
+        out = []
+        mm = self.mm
+        for slot in range(NSLOTS):
+            off = HEADER + SLOT * slot
+            st = mm[off + _STATE_OFF]
+            if st == ALIVE or st == DOOMED:
+                serial, os_pid = struct.unpack_from("<QI", mm, off)
+                out.append((serial, slot, os_pid))
+        return out
+
+    def find_os_pid(self, os_pid: int) -> tuple[int, int] | None:
+        """(serial, slot) of the live entry with this OS pid, if any (a slow scan)."""
+        needle = struct.pack("<I", os_pid)
+        mm = self.mm
+        pos = mm.find(needle, HEADER)
+        while pos != -1:
+            rel = pos - HEADER
+            if rel % SLOT == 8:
+                slot = rel // SLOT
+                st = mm[HEADER + SLOT * slot + _STATE_OFF]
+                if st == ALIVE or st == DOOMED:
+                    return struct.unpack_from("<Q", mm, HEADER + SLOT * slot)[0], slot
+            pos = mm.find(needle, pos + 1)
+        return None

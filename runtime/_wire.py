@@ -1,0 +1,109 @@
+"""Internal: how messages travel between processes.
+
+Every process owns a listening Unix stream socket in the node's directory (mode
+0700), named after its serial. A sender connects once and keeps the connection;
+frames are a 4-byte big-endian length and a pickle. A connection is used in both
+directions, but a sender sticks to the first connection it chose for a peer, so
+messages from one process to another stay in order.
+
+The first frame on a connection is a HELLO that proves the node's random key:
+``HMAC(key, connector serial | connector os pid | target serial)``. The acceptor
+checks it against the kernel-attested peer pid (``SO_PEERCRED``) before it
+unpickles anything else from that connection.
+
+Plain ``pickle`` carries messages; ``cloudpickle`` is used only when plain pickle
+cannot (lambdas, closures, classes defined in ``__main__``), that is where code
+travels.
+"""
+
+from __future__ import annotations
+
+import hmac
+import pickle
+import socket
+import struct
+from typing import Any
+
+HEADER = struct.Struct("!I")
+MAX_FRAME = 1 << 31
+
+# Frame tags: the first element of every decoded frame tuple.
+T_MSG = 0  # (T_MSG, message)
+T_REPLY = 1  # (T_REPLY, ref, value)
+T_LINK = 2  # (T_LINK, from_pid)
+T_UNLINK = 3  # (T_UNLINK, from_pid)
+T_EXIT = 4  # (T_EXIT, from_pid, reason): an exit signal for a process that traps exits
+T_HELLO = 5  # (T_HELLO, serial, slot, os_pid, proof)
+
+_PEERCRED = struct.Struct("3i")
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle for code (lambdas, closures, __main__)."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        pass
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise TypeError(f"cannot send {obj!r}: it cannot be pickled ({exc})") from exc
+
+
+def dumps_code(obj: Any) -> bytes:
+    """Pickle something that carries code (a spawn target): cloudpickle directly."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise TypeError(f"cannot send {obj!r} to another process: {exc}") from exc
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+def encode(obj: Any) -> bytes:
+    """A whole frame for ``obj``."""
+    payload = dumps(obj)
+    return HEADER.pack(len(payload)) + payload
+
+
+def proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
+    return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
+
+
+def check_hello(key: bytes, sock: socket.socket, my_serial: int, hello: Any) -> bool:
+    """True if ``hello`` is a valid HELLO from the process at the other end of ``sock``."""
+    if not (isinstance(hello, tuple) and len(hello) == 5 and hello[0] == T_HELLO):
+        return False
+    _, serial, _slot, os_pid, given = hello
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    peer_pid = _PEERCRED.unpack(cred)[0]
+    if peer_pid != os_pid or not isinstance(given, bytes):
+        return False
+    return hmac.compare_digest(proof(key, serial, os_pid, my_serial), given)
+
+
+def split_frames(buf: bytearray) -> list[memoryview] | None:
+    """Remove the complete frames at the start of ``buf``; return their payloads.
+
+    Returns None if no frame is complete yet. The payloads are copies, safe to keep.
+    """
+    n = len(buf)
+    pos = 0
+    out = []
+    while n - pos >= 4:
+        size = HEADER.unpack_from(buf, pos)[0]
+        end = pos + 4 + size
+        if end > n:
+            break
+        out.append(memoryview(bytes(buf[pos + 4 : end])))
+        pos = end
+    if not pos:
+        return None
+    del buf[:pos]
+    return out
