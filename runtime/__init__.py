@@ -34,6 +34,7 @@ from .process import (
     send,
     shutdown,
     spawn,
+    spawn_monitor,
     trap_exit,
     unlink,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "send",
     "shutdown",
     "spawn",
+    "spawn_monitor",
     "stop",
     "trap_exit",
     "unlink",

@@ -189,6 +189,7 @@ class RuntimeProcess(process.BaseProcess):
             if os.getppid() != boot.parent_os_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(_node.SIG_EXIT, _node.on_exit_signal)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         parent_node = _node.take_forked_from()

@@ -58,6 +58,10 @@ _PENDING = object()
 _LISTEN = object()
 
 EPOLLIN = select.EPOLLIN
+# The signal that makes a runtime process run its exit path (see Node.kill), and
+# how long a process gets to do so before the root SIGKILLs it.
+SIG_EXIT = signal.SIGRTMIN + 1
+EXIT_GRACE = 0.25
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.
 MAIN_EXIT_BACKLOG = 1000
@@ -71,6 +75,7 @@ class NodeInfo:
     key: bytes
     node_id: int
     main: Pid
+    root: Pid | None
     start_method: str
 
     def sock_path(self, serial: int) -> str:
@@ -448,7 +453,7 @@ class Node:
         w = self.watches.get(pid.serial)
         if w is not None:
             return w
-        if pid.node != self.node_id:
+        if pid.node != self.node_id or pid.serial in self.dead:
             return None
         try:
             fd = os.pidfd_open(pid.os_pid)
@@ -456,7 +461,9 @@ class Node:
             return None
         # The table marks a process EXITED before anyone reaps it, so while its slot is
         # not EXITED the OS pid cannot have been recycled: this pidfd is the right process.
-        if self.table.state(pid.serial, pid.slot) == _table.EXITED:
+        # A readable pidfd is a process that already died (a zombie): it is not there.
+        if (self.table.state(pid.serial, pid.slot) == _table.EXITED
+                or select.select([fd], [], [], 0)[0]):
             os.close(fd)
             return None
         w = Watch(pid, fd)
@@ -682,14 +689,19 @@ class Node:
 
     # ------------------------------------------------------------- monitors
 
-    def monitor(self, pid: Pid) -> Ref:
+    def monitor(self, pid: Pid, fresh: bool = False) -> Ref:
+        """Monitor ``pid``. ``fresh``: the caller knows ``pid`` existed (it just spawned
+        it), so if it is already dead the Down carries its true reason, not noproc."""
         ref = self.make_ref()
         if pid == self.me:
             return ref  # fires only when we are dead, that is never for us
         with self.cond:
             w = self._watch(pid)
             if w is None:
-                self.mailbox.append(Down(ref, pid, "noproc"))
+                reason = "noproc"
+                if fresh and pid.node == self.node_id:
+                    reason = self.table.reason(pid.serial, pid.slot, pid.os_pid)
+                self.mailbox.append(Down(ref, pid, reason))
                 self._notify()
             else:
                 w.monitors.add(ref)
@@ -779,24 +791,35 @@ class Node:
             self.exit_process(reason, log_crash=False)
 
     def kill(self, pid: Pid, reason: Any) -> bool:
-        """Write ``reason`` as ``pid``'s exit reason, then SIGKILL it. False if it was
-        already dead or already being killed."""
+        """Make ``pid`` exit with ``reason`` now, whatever it is doing.
+
+        The reason is written in the table first ("doomed"); then SIG_EXIT makes the
+        process run its own exit path at once, so it passes the exit on to its own
+        links; the root SIGKILLs it if it has not exited EXIT_GRACE seconds later (a
+        long C call never returns to the interpreter to run the handler). Returns
+        False if it was already dead or already being killed."""
         if not self.table.doom(pid.serial, pid.slot, reason):
             return False
         w = self.watches.get(pid.serial)
         try:
             if w is not None and w.child is None:
-                signal.pidfd_send_signal(w.fd, signal.SIGKILL)
+                signal.pidfd_send_signal(w.fd, SIG_EXIT)
             elif w is not None:
-                os.kill(pid.os_pid, signal.SIGKILL)  # our unreaped child: the pid is safe
+                os.kill(pid.os_pid, SIG_EXIT)  # our unreaped child: the pid is safe
             else:
                 fd = os.pidfd_open(pid.os_pid)
                 try:
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    signal.pidfd_send_signal(fd, SIG_EXIT)
                 finally:
                     os.close(fd)
         except (ProcessLookupError, OSError):
             return False
+        root = self.info.root
+        if root is not None:
+            if root == self.me:
+                self.mailbox.append(("$escalate", pid))
+            else:
+                self._send(root, (T_MSG, ("$escalate", pid)))
         return True
 
     def exit(self, pid: Pid, reason: Any) -> None:
@@ -919,6 +942,16 @@ class Node:
 
 
 _graveyard: list[Any] = []
+
+
+def on_exit_signal(signo: int, frame: Any) -> None:
+    """SIG_EXIT handler of runtime processes: exit with the reason a killer wrote."""
+    node = _current
+    if node is None or node.exiting or node.is_main:
+        return
+    reason = node.table.doomed_reason(node.me.serial, node.me.slot)
+    if reason is not None:
+        node.exit_process(reason[0], log_crash=False)
 
 
 def _log_exit(pid: Pid, reason: Any) -> None:

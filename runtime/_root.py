@@ -21,7 +21,9 @@ The root is a small GenServer that
 from __future__ import annotations
 
 import atexit
+import heapq
 import os
+import pickle
 import select
 import shutil
 import signal
@@ -32,7 +34,6 @@ from typing import Any
 
 from . import _launch, _node, _table
 from .errors import ProcessError
-from .gen_server import GenServer, NoReply, Reply, loop
 from .messages import Down
 from .pid import Pid
 
@@ -105,7 +106,9 @@ def start_node() -> _node.Node:
         serial, slot = table.allocate()
         table.set_os_pid(slot, os.getpid())
         me = Pid(node_id, serial, slot, os.getpid())
-        info = _node.NodeInfo(directory, os.urandom(32), node_id, me, method)
+        root_serial, root_slot = table.allocate()
+        root = Pid(node_id, root_serial, root_slot, 0)  # os_pid known once started
+        info = _node.NodeInfo(directory, os.urandom(32), node_id, me, root, method)
         node = _node.Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
         _start_root(node)
     except BaseException:
@@ -117,7 +120,8 @@ def start_node() -> _node.Node:
 
 def _start_root(node: _node.Node) -> None:
     table = node.table
-    serial, slot = table.allocate()
+    assert node.info.root is not None
+    serial, slot = node.info.root.serial, node.info.root.slot
     listen = _listen_at(node.info.sock_path(serial))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     boot = _launch.Boot(
@@ -182,13 +186,14 @@ def shutdown_node(timeout: float) -> None:
 
 
 def _root_main() -> None:
-    server = _Root()
-    loop(server, server.init(None), None)
+    _Root().run()
 
 
-class _Root(GenServer):
-    def init(self, arg: Any) -> Any:
-        node = _node.current()
+class _Root:
+    """The root's loop: spawn requests, kill escalations, orphans, the main's death."""
+
+    def __init__(self) -> None:
+        node = self.node = _node.current()
         _launch.prctl(_launch.PR_SET_CHILD_SUBREAPER, 1)
         self.main_ref = node.monitor(node.info.main)
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -196,35 +201,83 @@ class _Root(GenServer):
         signal.signal(signal.SIGCHLD, lambda signo, frame: None)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         node.add_reader(r, self._reap_orphans)
-        return None
+        self.timers: list[tuple[float, int, Pid]] = []
 
-    def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
-        node = _node.current()
+    def run(self) -> None:
+        node = self.node
+        while True:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            try:
+                msg = node.receive(timeout, None)
+            except TimeoutError:
+                msg = None
+            if self.timers:
+                self._escalate_due()
+            if msg.__class__ is tuple and msg:
+                if msg[0] == "$gen_call":
+                    (pid, ref), request = msg[1], msg[2]
+                    node.send_reply(pid, ref, self._handle_call(request))
+                    if request[0] == "$shutdown":
+                        node.exit_process("normal")
+                elif msg[0] == "$escalate":
+                    heapq.heappush(
+                        self.timers, (time.monotonic() + _node.EXIT_GRACE, msg[1].serial, msg[1])
+                    )
+            elif msg.__class__ is Down and msg.ref == self.main_ref:
+                self._teardown(graceful=False, timeout=0.0)
+                node.exit_process("normal")
+
+    def _escalate_due(self) -> None:
+        """SIGKILL the doomed processes that did not run their exit path in time."""
+        now = time.monotonic()
+        table = self.node.table
+        while self.timers and self.timers[0][0] <= now:
+            _, _, pid = heapq.heappop(self.timers)
+            if table.state(pid.serial, pid.slot) != _table.DOOMED:
+                continue
+            try:
+                fd = os.pidfd_open(pid.os_pid)
+            except OSError:
+                continue
+            try:
+                if table.state(pid.serial, pid.slot) == _table.DOOMED:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _handle_call(self, request: Any) -> Any:
+        node = self.node
         kind = request[0]
         if kind == "$spawn":
             _, payload, link, trap = request
-            pid = _launch.start_child(
-                node, payload=payload, link_to=node.info.main if link else None, trap=trap
+            # Unpickle here rather than in each child: the modules the target needs are
+            # then imported once in the root and inherited by every later fork. If that
+            # fails, the child unpickles it and crashes with the true error.
+            target = None
+            if node.info.start_method == "fork":
+                try:
+                    target = pickle.loads(payload)
+                    payload = None
+                except Exception:
+                    target = None
+            return _launch.start_child(
+                node, target, payload=payload,
+                link_to=node.info.main if link else None, trap=trap,
             )
-            return Reply(pid, state)
         if kind == "$ping":
-            return Reply("pong", state)
+            return "pong"
         if kind == "$shutdown":
             self._teardown(graceful=True, timeout=request[1])
-            pid, ref = from_
-            node.send_reply(pid, ref, "ok")
-            node.exit_process("normal")
-        return super().handle_call(request, from_, state)
-
-    def handle_info(self, msg: Any, state: Any) -> Any:
-        if msg.__class__ is Down and msg.ref == self.main_ref:
-            self._teardown(graceful=False, timeout=0.0)
-            _node.current().exit_process("normal")
-        return NoReply(state)
+            return "ok"
+        return ("error", f"unknown request {request!r}")
 
     def _reap_orphans(self) -> None:
         """SIGCHLD: record and reap dead processes that were reparented to us."""
-        node = _node.current()
+        node = self.node
         try:
             while os.read(self.sigchld_r, 4096):
                 pass
@@ -252,7 +305,7 @@ class _Root(GenServer):
                 pass
 
     def _teardown(self, graceful: bool, timeout: float) -> None:
-        node = _node.current()
+        node = self.node
         table = node.table
         main = node.info.main
         deadline = time.monotonic() + timeout

@@ -202,6 +202,8 @@ class Table:
         if code == _SIGNAL:
             return signal_reason(sig)
         if code == _BLOB:
+            if sig == 1:
+                suffix = "d"
             try:
                 with open(os.path.join(self.blob_dir, f"{serial}.{suffix}"), "rb") as f:
                     return pickle.loads(f.read())
@@ -260,14 +262,11 @@ class Table:
             if state == EXITED or state == FREE:
                 return
             if state == DOOMED:
-                self.mm[off + 13] = self.mm[off + 15]
-                self.mm[off + 14] = self.mm[off + 16]
-                if self.mm[off + 15] == _BLOB:
-                    src = os.path.join(self.blob_dir, f"{serial}.d")
-                    try:
-                        os.rename(src, os.path.join(self.blob_dir, f"{serial}.x"))
-                    except OSError:
-                        pass
+                # The exit reason is the doomed one. A blob stays in its ".d" file (a
+                # watcher may be reading it right now); sig 1 on a blob code says so.
+                code = self.mm[off + 15]
+                self.mm[off + 13] = code
+                self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
             else:
                 code, sig = self._encode(serial, status_reason(si_code, si_status), "x")
                 self.mm[off + 13] = code
@@ -275,6 +274,13 @@ class Table:
             self.mm[off + _STATE_OFF] = EXITED
         finally:
             self._unlock()
+
+    def doomed_reason(self, serial: int, slot: int) -> tuple[Any] | None:
+        """(reason,) if a killer has doomed this process, else None."""
+        s, _, state, _, _, dcode, dsig, _ = self.read(slot)
+        if s != serial or state != DOOMED:
+            return None
+        return (self._decode(serial, dcode, dsig, "d"),)
 
     def reason(self, serial: int, slot: int, os_pid: int) -> Any:
         """The exit reason of a process known to be dead (its pidfd or sentinel fired)."""

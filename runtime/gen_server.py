@@ -273,7 +273,7 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
         with node.cond:
             node.replies.pop(ref, None)
         raise
-    mref = node.monitor(pid)
+    mref = node.monitor(pid, fresh=True)
     replies = node.replies
 
     def check() -> Any:

@@ -37,6 +37,7 @@ __all__ = [
     "send",
     "shutdown",
     "spawn",
+    "spawn_monitor",
     "trap_exit",
     "unlink",
 ]
@@ -83,6 +84,19 @@ def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
     if not callable(fn):
         raise TypeError(f"spawn needs a callable, got {fn!r}")
     return spawn_for(_node.current(), fn, args, link=link)
+
+
+def spawn_monitor(fn: Callable[..., Any], *args: Any) -> tuple[Pid, Ref]:
+    """Spawn ``fn(*args)`` and monitor it at once (OTP's ``spawn_monitor``).
+
+    Unlike ``spawn`` followed by ``monitor``, the Down carries the process's true
+    exit reason even if it exited before the monitor was set up.
+    Blocks, raises and pickles as ``spawn``."""
+    if not callable(fn):
+        raise TypeError(f"spawn needs a callable, got {fn!r}")
+    node = _node.current()
+    pid = spawn_for(node, fn, args)
+    return pid, node.monitor(pid, fresh=True)
 
 
 def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *,

@@ -1,0 +1,92 @@
+"""Helpers for tests that use real processes: bounded waits, never sleeps.
+
+- :func:`assert_receive` waits for a message matching a predicate (or equal to a
+  value) and fails with what the mailbox held instead.
+- :func:`wait_until` polls a predicate against a deadline, for the few effects
+  that send no message, and fails with what it was waiting for.
+- :func:`node_processes` lists the live OS processes of the node (for leak checks).
+
+``TIMEOUT`` is long on purpose: it is only reached when something is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from . import _node
+from .messages import Down
+
+__all__ = ["TIMEOUT", "assert_receive", "node_processes", "wait_down", "wait_until"]
+
+TIMEOUT = 10.0
+
+
+def assert_receive(expected: Any, timeout: float = TIMEOUT) -> Any:
+    """Receive the first message equal to ``expected`` or, if ``expected`` is callable,
+    for which ``expected(msg)`` is true. Returns it; fails after ``timeout`` seconds."""
+    match = expected if callable(expected) else (lambda m: m == expected)
+    node = _node.current()
+    try:
+        return node.receive(timeout, match)
+    except TimeoutError:
+        with node.cond:
+            held = list(node.mailbox)[:10]
+        raise AssertionError(
+            f"no message matching {expected!r} within {timeout}s; mailbox starts with {held!r}"
+        ) from None
+
+
+def wait_down(ref: Any, timeout: float = TIMEOUT) -> Down:
+    """Receive the Down of monitor ``ref``."""
+    result: Down = assert_receive(lambda m: isinstance(m, Down) and m.ref == ref, timeout)
+    return result
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT,
+               what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout}s for {what or predicate!r}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def node_processes() -> list[int]:
+    """OS pids of every live runtime process of this node except the embedding
+    process and the node's root."""
+    node = _node.current_or_none()
+    if node is None:
+        return []
+    skip = {node.me.serial}
+    if node.root is not None:
+        skip.add(node.root.serial)
+    out = []
+    for serial, slot, os_pid in node.table.live_slots():
+        if serial in skip or os_pid == 0:
+            continue
+        try:
+            with open(f"/proc/{os_pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z":
+            out.append(os_pid)
+    return out
+
+
+def pid_exists(os_pid: int) -> bool:
+    try:
+        os.kill(os_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,312 @@
+"""spawn, self, send, receive, exit reasons, is_alive, Pid."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+import runtime
+from runtime.testing import assert_receive, wait_down
+
+
+def sleeper(seconds=60):
+    time.sleep(seconds)  # sleep-ok: the behaviour under test is a process that blocks
+
+
+def send_back(parent, value):
+    runtime.send(parent, value)
+
+
+def send_self_info(parent):
+    runtime.send(parent, ("info", runtime.self(), os.getpid(), os.getppid()))
+
+
+def raise_key_error():
+    {}["missing-key"]
+
+
+def wait_for_go_then_exit(parent):
+    runtime.send(parent, ("ready", runtime.self()))
+    runtime.receive(timeout=30, match=lambda m: m == "go")
+
+
+def spawn_grandchild(parent):
+    child = runtime.spawn(send_self_info, parent)
+    runtime.send(parent, ("child", child))
+    runtime.receive(timeout=30, match=lambda m: m == "stop")
+
+
+def call_os_exit(code):
+    os._exit(code)
+
+
+def call_sys_exit(code):
+    sys.exit(code)
+
+
+def monitored(fn, *args):
+    return runtime.spawn_monitor(fn, *args)
+
+
+# --------------------------------------------------------------------------- spawn
+
+
+def test_returning_function_exits_with_reason_normal():
+    me = runtime.self()
+    pid = runtime.spawn(wait_for_go_then_exit, me)
+    ref = runtime.monitor(pid)
+    assert_receive(("ready", pid))
+    runtime.send(pid, "go")
+    down = wait_down(ref)
+    assert down.pid == pid and down.reason == "normal"
+
+
+def test_spawned_process_is_a_separate_os_process():
+    me = runtime.self()
+    pid = runtime.spawn(send_self_info, me)
+    msg = assert_receive(lambda m: m[0] == "info")
+    assert msg[1] == pid
+    assert msg[2] == pid.os_pid != os.getpid()
+
+
+def test_spawn_from_a_runtime_process_forks_its_own_child():
+    me = runtime.self()
+    parent = runtime.spawn(spawn_grandchild, me)
+    _, child = assert_receive(lambda m: m[0] == "child")
+    info = assert_receive(lambda m: m[0] == "info")
+    assert info[1] == child
+    assert info[3] == parent.os_pid  # the OS tree mirrors who started whom
+    ref = runtime.monitor(child)
+    runtime.send(parent, "stop")
+    wait_down(ref)
+
+
+def test_spawn_runs_lambdas_and_closures_from_the_embedding_process():
+    me = runtime.self()
+    token = object.__repr__(object())
+    runtime.spawn(lambda: runtime.send(me, ("closure", token)))
+    assert_receive(("closure", token))
+
+
+def test_spawn_rejects_a_non_callable():
+    with pytest.raises(TypeError, match="callable"):
+        runtime.spawn(42)
+
+
+def test_spawn_rejects_an_unpicklable_target_with_a_clear_error():
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot send"):
+        runtime.spawn(lambda: lock.acquire())
+
+
+# ---------------------------------------------------------------- exit reasons
+
+
+def test_crash_reason_carries_the_remote_traceback():
+    pid, ref = monitored(raise_key_error)
+    down = wait_down(ref)
+    assert isinstance(down.reason, runtime.Crash)
+    assert down.reason.exc_type == "KeyError"
+    assert "missing-key" in down.reason.message
+    assert "raise_key_error" in down.reason.traceback
+    assert "Traceback (most recent call last)" in down.reason.traceback
+
+
+def test_sigkill_is_reported_as_killed():
+    pid, ref = monitored(sleeper)
+    os.kill(pid.os_pid, signal.SIGKILL)
+    assert wait_down(ref).reason == "killed"
+
+
+def test_other_signals_are_reported_by_name():
+    pid, ref = monitored(sleeper)
+    os.kill(pid.os_pid, signal.SIGTERM)
+    assert wait_down(ref).reason == "SIGTERM"
+
+
+def test_os_exit_without_the_runtime_reports_its_exit_code():
+    _, ref = monitored(call_os_exit, 3)
+    assert wait_down(ref).reason == ("exit_code", 3)
+
+
+def test_sys_exit_zero_is_normal_and_nonzero_is_a_crash():
+    _, ref = monitored(call_sys_exit, 0)
+    assert wait_down(ref).reason == "normal"
+    _, ref = monitored(call_sys_exit, 4)
+    reason = wait_down(ref).reason
+    assert isinstance(reason, runtime.Crash) and reason.exc_type == "SystemExit"
+
+
+def test_spawn_monitor_reports_the_true_reason_of_an_instant_exit():
+    for _ in range(5):
+        _, ref = runtime.spawn_monitor(call_os_exit, 7)
+        assert wait_down(ref).reason == ("exit_code", 7)
+
+
+def test_monitoring_a_dead_process_delivers_noproc_at_once():
+    pid, ref = monitored(sleeper)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    ref2 = runtime.monitor(pid)
+    down = assert_receive(lambda m: isinstance(m, runtime.Down) and m.ref == ref2, timeout=0.5)
+    assert down.reason == "noproc"
+
+
+def test_is_alive_follows_the_process():
+    pid, ref = monitored(sleeper)
+    assert runtime.is_alive(pid)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    assert not runtime.is_alive(pid)
+    assert runtime.is_alive(runtime.self())
+
+
+# ---------------------------------------------------------------- send/receive
+
+
+def test_selective_receive_keeps_other_messages_in_order():
+    me = runtime.self()
+    for msg in ["a", ("b", 1), "c", ("b", 2), "d"]:
+        runtime.send(me, msg)
+    assert runtime.receive(timeout=1, match=lambda m: isinstance(m, tuple)) == ("b", 1)
+    assert runtime.receive(timeout=1, match=lambda m: isinstance(m, tuple)) == ("b", 2)
+    assert [runtime.receive(timeout=1) for _ in range(3)] == ["a", "c", "d"]
+
+
+def test_messages_from_one_process_arrive_in_send_order():
+    me = runtime.self()
+
+    def burst(parent):
+        for i in range(500):
+            runtime.send(parent, ("n", i))
+
+    runtime.spawn(burst, me)
+    got = [runtime.receive(timeout=10, match=lambda m: m[0] == "n")[1] for _ in range(500)]
+    assert got == list(range(500))
+
+
+def test_receive_timeout_raises_a_timeout_error():
+    with pytest.raises(TimeoutError):
+        runtime.receive(timeout=0.05, match=lambda m: m == "never-sent")
+    with pytest.raises(runtime.ReceiveTimeout):
+        runtime.receive(timeout=0, match=lambda m: m == "never-sent")
+
+
+def test_send_to_a_dead_pid_is_silently_dropped():
+    pid, ref = monitored(sleeper)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    runtime.send(pid, "hello?")  # no error
+
+
+def test_send_to_an_unregistered_name_raises():
+    with pytest.raises(runtime.NoProcError):
+        runtime.send("nobody-has-this-name", "hello?")
+
+
+def test_large_messages_arrive_whole():
+    me = runtime.self()
+    blob = os.urandom(3 * 1024 * 1024)
+
+    def echo(parent):
+        data = runtime.receive(timeout=30)
+        runtime.send(parent, ("echo", data))
+
+    pid = runtime.spawn(echo, me)
+    runtime.send(pid, blob)
+    assert assert_receive(lambda m: m[0] == "echo")[1] == blob
+
+
+def test_self_in_the_embedding_process_is_stable():
+    assert runtime.self() == runtime.self()
+    assert runtime.self().os_pid == os.getpid()
+
+
+# ---------------------------------------------------------------------- Pid
+
+
+def test_pid_is_hashable_picklable_and_readable():
+    pid, ref = monitored(sleeper)
+    clone = pickle.loads(pickle.dumps(pid))
+    assert clone == pid and hash(clone) == hash(pid)
+    assert {pid: 1}[clone] == 1
+    assert repr(pid) == f"<Pid {pid.os_pid}.{pid.serial}>"
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+
+
+def test_a_new_process_never_equals_an_old_pid_even_with_the_same_os_pid():
+    pid, ref = monitored(sleeper)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    fake = runtime.Pid(pid.node, pid.serial + 10**6, pid.slot, pid.os_pid)
+    assert fake != pid
+    assert not runtime.is_alive(fake)
+
+
+def _fd_targets():
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+def test_processes_do_not_inherit_unrelated_file_descriptors():
+    me = runtime.self()
+
+    def report(parent):
+        runtime.send(parent, ("fds", _fd_targets()))
+
+    def holder(parent):
+        extra = os.pipe()  # opened by the parent runtime process, nothing to do with the child
+        targets = _fd_targets()
+        runtime.spawn(report, parent)
+        runtime.send(parent, ("extra", {targets[extra[0]], targets[extra[1]]}))
+        runtime.receive(timeout=30, match=lambda m: m == "stop")
+
+    pid = runtime.spawn(holder, me)
+    fds = assert_receive(lambda m: m[0] == "fds")[1]
+    extra = assert_receive(lambda m: m[0] == "extra")[1]
+    ref = runtime.monitor(pid)
+    runtime.send(pid, "stop")
+    wait_down(ref)
+    assert not extra & set(fds.values())
+    # stdin/out/err, the node table, its listening socket, the socket to its parent,
+    # its sentinel, epoll, and the fd that listed the directory
+    assert len(fds) <= 10, fds
+
+
+def test_runtime_processes_ignore_ctrl_c():
+    pid, ref = monitored(sleeper)
+    os.kill(pid.os_pid, signal.SIGINT)
+    with pytest.raises(TimeoutError):
+        runtime.receive(timeout=0.2, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+
+
+def test_a_dead_process_leaves_no_zombie():
+    pid, ref = monitored(sleeper)
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    from runtime.testing import wait_until
+
+    wait_until(lambda: not _is_zombie(pid.os_pid), what="the dead process to be reaped")
+
+
+def _is_zombie(os_pid):
+    try:
+        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
