@@ -215,6 +215,10 @@ class RuntimeProcess(process.BaseProcess):
         if boot.trap:
             node.set_trap_exit(True)
         _node.set_current(node)
+        # A SIG_EXIT that arrived before the node existed was ignored: look again.
+        doomed = table.doomed_reason(me.serial, me.slot)
+        if doomed is not None:
+            node.exit_process(doomed[0], log_crash=False)
         reason: Any = "normal"
         try:
             if boot.payload is not None:

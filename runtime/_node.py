@@ -62,6 +62,8 @@ EPOLLIN = select.EPOLLIN
 # how long a process gets to do so before the root SIGKILLs it.
 SIG_EXIT = signal.SIGRTMIN + 1
 EXIT_GRACE = 0.25
+# How long an exiting process waits for its children to finish exiting.
+CHILD_EXIT_GRACE = 1.0
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.
 MAIN_EXIT_BACKLOG = 1000
@@ -858,10 +860,18 @@ class Node:
     def exit_process(self, reason: Any, log_crash: bool = True) -> NoReturn:
         """End this runtime process with ``reason``: never returns.
 
-        In order: read the control frames still queued (a late link), kill the
-        linked processes that do not trap exits (for an abnormal reason), drop our
-        names, write our reason in the table, and exit. Children die with us
-        (their parent-death signal)."""
+        In order:
+
+        1. read the control frames still queued (a link made just now counts);
+        2. log the reason unless it is clean;
+        3. pass the exit on to links: a linked process that does not trap exits is
+           killed with ``reason`` (if abnormal); a linked *child* that traps exits
+           gets the exit signal as a message, so it can run ``terminate``;
+        4. stop the other children with reason ``"shutdown"``;
+        5. wait (at most CHILD_EXIT_GRACE seconds) for the children to be gone, so
+           each can pass its own exit on before the kernel's parent-death SIGKILL;
+        6. drop our names, write our reason in the table, and exit.
+        """
         code = 0 if reason == "normal" else 1
         self.exiting = True
         try:
@@ -876,18 +886,28 @@ class Node:
                         self._read(conn, drain=True)
             except Exception:
                 pass
-            if reason != "normal":
-                for pid in list(self.links.values()):
-                    if pid != self.info.main and not self.table.is_trapping(pid.serial, pid.slot):
-                        self.kill(pid, reason)
+            table = self.table
+            main = self.info.main
+            for pid in list(self.links.values()):
+                if pid == main:
+                    continue
+                if table.is_trapping(pid.serial, pid.slot):
+                    if pid.serial in self.children:
+                        self._send(pid, (T_EXIT, self.me, reason))
+                elif reason != "normal":
+                    self.kill(pid, reason)
+            for serial, w in list(self.children.items()):
+                if not (w.linked and table.is_trapping(serial, w.pid.slot)):
+                    self.kill(w.pid, "shutdown")
+            self._wait_children_gone(CHILD_EXIT_GRACE)
             from . import registry
 
             for name in list(self.names):
                 registry.drop_name_of(self, name)
-            self.table.write_exit(self.me.serial, self.me.slot, reason)
+            table.write_exit(self.me.serial, self.me.slot, reason)
         except BaseException as exc:  # the process must end whatever happens here
             try:
-                log.error("%r: error while exiting: %r", self.me, exc)
+                os.write(2, f"{self.me!r}: error while exiting: {exc!r}\n".encode())
             except BaseException:
                 pass
         finally:
@@ -901,6 +921,21 @@ class Node:
                 except BaseException:
                     pass
             os._exit(code)
+
+    def _wait_children_gone(self, grace: float) -> None:
+        poller = select.poll()
+        waiting = 0
+        for w in self.children.values():
+            poller.register(w.fd, select.POLLIN)
+            waiting += 1
+        deadline = time.monotonic() + grace
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for fd, _ in poller.poll(remaining * 1000):
+                poller.unregister(fd)
+                waiting -= 1
 
     # --------------------------------------------------------------- teardown
 

@@ -56,7 +56,8 @@ def register(name: str, pid: Pid) -> None:
     if not isinstance(pid, Pid) or not node.is_alive(pid):
         raise NoProcError(pid, "cannot register a dead process")
     path = _path(node, name)
-    target = f"{pid.serial}:{pid.slot}:{pid.os_pid}:{name[:200]}"
+    label = name.encode("utf-8", "surrogatepass")[:120].hex()  # for people reading the dir
+    target = f"{pid.serial}:{pid.slot}:{pid.os_pid}:{label}"
     try:
         os.symlink(target, path)
     except FileExistsError:

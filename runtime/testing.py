@@ -18,7 +18,7 @@ from typing import Any, Callable
 from . import _node
 from .messages import Down
 
-__all__ = ["TIMEOUT", "assert_receive", "node_processes", "wait_down", "wait_until"]
+__all__ = ["TIMEOUT", "assert_receive", "node_processes", "tagged", "wait_down", "wait_until"]
 
 TIMEOUT = 10.0
 
@@ -36,6 +36,11 @@ def assert_receive(expected: Any, timeout: float = TIMEOUT) -> Any:
         raise AssertionError(
             f"no message matching {expected!r} within {timeout}s; mailbox starts with {held!r}"
         ) from None
+
+
+def tagged(tag: Any) -> Callable[[Any], bool]:
+    """A match for tuples whose first element is ``tag``."""
+    return lambda m: m.__class__ is tuple and len(m) > 0 and m[0] == tag
 
 
 def wait_down(ref: Any, timeout: float = TIMEOUT) -> Down:

@@ -39,14 +39,21 @@ def _leftover_names() -> list[str]:
     for entry in os.listdir(names_dir):
         path = os.path.join(names_dir, entry)
         if _holder(node, path) is not None:
-            out.append(os.readlink(path).split(":", 3)[3])
+            label = os.readlink(path).split(":", 3)[3]
+            out.append(bytes.fromhex(label).decode("utf-8", "replace"))
     return out
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail a test that leaves an OS process or a registered name behind."""
+    """Fail a test that leaves an OS process or a registered name behind; start each
+    test with an empty mailbox in the embedding process."""
     yield
+    node = _node.current_or_none()
+    if node is not None:
+        with node.cond:
+            node.mailbox.clear()
+            node.exits_queued = 0
     try:
         wait_until(lambda: not _leftover_processes(), timeout=5.0, what="no leftover processes")
     except AssertionError:

@@ -10,7 +10,7 @@ import pytest
 
 import runtime
 from runtime import _node
-from runtime.testing import assert_receive, wait_down
+from runtime.testing import assert_receive, tagged, wait_down
 
 
 def sleeper():
@@ -48,7 +48,7 @@ def linked_pair(busy):
         busy()
 
     peer = runtime.spawn(starter, me, busy)
-    _, crasher = assert_receive(lambda m: m[0] == "crasher")
+    _, crasher = assert_receive(tagged("crasher"))
     return peer, crasher
 
 
@@ -72,9 +72,9 @@ def trapper(parent):
 def test_a_trapping_peer_receives_exit_instead_of_dying():
     me = runtime.self()
     peer = runtime.spawn(trapper, me)
-    _, crasher = assert_receive(lambda m: m[0] == "crasher")
+    _, crasher = assert_receive(tagged("crasher"))
     runtime.send(crasher, "go")
-    _, exit_msg = assert_receive(lambda m: m[0] == "got")
+    _, exit_msg = assert_receive(tagged("got"))
     assert exit_msg.pid == crasher
     assert isinstance(exit_msg.reason, runtime.Crash)
     ref = runtime.monitor(peer)
@@ -99,7 +99,7 @@ def test_a_normal_exit_does_not_kill_a_linked_peer():
 
     pid = runtime.spawn(starter, me)
     ref = runtime.monitor(pid)
-    assert assert_receive(lambda m: m[0] == "alive after normal exit")[1] is True
+    assert assert_receive(tagged("alive after normal exit"))[1] is True
     # the child was killed, reason "killed", which is abnormal: the starter dies too
     assert wait_down(ref).reason == "killed"
 
@@ -131,7 +131,7 @@ def test_exit_with_a_reason_is_a_message_to_a_trapping_process():
     pid = runtime.spawn(trapping, me)
     assert_receive("trapping")
     runtime.exit(pid, "please stop")
-    assert assert_receive(lambda m: m[0] == "exit message") == (
+    assert assert_receive(tagged("exit message")) == (
         "exit message", runtime.self(), "please stop")
 
 
@@ -208,7 +208,7 @@ def test_unlink_stops_the_propagation():
         runtime.send(parent, ("survived", down.ref == ref))
 
     runtime.spawn(starter, me)
-    assert assert_receive(lambda m: m[0] == "survived") == ("survived", True)
+    assert assert_receive(tagged("survived")) == ("survived", True)
 
 
 def test_exit_propagates_along_a_chain_of_links():
@@ -222,7 +222,7 @@ def test_exit_propagates_along_a_chain_of_links():
     head = runtime.spawn(crash_on, "go", link=True)  # linked to the embedding process
     runtime.unlink(head)
     mid = runtime.spawn(middle, me)
-    _, tail = assert_receive(lambda m: m[0] == "tail")
+    _, tail = assert_receive(tagged("tail"))
     refs = [runtime.monitor(p) for p in (mid, tail)]
 
     def linker(a, b, parent):
@@ -248,5 +248,5 @@ def test_trap_exit_returns_the_previous_setting():
         runtime.send(parent, ("flags", runtime.trap_exit(True), runtime.trap_exit(False)))
 
     runtime.spawn(flip, me)
-    assert assert_receive(lambda m: m[0] == "flags") == ("flags", False, True)
+    assert assert_receive(tagged("flags")) == ("flags", False, True)
     assert runtime.trap_exit(False) is True  # the embedding process always traps

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import runtime
-from runtime.testing import assert_receive, wait_down
+from runtime.testing import assert_receive, tagged, wait_down
 
 
 def sleeper():
@@ -88,7 +88,7 @@ def test_a_process_monitors_another_that_is_not_its_child():
     runtime.spawn(watcher, me, target)
     assert_receive("watching")
     runtime.exit(target, "kill")
-    assert assert_receive(lambda m: m[0] == "seen") == ("seen", True, target, "killed")
+    assert assert_receive(tagged("seen")) == ("seen", True, target, "killed")
 
 
 def test_a_parent_sees_its_childs_true_reason():
@@ -102,7 +102,7 @@ def test_a_parent_sees_its_childs_true_reason():
         runtime.send(reporter, ("child down", down.ref == ref, down.reason))
 
     runtime.spawn(parent, me)
-    _, same, reason = assert_receive(lambda m: m[0] == "child down")
+    _, same, reason = assert_receive(tagged("child down"))
     assert same and isinstance(reason, runtime.Crash)
 
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import runtime
-from runtime.testing import assert_receive, wait_down
+from runtime.testing import assert_receive, tagged, wait_down
 
 
 def sleeper(seconds=60):
@@ -70,7 +70,7 @@ def test_returning_function_exits_with_reason_normal():
 def test_spawned_process_is_a_separate_os_process():
     me = runtime.self()
     pid = runtime.spawn(send_self_info, me)
-    msg = assert_receive(lambda m: m[0] == "info")
+    msg = assert_receive(tagged("info"))
     assert msg[1] == pid
     assert msg[2] == pid.os_pid != os.getpid()
 
@@ -78,8 +78,8 @@ def test_spawned_process_is_a_separate_os_process():
 def test_spawn_from_a_runtime_process_forks_its_own_child():
     me = runtime.self()
     parent = runtime.spawn(spawn_grandchild, me)
-    _, child = assert_receive(lambda m: m[0] == "child")
-    info = assert_receive(lambda m: m[0] == "info")
+    _, child = assert_receive(tagged("child"))
+    info = assert_receive(tagged("info"))
     assert info[1] == child
     assert info[3] == parent.os_pid  # the OS tree mirrors who started whom
     ref = runtime.monitor(child)
@@ -189,7 +189,7 @@ def test_messages_from_one_process_arrive_in_send_order():
             runtime.send(parent, ("n", i))
 
     runtime.spawn(burst, me)
-    got = [runtime.receive(timeout=10, match=lambda m: m[0] == "n")[1] for _ in range(500)]
+    got = [runtime.receive(timeout=10, match=tagged("n"))[1] for _ in range(500)]
     assert got == list(range(500))
 
 
@@ -222,7 +222,7 @@ def test_large_messages_arrive_whole():
 
     pid = runtime.spawn(echo, me)
     runtime.send(pid, blob)
-    assert assert_receive(lambda m: m[0] == "echo")[1] == blob
+    assert assert_receive(tagged("echo"))[1] == blob
 
 
 def test_self_in_the_embedding_process_is_stable():
@@ -276,8 +276,8 @@ def test_processes_do_not_inherit_unrelated_file_descriptors():
         runtime.receive(timeout=30, match=lambda m: m == "stop")
 
     pid = runtime.spawn(holder, me)
-    fds = assert_receive(lambda m: m[0] == "fds")[1]
-    extra = assert_receive(lambda m: m[0] == "extra")[1]
+    fds = assert_receive(tagged("fds"))[1]
+    extra = assert_receive(tagged("extra"))[1]
     ref = runtime.monitor(pid)
     runtime.send(pid, "stop")
     wait_down(ref)
