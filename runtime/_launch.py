@@ -84,6 +84,7 @@ class Boot:
     payload: bytes | None = None  # cloudpickled (fn, args) otherwise
     trap: bool = False
     pdeathsig: bool = True
+    sentinel: int | None = None  # under spawn: the write end of our sentinel
 
 
 class ForkPopen(popen_fork.Popen):
@@ -114,18 +115,20 @@ class SpawnPopen(popen_spawn_posix.Popen):
     method = "spawn"
 
     def _launch(self, process_obj: RuntimeProcess) -> None:
-        prep = _preparation_data(process_obj.name)
-        buf = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(prep, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            set_spawning_popen(None)
         parent_r = child_w = child_r = parent_w = None
         try:
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
+            # The child keeps the write end of its sentinel: it needs the number.
+            process_obj.boot.sentinel = child_w
+            prep = _preparation_data(process_obj.name)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
             cmd = spawn.get_command_line(tracker_fd=None, pipe_handle=child_r)
             self._fds.extend([child_r, child_w])
             self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
@@ -194,14 +197,19 @@ class RuntimeProcess(process.BaseProcess):
         signal.set_wakeup_fd(-1)
         parent_node = _node.take_forked_from()
         table = parent_node.table if parent_node is not None else None
-        if sentinel_w is not None:  # fork: drop everything of the parent's but our own fds
+        if sentinel_w is not None:  # fork: forget the parent's node
             _become_runtime_child(self)
             if parent_node is not None:
                 parent_node.abandon()
-            keep = [0, 1, 2, sentinel_w, listen_fd, conn_fd]
-            if table is not None:
-                keep.append(table.fd)
-            _close_all_but(keep)
+        # Keep only our own descriptors (under spawn, multiprocessing leaves a few too).
+        keep = [0, 1, 2, listen_fd, conn_fd]
+        if sentinel_w is None:
+            sentinel_w = boot.sentinel
+        if sentinel_w is not None:
+            keep.append(sentinel_w)
+        if table is not None:
+            keep.append(table.fd)
+        _close_all_but(keep)
         if table is None:
             table = _table.Table(os.path.join(boot.info.dir, "table"))
         me = Pid(boot.info.node_id, boot.serial, boot.slot, os.getpid())

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NoReturn
 
 from . import _table, _wire
-from ._wire import T_EXIT, T_HELLO, T_LINK, T_MSG, T_REPLY, T_UNLINK
+from ._wire import T_EXIT, T_LINK, T_MSG, T_REPLY, T_UNLINK
 from .errors import (
     CallTimeout,
     Crash,
@@ -100,12 +100,13 @@ class Conn:
 class Watch:
     """The death of one watched process, and who cares about it."""
 
-    __slots__ = ("pid", "fd", "child", "monitors", "calls", "linked", "keep")
+    __slots__ = ("pid", "fd", "child", "monitors", "calls", "linked", "keep", "owns_fd")
 
     def __init__(self, pid: Pid, fd: int, child: Any = None) -> None:
         self.pid = pid
         self.fd = fd
         self.child = child  # the multiprocessing Popen, if the process is our child
+        self.owns_fd = child is None  # a pidfd is ours to close; a sentinel is the Popen's
         self.monitors: set[Ref] = set()
         self.calls: set[int] = set()
         self.linked = False
@@ -309,25 +310,23 @@ class Node:
                 return
 
     def _dispatch(self, conn: Conn, payload: memoryview) -> None:
-        try:
-            obj = pickle.loads(payload)
-        except Exception as exc:
-            if conn.peer is None:
-                self._close_conn(conn)
-                return
-            log.error("%r dropped a message from %r that cannot be unpickled here: %r",
-                      self.me, conn.peer, exc)
-            return
         if conn.peer is None:
-            if not _wire.check_hello(self.key, conn.sock, self.me.serial, obj):
+            peer = _wire.check_hello(self.key, conn.sock, self.me.serial, payload)
+            if peer is None:
                 log.warning("%r rejected a connection that did not prove the node key", self.me)
                 self._close_conn(conn)
                 return
-            _, serial, slot, os_pid, _ = obj
-            peer = conn.peer = Pid(self.node_id, serial, slot, os_pid)
+            serial, slot, os_pid = peer
+            conn.peer = Pid(self.node_id, serial, slot, os_pid)
             self.conns_of.setdefault(serial, set()).add(conn)
             if serial not in self.out:
                 self.out[serial] = conn
+            return
+        try:
+            obj = pickle.loads(payload)
+        except Exception as exc:
+            log.error("%r dropped a message from %r that cannot be unpickled here: %r",
+                      self.me, conn.peer, exc)
             return
         tag = obj[0]
         if tag == T_MSG:
@@ -379,9 +378,7 @@ class Node:
         self.epoll.register(conn.fd, EPOLLIN)
         self.out[pid.serial] = conn
         self.conns_of.setdefault(pid.serial, set()).add(conn)
-        hello = (T_HELLO, self.me.serial, self.me.slot, os.getpid(),
-                 _wire.proof(self.key, self.me.serial, os.getpid(), pid.serial))
-        self._write(conn, _wire.encode(hello))
+        self._write(conn, _wire.hello_frame(self.key, self.me.serial, self.me.slot, pid.serial))
         return conn
 
     def adopt_conn(self, sock: socket.socket, peer: Pid) -> None:
@@ -488,7 +485,7 @@ class Node:
                 self.epoll.unregister(w.fd)
             except (OSError, ValueError):
                 pass
-        if w.child is None:
+        if w.owns_fd:
             os.close(w.fd)
 
     def add_child(self, pid: Pid, popen: Any, conn_sock: socket.socket, link: bool) -> None:
@@ -514,13 +511,38 @@ class Node:
         for conn in list(self.conns_of.get(serial, ())):
             self._read(conn, drain=True)
 
+    def _child_exited(self, w: Watch) -> bool:
+        """The sentinel of child ``w`` fired: has the child really exited? The sentinel
+        reaches EOF a moment before the kernel makes the child waitable, and a child
+        whose own code closed the sentinel is still running: then watch its pidfd."""
+        os_pid = w.pid.os_pid
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        try:
+            if os.waitid(os.P_PID, os_pid, flags) is not None:
+                return True
+            fd = os.pidfd_open(os_pid)
+        except (ChildProcessError, ProcessLookupError):
+            return True
+        if select.select([fd], [], [], 1.0)[0]:
+            os.close(fd)
+            return True
+        log.warning("%r closed its sentinel but runs on; watching its pidfd instead", w.pid)
+        del self.handlers[w.fd]
+        self.epoll.unregister(w.fd)
+        w.child.close()  # closes the old sentinel; poll() and the pid stay usable
+        w.fd = fd
+        w.owns_fd = True
+        self.handlers[fd] = w
+        self.epoll.register(fd, EPOLLIN)
+        return False
+
     def _reap_child(self, w: Watch) -> Any:
-        """Our child died: publish its reason if it could not, reap it, return the reason."""
+        """Our dead child: publish its reason if it could not, reap it, return the reason."""
         pid = w.pid
         table = self.table
         if table.state(pid.serial, pid.slot) != _table.EXITED:
             try:
-                info = os.waitid(os.P_PID, pid.os_pid, os.WEXITED | os.WNOWAIT)
+                info = os.waitid(os.P_PID, pid.os_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 info = None
             if info is not None:
@@ -529,7 +551,7 @@ class Node:
                 table.publish(pid.serial, pid.slot, os.CLD_KILLED, signal.SIGKILL)
         reason = table.reason(pid.serial, pid.slot, pid.os_pid)
         try:
-            w.child.poll(0)  # blocking: the child is exiting, maybe not yet waitable
+            w.child.poll(0)  # blocking, but the child is waitable (see _child_exited)
         except OSError:
             pass
         w.child.close()
@@ -544,13 +566,15 @@ class Node:
     def _on_death(self, w: Watch) -> None:
         pid = w.pid
         serial = pid.serial
+        if w.child is not None and not self._child_exited(w):
+            return
         self._drain_peer(serial)
+        self._remove_watch(w)
         if w.child is not None:
             reason = self._reap_child(w)
+            w.child = None
         else:
             reason = self.table.reason(serial, pid.slot, pid.os_pid)
-        self._remove_watch(w)
-        w.child = None
         dead = self.dead
         dead[serial] = None
         if len(dead) > 4096:
@@ -962,7 +986,7 @@ class Node:
             for h in list(self.handlers.values()):
                 if h.__class__ is Conn:
                     h.sock.close()
-                elif h.__class__ is Watch and h.child is None:
+                elif h.__class__ is Watch and h.owns_fd:
                     try:
                         os.close(h.fd)
                     except OSError:

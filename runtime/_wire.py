@@ -6,10 +6,11 @@ frames are a 4-byte big-endian length and a pickle. A connection is used in both
 directions, but a sender sticks to the first connection it chose for a peer, so
 messages from one process to another stay in order.
 
-The first frame on a connection is a HELLO that proves the node's random key:
-``HMAC(key, connector serial | connector os pid | target serial)``. The acceptor
-checks it against the kernel-attested peer pid (``SO_PEERCRED``) before it
-unpickles anything else from that connection.
+The first frame on a connection is a HELLO, in plain binary, that proves the
+node's random key: ``HMAC(key, connector serial | connector os pid | target
+serial)``. The acceptor checks it against the kernel-attested peer pid
+(``SO_PEERCRED``) and closes the connection unless it holds; nothing from a
+connection is unpickled before that.
 
 Plain ``pickle`` carries messages; ``cloudpickle`` is used only when plain pickle
 cannot (lambdas, closures, classes defined in ``__main__``), that is where code
@@ -19,6 +20,7 @@ travels.
 from __future__ import annotations
 
 import hmac
+import os
 import pickle
 import socket
 import struct
@@ -33,7 +35,6 @@ T_REPLY = 1  # (T_REPLY, ref, value)
 T_LINK = 2  # (T_LINK, from_pid)
 T_UNLINK = 3  # (T_UNLINK, from_pid)
 T_EXIT = 4  # (T_EXIT, from_pid, reason): an exit signal for a process that traps exits
-T_HELLO = 5  # (T_HELLO, serial, slot, os_pid, proof)
 
 _PEERCRED = struct.Struct("3i")
 
@@ -76,16 +77,32 @@ def proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
     return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
 
 
-def check_hello(key: bytes, sock: socket.socket, my_serial: int, hello: Any) -> bool:
-    """True if ``hello`` is a valid HELLO from the process at the other end of ``sock``."""
-    if not (isinstance(hello, tuple) and len(hello) == 5 and hello[0] == T_HELLO):
-        return False
-    _, serial, _slot, os_pid, given = hello
+# The HELLO is plain binary, not a pickle: nothing from an unproven peer is unpickled.
+_HELLO = struct.Struct("!4sQII32s")
+_MAGIC = b"RTH1"
+
+
+def hello_frame(key: bytes, serial: int, slot: int, target_serial: int) -> bytes:
+    os_pid = os.getpid()
+    body = _HELLO.pack(_MAGIC, serial, slot, os_pid, proof(key, serial, os_pid, target_serial))
+    return HEADER.pack(len(body)) + body
+
+
+def check_hello(key: bytes, sock: socket.socket, my_serial: int,
+                payload: memoryview) -> tuple[int, int, int] | None:
+    """(serial, slot, os_pid) of the peer if ``payload`` is a valid HELLO from the process
+    at the other end of ``sock``, else None."""
+    if len(payload) != _HELLO.size:
+        return None
+    magic, serial, slot, os_pid, given = _HELLO.unpack(payload)
+    if magic != _MAGIC:
+        return None
     cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    peer_pid = _PEERCRED.unpack(cred)[0]
-    if peer_pid != os_pid or not isinstance(given, bytes):
-        return False
-    return hmac.compare_digest(proof(key, serial, os_pid, my_serial), given)
+    if _PEERCRED.unpack(cred)[0] != os_pid:
+        return None
+    if not hmac.compare_digest(proof(key, serial, os_pid, my_serial), given):
+        return None
+    return serial, slot, os_pid
 
 
 def split_frames(buf: bytearray) -> list[memoryview] | None:

@@ -1,0 +1,276 @@
+"""The node as a whole: no orphans, no files left, an authenticated private transport."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import runtime
+from runtime import _node
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_script(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONPATH=REPO)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+    )
+
+
+EMBEDDER = """
+    import os, sys, time
+    import runtime
+
+    def sleeper():
+        time.sleep(600)
+
+    def parent_of_two():
+        runtime.spawn(sleeper)
+        runtime.spawn(sleeper, link=True)
+        time.sleep(600)
+
+    class Server(runtime.GenServer):
+        def init(self, arg):
+            runtime.trap_exit(True)
+            runtime.spawn(parent_of_two)
+            return arg
+        def handle_call(self, request, from_, state):
+            return runtime.Reply(runtime.self(), state)
+
+    if __name__ == "__main__":
+        Server.start_link(None, name="server")
+        runtime.spawn(parent_of_two)
+        runtime.spawn(sleeper, link=True)
+        runtime.call("server", "hello")
+        node = runtime._node.current()
+        print(node.info.dir, flush=True)
+        print("ready", flush=True)
+        time.sleep(600)
+"""
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_sigkill_of_the_embedding_process_leaves_no_process_and_no_file():
+    proc = run_script(EMBEDDER)
+    try:
+        node_dir = proc.stdout.readline().strip()
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        # root, server, 2 x parent_of_two, 4 sleepers under them, 1 more sleeper
+        family = wait_until(lambda: len(_descendants(proc.pid)) >= 9 and _descendants(proc.pid),
+                            what="the whole tree to start")
+        assert os.path.isdir(node_dir)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # "every process it started dies within a second": the bound is the contract
+        wait_until(lambda: not [p for p in family if _running(p)], timeout=1.0,
+                   what="every process of the killed node to die")
+        wait_until(lambda: not os.path.exists(node_dir), timeout=2.0, what="the node dir to go")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _descendants(proc.pid):
+            p.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_script_without_a_main_guard_works():
+    proc = run_script("""
+        import runtime
+        def double(parent, x):
+            runtime.send(parent, x * 2)
+        runtime.spawn(double, runtime.self(), 21)
+        print(runtime.receive(timeout=30))
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "42"
+
+
+def test_interpreter_exit_stops_every_process_and_removes_the_node_dir():
+    proc = run_script("""
+        import time, runtime
+        def sleeper():
+            time.sleep(600)
+        for _ in range(3):
+            runtime.spawn(sleeper)
+        print(runtime._node.current().info.dir)
+        print(" ".join(str(p.pid) for p in __import__("psutil").Process().children(recursive=True)))
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    node_dir, pids = out.splitlines()
+    assert not os.path.exists(node_dir)
+    assert not [p for p in map(int, pids.split()) if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_spawn_start_method_runs_the_same_programs():
+    proc = run_script("""
+        import os, runtime
+
+        class Echo(runtime.GenServer):
+            def handle_call(self, request, from_, state):
+                return runtime.Reply((request, os.getpid()), state)
+
+        def crash():
+            raise KeyError("under spawn")
+
+        def grandparent(parent):
+            child = runtime.spawn(lambda: runtime.send(parent, ("grandchild", os.getppid())))
+            runtime.send(parent, ("parent", os.getpid()))
+            runtime.receive(timeout=30)
+
+        if __name__ == "__main__":
+            runtime.configure(start_method="spawn")
+            server = Echo.start_link()
+            assert runtime.call(server, "hi")[0] == "hi"
+            pid, ref = runtime.spawn_monitor(crash)
+            down = runtime.receive(timeout=30)
+            assert isinstance(down.reason, runtime.Crash), down
+            assert "under spawn" in down.reason.traceback
+            gp = runtime.spawn(grandparent, runtime.self())
+            got = dict(runtime.receive(timeout=30) for _ in range(2))
+            assert got["grandchild"] == got["parent"] == gp.os_pid
+            import multiprocessing
+            print("ok", runtime._node.current().info.start_method)
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == "ok spawn"
+
+
+def test_the_node_directory_is_private():
+    node = _node.current()
+    mode = os.stat(node.info.dir).st_mode
+    assert stat.S_IMODE(mode) == 0o700
+
+
+def test_a_connection_that_does_not_prove_the_key_is_dropped_before_unpickling(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    me = runtime.self()
+
+    def target(parent):
+        runtime.send(parent, "ready")
+        runtime.receive(timeout=30, match=lambda m: m == "stop")
+        runtime.send(parent, "still fine")
+
+    pid, ref = runtime.spawn_monitor(target, me)
+    assert_receive("ready")
+    node = _node.current()
+    payload = pickle.dumps((0, Evil()))
+    hello = struct.pack("!4sQII32s", b"RTH1", 999999, 0, os.getpid(), b"\0" * 32)  # wrong proof
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(node.info.sock_path(pid.serial))
+        s.sendall(struct.pack("!I", len(payload)) + payload)  # no HELLO at all
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(node.info.sock_path(pid.serial))
+        s.sendall(struct.pack("!I", len(hello)) + hello + struct.pack("!I", len(payload)) + payload)
+    runtime.send(pid, "stop")
+    assert_receive("still fine")
+    wait_down(ref)
+    assert not marker.exists()
+
+
+def test_the_file_descriptor_limit_is_raised_for_many_processes():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft == hard
+
+
+def test_the_embedding_process_does_not_leak_descriptors():
+    runtime.self()
+    before = len(os.listdir("/proc/self/fd"))
+
+    class Tiny(runtime.GenServer):
+        def handle_call(self, request, from_, state):
+            return runtime.Reply(request, state)
+
+    for _ in range(20):
+        pid = Tiny.start_link()
+        runtime.call(pid, 1)
+        ref = runtime.monitor(pid)
+        runtime.exit(pid, "kill")
+        wait_down(ref)
+        runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit))
+    after = len(os.listdir("/proc/self/fd"))
+    assert after <= before + 2
+
+
+def test_dead_processes_leave_no_socket_file():
+    node = _node.current()
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
+    path = node.info.sock_path(pid.serial)
+    assert os.path.exists(path)
+    os.kill(pid.os_pid, signal.SIGKILL)
+    wait_down(ref)
+    wait_until(lambda: not os.path.exists(path), what="the socket file to be removed")
+
+
+def test_shutdown_stops_everything_and_a_new_node_starts_on_next_use():
+    old = _node.current()
+    old_dir = old.info.dir
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
+    root = old.root.os_pid
+    runtime.shutdown()
+    assert not os.path.exists(old_dir)
+    assert not psutil.pid_exists(pid.os_pid) or psutil.Process(pid.os_pid).status() == "zombie"
+    assert not psutil.pid_exists(root)
+    new = _node.current()
+    assert new is not old and new.info.dir != old_dir
+    assert not runtime.is_alive(pid)  # a Pid of the old node is dead in the new one
+    runtime.send(pid, "dropped")  # and sends to it are dropped
+    assert runtime.call(runtime.spawn_monitor.__module__ and new.root, ("$ping",)) == "pong"
+
+
+def test_processes_stopped_at_shutdown_run_terminate():
+    proc = run_script("""
+        import runtime
+        class Noisy(runtime.GenServer):
+            def init(self, arg):
+                runtime.trap_exit(True)
+                return arg
+            def terminate(self, reason, state):
+                print("terminate", reason, flush=True)
+        if __name__ == "__main__":
+            Noisy.start_link()
+            runtime.shutdown()
+            print("after shutdown", flush=True)
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["terminate shutdown", "after shutdown"]
