@@ -23,6 +23,7 @@ socketpair to the child that needs no handshake.
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import gc
 import io
@@ -41,6 +42,12 @@ from . import _node, _table, _wire
 from .errors import Crash
 from .pid import Pid
 
+_SIGKILL = int(signal.SIGKILL)
+_SIGINT = int(signal.SIGINT)
+_SIGCHLD = int(signal.SIGCHLD)
+_SIG_EXIT = int(_node.SIG_EXIT)
+_AF_UNIX = socket.AF_UNIX
+_SOCK_STREAM = socket.SOCK_STREAM
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 BACKLOG = 4096
@@ -48,8 +55,11 @@ BACKLOG = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+_prctl = _libc.prctl
+
+
 def prctl(option: int, value: int) -> None:
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
+    if _prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -88,24 +98,30 @@ class Boot:
 
 
 class ForkPopen(popen_fork.Popen):
-    """multiprocessing's fork Popen, minus the parent-sentinel pipe we do not use."""
+    """multiprocessing's fork Popen with the sentinel pipe made beforehand (so the
+    parent registers it before the fork) and without the parent-sentinel pipe and
+    finalizer, which the runtime does not need: it closes the sentinel itself."""
 
     method = "fork"
 
     def _launch(self, process_obj: RuntimeProcess) -> None:
-        parent_r, child_w = os.pipe()
+        parent_r, child_w = process_obj.sentinel_pipe
         pid = os.fork()
         if pid == 0:
             try:
-                os.close(parent_r)
-                gc.freeze()  # the inherited heap is not ours to collect: no copy-on-write
-                process_obj.child_main(child_w)
+                gc.freeze()  # the inherited heap is not ours to collect
+                process_obj.fork_child_main(child_w)
             finally:
                 os._exit(1)
         self.pid = pid
         os.close(child_w)
         self.sentinel = parent_r
-        self.finalizer = util.Finalize(self, util.close_fds, (parent_r,))
+        self.finalizer = None
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
 
 
 class SpawnPopen(popen_spawn_posix.Popen):
@@ -168,9 +184,13 @@ class RuntimeProcess(process.BaseProcess):
 
     _start_method = None
 
-    def __init__(self, boot: Boot, name: str) -> None:
+    def __init__(self, boot: Boot | None, name: str) -> None:
         super().__init__(name=name)
         self.boot = boot
+        self.prebuilt: _node.Node | None = None
+        self.target: Any = None
+        self.sentinel_pipe: tuple[int, int] = (-1, -1)
+        self.parent_os_pid = 0
 
     def start_with(self, method: str) -> Any:
         """Start the process; unlike ``BaseProcess.start`` this keeps the child out of
@@ -183,18 +203,43 @@ class RuntimeProcess(process.BaseProcess):
     def run(self) -> None:  # under spawn, multiprocessing's bootstrap calls this
         self.child_main(None)
 
+    def fork_child_main(self, sentinel_w: int) -> None:
+        """The forked child: the parent built our node before forking (see start_child),
+        so that the child runs as little code as possible before the user's function:
+        every page of the inherited heap it touches costs a copy-on-write fault."""
+        if _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0 or os.getppid() != self.parent_os_pid:
+            os._exit(1)  # the parent died before we could ask to follow it
+        _signal.signal(_SIGINT, _signal.SIG_IGN)
+        _signal.signal(_SIG_EXIT, _node.on_exit_signal)
+        _signal.signal(_SIGCHLD, _signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
+        _node._graveyard.append(_node.take_forked_from())
+        _node._foreign_fork = False
+        process._current_process = self  # the rest of multiprocessing's bootstrap is moot
+        node = self.prebuilt
+        self.prebuilt = None
+        keep = node.fds()
+        keep += (0, 1, 2, sentinel_w, node.table.fd)
+        _close_all_but(keep)
+        node.me.os_pid = os.getpid()
+        _node.set_current(node)
+        target, self.target = self.target, None
+        _run(node, target, None)
+
     def child_main(self, sentinel_w: int | None) -> None:
         boot = self.boot
         listen_fd = boot.listen.fd
         conn_fd = boot.conn.fd
         if boot.pdeathsig:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            prctl(PR_SET_PDEATHSIG, _SIGKILL)
             if os.getppid() != boot.parent_os_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(_node.SIG_EXIT, _node.on_exit_signal)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+        # The C-level _signal module: signal.signal's enum conversions touch enough of
+        # the inherited heap to cost ~0.2 ms of copy-on-write faults in a fresh child.
+        _signal.signal(_SIGINT, _signal.SIG_IGN)
+        _signal.signal(_SIG_EXIT, _node.on_exit_signal)
+        _signal.signal(_SIGCHLD, _signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
         parent_node = _node.take_forked_from()
         table = parent_node.table if parent_node is not None else None
         if sentinel_w is not None:  # fork: forget the parent's node
@@ -214,33 +259,36 @@ class RuntimeProcess(process.BaseProcess):
             table = _table.Table(os.path.join(boot.info.dir, "table"))
         me = Pid(boot.info.node_id, boot.serial, boot.slot, os.getpid())
         table.set_os_pid(boot.slot, me.os_pid)
-        listen = socket.socket(fileno=listen_fd)
+        listen = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, listen_fd)
         node = _node.Node(boot.info, me, listen, table, is_main=False)
         node.parent = boot.parent
-        node.adopt_conn(socket.socket(fileno=conn_fd), boot.parent)
+        node.adopt_conn(socket.socket(_AF_UNIX, _SOCK_STREAM, 0, conn_fd), boot.parent)
         for pid in boot.links:
             node._add_link(pid, requested=False)
         if boot.trap:
             node.set_trap_exit(True)
         _node.set_current(node)
-        # A SIG_EXIT that arrived before the node existed was ignored: look again.
-        doomed = table.doomed_reason(me.serial, me.slot)
-        if doomed is not None:
-            node.exit_process(doomed[0], log_crash=False)
-        reason: Any = "normal"
-        try:
-            if boot.payload is not None:
-                fn, args = pickle.loads(boot.payload)
-            else:
-                fn, args = boot.target
-            boot.target = boot.payload = None
-            fn(*args)
-        except SystemExit as exc:
-            if exc.code not in (None, 0):
-                reason = Crash.from_exception(exc)
-        except BaseException as exc:
+        _run(node, boot.target, boot.payload)
+        boot.target = boot.payload = None
+
+
+def _run(node: _node.Node, target: Any, payload: bytes | None) -> None:
+    """Run the process's function in its new process, then exit with its reason."""
+    # A SIG_EXIT that arrived before the node existed was ignored: look again.
+    doomed = node.table.doomed_reason(node.me.serial, node.me.slot)
+    if doomed is not None:
+        node.exit_process(doomed[0], log_crash=False)
+    reason: Any = "normal"
+    try:
+        fn, args = pickle.loads(payload) if payload is not None else target
+        target = payload = None
+        fn(*args)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
             reason = Crash.from_exception(exc)
-        node.exit_process(reason)
+    except BaseException as exc:
+        reason = Crash.from_exception(exc)
+    node.exit_process(reason)
 
 
 def _become_runtime_child(proc: RuntimeProcess) -> None:
@@ -249,10 +297,9 @@ def _become_runtime_child(proc: RuntimeProcess) -> None:
     process._current_process = proc
     process._parent_process = None
     process._children = set()
-    process._process_counter = itertools.count(1)
     util._finalizer_registry.clear()
-    util._run_after_forkers()
-    _node._foreign_fork = False
+    if util._afterfork_registry:
+        util._run_after_forkers()
 
 
 def _close_all_but(keep: list[int]) -> None:
@@ -277,6 +324,75 @@ def start_child(
     """Start a child of ``node`` (which must be this process's node) running
     ``target = (fn, args)`` or the cloudpickled ``payload``. Returns once the OS
     process exists and can be sent to; does not wait for it to run."""
+    if node.info.start_method == "spawn" or target is None:
+        return _start_spawned(node, target, payload, link, link_to, trap, name)
+    node.discard.clear()  # the last child's node, as built here (see below)
+    table = node.table
+    info = node.info
+    serial, slot = table.allocate()
+    path = info.sock_path(serial)
+    listen = socket.socket(_AF_UNIX, _SOCK_STREAM)
+    ours, theirs = socket.socketpair(_AF_UNIX, _SOCK_STREAM)
+    sentinel = os.pipe()
+    pid = Pid(node.node_id, serial, slot, 0)  # os_pid is set once the fork is done
+    child = popen = watch = None
+    try:
+        listen.bind(path)
+        listen.listen(BACKLOG)
+        # Everything is built before the fork, the child's node included: after the
+        # fork each page either process writes is copied, so both do as little as
+        # possible. The parent's copy of the child's node is closed right after.
+        child = _node.Node(info, Pid(node.node_id, serial, slot, 0), listen, table,
+                           is_main=False)
+        child.parent = node.me
+        child.adopt_conn(theirs, node.me)
+        if link:
+            child.prelink(node.me, os.pidfd_open(os.getpid()))
+        if link_to is not None:
+            child.prelink(link_to, -1)
+        if trap:
+            child.trap = True
+            table.set_trap(slot, True)
+        proc = RuntimeProcess(None, name)
+        proc.prebuilt = child
+        proc.target = target
+        proc.sentinel_pipe = sentinel
+        proc.parent_os_pid = os.getpid()
+        with node.cond:
+            watch = node.prepare_child(pid, sentinel[0], ours, link)
+            popen = proc.start_with("fork")
+            node.child_started(watch, popen)
+    finally:
+        if child is not None:
+            child.release_in_parent()
+        else:
+            listen.close()
+            theirs.close()
+        if popen is None:
+            if watch is not None:
+                with node.cond:
+                    node.child_failed(watch)
+            else:
+                ours.close()
+            for fd in sentinel:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            table.free(slot)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    node.discard.append(child)
+    table.set_os_pid(slot, popen.pid)
+    return pid
+
+
+def _start_spawned(node: _node.Node, target: Any, payload: bytes | None, link: bool,
+                   link_to: Pid | None, trap: bool, name: str) -> Pid:
+    """start_child under the spawn method, or for a target that must be unpickled in the
+    child: the child builds its own node from a Boot."""
     info = node.info
     method = info.start_method
     if method == "spawn" and target is not None:

@@ -106,7 +106,7 @@ class Watch:
         self.pid = pid
         self.fd = fd
         self.child = child  # the multiprocessing Popen, if the process is our child
-        self.owns_fd = child is None  # a pidfd is ours to close; a sentinel is the Popen's
+        self.owns_fd = not child  # a pidfd is ours to close; a sentinel is the Popen's
         self.monitors: set[Ref] = set()
         self.calls: set[int] = set()
         self.linked = False
@@ -166,6 +166,7 @@ class Node:
         self.refs = itertools.count(1)
         self.closed = False
         self.exiting = False
+        self.discard: list[Any] = []  # nodes built for children, freed at the next spawn
         self.root: Pid | None = None
         self.parent: Pid | None = None
         self.epoll.register(listen.fileno(), EPOLLIN)
@@ -489,17 +490,40 @@ class Node:
             os.close(w.fd)
 
     def add_child(self, pid: Pid, popen: Any, conn_sock: socket.socket, link: bool) -> None:
-        """Record a child we just forked: watch its sentinel, adopt its socketpair."""
-        w = Watch(pid, popen.sentinel, child=popen)
+        """Record a child that has been started: watch its sentinel, adopt its socketpair."""
+        w = self.prepare_child(pid, popen.sentinel, conn_sock, link)
+        self.child_started(w, popen)
+
+    def prepare_child(self, pid: Pid, sentinel: int, conn_sock: socket.socket,
+                      link: bool) -> Watch:
+        """Record a child about to be forked (``pid.os_pid`` is set once it is). Done
+        before the fork because after it every page the parent writes is copied."""
+        w = Watch(pid, sentinel, child=True)
         self.watches[pid.serial] = w
         self.children[pid.serial] = w
-        self.child_by_os_pid[pid.os_pid] = pid.serial
-        self.handlers[w.fd] = w
-        self.epoll.register(w.fd, EPOLLIN)
+        self.handlers[sentinel] = w
+        self.epoll.register(sentinel, EPOLLIN)
         self.adopt_conn(conn_sock, pid)
         if link:
             w.linked = True
             self.links[pid.serial] = pid
+        return w
+
+    def child_started(self, w: Watch, popen: Any) -> None:
+        w.pid.os_pid = popen.pid
+        w.child = popen
+        self.child_by_os_pid[popen.pid] = w.pid.serial
+
+    def child_failed(self, w: Watch) -> None:
+        """Undo prepare_child: the fork failed."""
+        serial = w.pid.serial
+        self.watches.pop(serial, None)
+        self.children.pop(serial, None)
+        self.links.pop(serial, None)
+        if self.handlers.pop(w.fd, None) is not None:
+            self.epoll.unregister(w.fd)
+        for conn in list(self.conns_of.get(serial, ())):
+            self._close_conn(conn)
 
     def _drain_peer(self, serial: int) -> None:
         """Read everything ``serial`` sent before it died, so it is queued before its Down."""
@@ -963,6 +987,27 @@ class Node:
 
     # --------------------------------------------------------------- teardown
 
+    def prelink(self, pid: Pid, pidfd: int) -> None:
+        """Link to ``pid`` in a node built for a child before the fork (``pidfd``: a pidfd
+        of ``pid`` made for the child, -1 for the embedding process, which needs none)."""
+        self.links[pid.serial] = pid
+        if pidfd >= 0:
+            w = Watch(pid, pidfd)
+            w.linked = True
+            self.watches[pid.serial] = w
+            self.handlers[pidfd] = w
+            self.epoll.register(pidfd, EPOLLIN)
+
+    def release_in_parent(self) -> None:
+        """Close, in the parent, the descriptors of a node built for a child."""
+        for h in self.handlers.values():
+            if h.__class__ is Conn:
+                h.sock.close()
+            elif h.__class__ is Watch and h.owns_fd:
+                os.close(h.fd)
+        self.listen.close()
+        self.epoll.close()
+
     def fds(self) -> list[int]:
         """Every descriptor this node owns (for closing in a forked child)."""
         out = [self.epoll.fileno(), self.listen.fileno()]
@@ -970,14 +1015,10 @@ class Node:
         return out
 
     def abandon(self) -> None:
-        """In a forked child: forget this (the parent's) node without closing anything
-        through Python objects, since the child closes the descriptors itself."""
+        """In a forked child: forget this (the parent's) node. Its Python objects are
+        kept alive for good, so that no socket object ever closes a descriptor number
+        the child has reused (the child closes the real descriptors itself)."""
         _graveyard.append(self)
-        for h in self.handlers.values():
-            if h.__class__ is Conn:
-                h.sock.detach()
-        self.listen.detach()
-        self.closed = True
 
     def close(self) -> None:
         """Release every descriptor (main process, at shutdown)."""

@@ -165,13 +165,13 @@ def shutdown_node(timeout: float) -> None:
         if _node.current_or_none() is not node:
             return
         root = node.root
-        popen = node.children.get(root.serial) if root is not None else None
-        if root is not None and popen is not None:
+        watch = node.children.get(root.serial) if root is not None else None
+        if root is not None and watch is not None:
+            child = watch.child  # keep it: the call below may see the root exit and reap it
             try:
                 node.call(root, ("$shutdown", timeout), timeout + 10.0)
             except ProcessError:
                 pass
-            child = popen.child
             if child.wait(timeout + 5.0) is None:
                 child.kill()
                 child.wait(5.0)
