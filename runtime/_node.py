@@ -167,6 +167,8 @@ class Node:
         self.closed = False
         self.exiting = False
         self.discard: list[Any] = []  # nodes built for children, freed at the next spawn
+        self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
+        self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.root: Pid | None = None
         self.parent: Pid | None = None
         self.epoll.register(listen.fileno(), EPOLLIN)
@@ -212,6 +214,9 @@ class Node:
                         return _NONE
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
+                if self.deferred:
+                    self._run_deferred()
+                    continue
                 if self.polling:
                     cond.wait(None if remaining < 0 else remaining)
                     continue
@@ -280,6 +285,7 @@ class Node:
             conn = Conn(sock, None)
             self.handlers[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
+            self.unproven.add(conn)
             new.append(conn)
 
     def _read(self, conn: Conn, drain: bool = False) -> None:
@@ -318,6 +324,7 @@ class Node:
                 self._close_conn(conn)
                 return
             serial, slot, os_pid = peer
+            self.unproven.discard(conn)
             conn.peer = Pid(self.node_id, serial, slot, os_pid)
             self.conns_of.setdefault(serial, set()).add(conn)
             if serial not in self.out:
@@ -344,6 +351,7 @@ class Node:
             self._exit_signal(obj[1], obj[2])
 
     def _close_conn(self, conn: Conn) -> None:
+        self.unproven.discard(conn)
         if self.handlers.get(conn.fd) is conn:
             del self.handlers[conn.fd]
             try:
@@ -527,29 +535,33 @@ class Node:
 
     def _drain_peer(self, serial: int) -> None:
         """Read everything ``serial`` sent before it died, so it is queued before its Down."""
-        for conn in self._accept_all():
-            self._read(conn, drain=True)
-        for conn in list(self.handlers.values()):
-            if conn.__class__ is Conn and conn.peer is None:
+        self._accept_all()
+        if self.unproven:
+            for conn in list(self.unproven):
                 self._read(conn, drain=True)
         for conn in list(self.conns_of.get(serial, ())):
             self._read(conn, drain=True)
 
-    def _child_exited(self, w: Watch) -> bool:
-        """The sentinel of child ``w`` fired: has the child really exited? The sentinel
-        reaches EOF a moment before the kernel makes the child waitable, and a child
-        whose own code closed the sentinel is still running: then watch its pidfd."""
+    def _child_exited(self, w: Watch) -> Any:
+        """The sentinel of child ``w`` fired: its ``waitid`` status (not reaped), None if it
+        is gone already, or False if it still runs. The sentinel reaches EOF a moment
+        before the kernel makes the child waitable, and a child whose own code closed
+        the sentinel is still running: then watch its pidfd instead."""
         os_pid = w.pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
-            if os.waitid(os.P_PID, os_pid, flags) is not None:
-                return True
+            status = os.waitid(os.P_PID, os_pid, flags)
+            if status is not None:
+                return status
             fd = os.pidfd_open(os_pid)
         except (ChildProcessError, ProcessLookupError):
-            return True
+            return None
         if select.select([fd], [], [], 1.0)[0]:
             os.close(fd)
-            return True
+            try:
+                return os.waitid(os.P_PID, os_pid, flags)
+            except ChildProcessError:
+                return None
         log.warning("%r closed its sentinel but runs on; watching its pidfd instead", w.pid)
         del self.handlers[w.fd]
         self.epoll.unregister(w.fd)
@@ -560,43 +572,54 @@ class Node:
         self.epoll.register(fd, EPOLLIN)
         return False
 
-    def _reap_child(self, w: Watch) -> Any:
-        """Our dead child: publish its reason if it could not, reap it, return the reason."""
-        pid = w.pid
+    def _child_reason(self, pid: Pid, status: Any) -> Any:
+        state = self.table.state(pid.serial, pid.slot)
+        if state == _table.EXITED or state == _table.DOOMED or status is None:
+            return self.table.reason(pid.serial, pid.slot, pid.os_pid)
+        return _table.status_reason(status.si_code, status.si_status)
+
+    def _reap_child(self, pid: Pid, popen: Any, status: Any) -> None:
+        """After the Down of our dead child is out: record its exit in the table if it
+        could not, then reap it (in that order, see _table), close its sentinel and
+        remove its socket file."""
         table = self.table
         if table.state(pid.serial, pid.slot) != _table.EXITED:
-            try:
-                info = os.waitid(os.P_PID, pid.os_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                info = None
-            if info is not None:
-                table.publish(pid.serial, pid.slot, info.si_code, info.si_status)
+            if status is not None:
+                table.publish(pid.serial, pid.slot, status.si_code, status.si_status)
             else:
                 table.publish(pid.serial, pid.slot, os.CLD_KILLED, signal.SIGKILL)
-        reason = table.reason(pid.serial, pid.slot, pid.os_pid)
         try:
-            w.child.poll(0)  # blocking, but the child is waitable (see _child_exited)
+            popen.poll(0)  # blocking, but the child is waitable (see _child_exited)
         except OSError:
             pass
-        w.child.close()
-        del self.children[pid.serial]
-        self.child_by_os_pid.pop(pid.os_pid, None)
+        popen.close()
         try:
             os.unlink(self.info.sock_path(pid.serial))
         except OSError:
             pass
-        return reason
+
+    def _run_deferred(self) -> None:
+        jobs, self.deferred = self.deferred, []
+        for job in jobs:
+            job[0](*job[1:])
 
     def _on_death(self, w: Watch) -> None:
         pid = w.pid
         serial = pid.serial
-        if w.child is not None and not self._child_exited(w):
-            return
+        popen = w.child
+        if popen is not None:
+            status = self._child_exited(w)
+            if status is False:
+                return
         self._drain_peer(serial)
         self._remove_watch(w)
-        if w.child is not None:
-            reason = self._reap_child(w)
+        if popen is not None:
+            reason = self._child_reason(pid, status)
             w.child = None
+            del self.children[serial]
+            self.child_by_os_pid.pop(pid.os_pid, None)
+            # Reaping waits until the Down is out (the next wait, or our exit).
+            self.deferred.append((self._reap_child, pid, popen, status))
         else:
             reason = self.table.reason(serial, pid.slot, pid.os_pid)
         dead = self.dead
@@ -934,6 +957,7 @@ class Node:
                         self._read(conn, drain=True)
             except Exception:
                 pass
+            self._run_deferred()
             table = self.table
             main = self.info.main
             for pid in list(self.links.values()):
@@ -948,6 +972,10 @@ class Node:
                 if not (w.linked and table.is_trapping(serial, w.pid.slot)):
                     self.kill(w.pid, "shutdown")
             self._wait_children_gone(CHILD_EXIT_GRACE)
+            for w in list(self.children.values()):
+                if self.watches.get(w.pid.serial) is w and self._child_exited(w):
+                    self._on_death(w)
+            self._run_deferred()
             from . import registry
 
             for name in list(self.names):
@@ -1023,6 +1051,7 @@ class Node:
     def close(self) -> None:
         """Release every descriptor (main process, at shutdown)."""
         with self.cond:
+            self._run_deferred()
             self.closed = True
             for h in list(self.handlers.values()):
                 if h.__class__ is Conn:

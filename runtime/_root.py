@@ -283,6 +283,7 @@ class _Root:
                 pass
         except OSError:
             pass
+        node._run_deferred()
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -354,5 +355,6 @@ class _Root:
             os.close(fd)
         for w in list(node.children.values()):
             node._on_death(w)
+        node._run_deferred()
         self._reap_orphans()
         shutil.rmtree(node.info.dir, ignore_errors=True)
