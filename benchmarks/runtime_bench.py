@@ -10,9 +10,9 @@ machine, by the same process:
   message is received; floor: ``os.fork`` + a one-byte pipe handshake.
 - call round trip: ``call`` to a GenServer that replies at once; floor: a
   ``multiprocessing.Pipe`` round trip of a pickled tuple to an echo process.
-- SIGKILL to Down: SIGKILL of a monitored process until its ``Down`` is received,
-  while N other monitored processes are alive; floor: SIGKILL of a forked child
-  until its sentinel pipe reads EOF.
+- SIGKILL to Down: SIGKILL of a started, idle, monitored process until its ``Down``
+  is received, while N other monitored processes are alive; floor: SIGKILL of a
+  started, idle forked child until its sentinel pipe reads EOF.
 
 The measurements run in a runtime process (a small process, like the floors'),
 except the figures marked "from the embedding process". The whole run happens
@@ -62,8 +62,11 @@ def _pipe_echo(conn):
 
 
 def _nursery(parent, n):
-    """Spawn ``n`` sleepers, send their pids to ``parent``, then wait to be told to stop."""
-    pids = [runtime.spawn(_sleeper) for _ in range(n)]
+    """Spawn ``n`` started sleepers, send their pids to ``parent``, then sleep."""
+    me = runtime.self()
+    pids = [runtime.spawn(_started_sleeper, me) for _ in range(n)]
+    for _ in range(n):
+        runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "up")
     runtime.send(parent, ("nursery", pids))
     _sleeper()
 
@@ -101,15 +104,24 @@ def floor_pipe_rtt(n, ctx):
 
 
 def floor_sentinel(n):
-    samples = []
+    """SIGKILL of a started, idle forked child until its sentinel pipe reads EOF."""
+    children = []
     for _ in range(n):
         r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(r)
+            os.write(ready_w, b"x")
             time.sleep(3600)
             os._exit(0)
         os.close(w)
+        os.read(ready_r, 1)
+        os.close(ready_r)
+        os.close(ready_w)
+        children.append((pid, r))
+    samples = []
+    for pid, r in children:
         t0 = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
         select.select([r], [], [])
@@ -139,26 +151,35 @@ def ours_call(n, server):
     return timed(lambda: runtime.call(server, "ping"), n)
 
 
+def _started_sleeper(parent):
+    runtime.send(parent, ("up", runtime.self()))
+    _sleeper()
+
+
 def ours_sigkill_to_down(n, others, child=True):
-    """SIGKILL a monitored process while ``others`` more are monitored. ``child``: the
-    victims are our children (sentinels); otherwise a nursery's (pidfds)."""
+    """SIGKILL a started, idle, monitored process while ``others`` more are monitored.
+    ``child``: the victims are our children (sentinels); otherwise a nursery's (pidfds)."""
     me = runtime.self()
-    pids = [runtime.spawn(_sleeper) for _ in range(others)]
-    refs = [runtime.monitor(p) for p in pids]
+    up = lambda m: isinstance(m, tuple) and m[0] == "up"  # noqa: E731
+    pids = [runtime.spawn(_started_sleeper, me) for _ in range(others)]
     nursery = None
-    victims = []
-    if not child:
+    if child:
+        victims = [runtime.spawn(_started_sleeper, me) for _ in range(n)]
+    else:
         nursery = runtime.spawn(_nursery, me, n)
         victims = runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "nursery")[1]
+        pids.append(nursery)
+    for _ in range(others + (n if child else 0)):
+        runtime.receive(match=up)
+    refs = [runtime.monitor(p) for p in pids]
+    victim_refs = [runtime.monitor(v) for v in victims]
     samples = []
-    for i in range(n):
-        victim = runtime.spawn(_sleeper) if child else victims[i]
-        ref = runtime.monitor(victim)
+    for victim, ref in zip(victims, victim_refs):
         t0 = time.perf_counter()
         os.kill(victim.os_pid, signal.SIGKILL)
         runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
         samples.append(time.perf_counter() - t0)
-    for p in pids + ([nursery] if nursery else []):
+    for p in pids:
         runtime.exit(p, "kill")
     for ref in refs:
         runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)

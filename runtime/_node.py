@@ -367,7 +367,7 @@ class Node:
                 peers.discard(conn)
                 if not peers:
                     del self.conns_of[serial]
-        conn.sock.close()
+        self.deferred.append((conn.sock.close,))
 
     def _conn_to(self, pid: Pid) -> Conn | None:
         conn = self.out.get(pid.serial)
@@ -534,8 +534,11 @@ class Node:
             self._close_conn(conn)
 
     def _drain_peer(self, serial: int) -> None:
-        """Read everything ``serial`` sent before it died, so it is queued before its Down."""
-        self._accept_all()
+        """Read everything ``serial`` sent before it died, so it is queued before its Down.
+
+        A connection it made before dying was already pending when the wait returned
+        its death, so _process has accepted it (it handles the rest of a wake-up's
+        events before deaths); only what it sent on each connection may remain."""
         if self.unproven:
             for conn in list(self.unproven):
                 self._read(conn, drain=True)

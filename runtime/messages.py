@@ -10,25 +10,24 @@ User messages can be any picklable value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .pid import Pid, Ref
 
 __all__ = ["Down", "Exit"]
 
 
-@dataclass(frozen=True, slots=True)
-class Down:
-    """The monitored process ``pid`` exited with ``reason``; ``ref`` is the monitor's ref."""
+class Down(NamedTuple):
+    """The monitored process ``pid`` exited with ``reason``; ``ref`` is the monitor's ref.
+
+    A named tuple, like OTP's ``{'DOWN', Ref, process, Pid, Reason}`` is a tuple."""
 
     ref: Ref
     pid: Pid
     reason: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Exit:
+class Exit(NamedTuple):
     """The exit signal of ``pid`` with ``reason``, received as a message (trap_exit)."""
 
     pid: Pid
