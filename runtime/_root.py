@@ -284,6 +284,7 @@ class _Root:
         except OSError:
             pass
         node._run_deferred()
+        index = None
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -296,8 +297,11 @@ class _Root:
                 w = node.watches.get(serial)
                 if w is not None:
                     node._on_death(w)
+                    node._run_deferred()  # reaps it, or waitid would find it again
                     continue
-            found = node.table.find_os_pid(info.si_pid)
+            if index is None:  # one pass over the table for all orphans of this wake-up
+                index = {os_pid: (serial, slot) for serial, slot, os_pid in node.table.live_slots()}
+            found = index.get(info.si_pid)
             if found is not None:
                 node.table.publish(found[0], found[1], info.si_code, info.si_status)
             try:

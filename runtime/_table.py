@@ -34,7 +34,7 @@ import signal
 import struct
 from typing import Any
 
-NSLOTS = 1 << 17
+NSLOTS = 1 << 16
 HEADER = 64
 SLOT = 32
 
@@ -311,18 +311,3 @@ class Table:
                 serial, os_pid = struct.unpack_from("<QI", mm, off)
                 out.append((serial, slot, os_pid))
         return out
-
-    def find_os_pid(self, os_pid: int) -> tuple[int, int] | None:
-        """(serial, slot) of the live entry with this OS pid, if any (a slow scan)."""
-        needle = struct.pack("<I", os_pid)
-        mm = self.mm
-        pos = mm.find(needle, HEADER)
-        while pos != -1:
-            rel = pos - HEADER
-            if rel % SLOT == 8:
-                slot = rel // SLOT
-                st = mm[HEADER + SLOT * slot + _STATE_OFF]
-                if st == ALIVE or st == DOOMED:
-                    return struct.unpack_from("<Q", mm, HEADER + SLOT * slot)[0], slot
-            pos = mm.find(needle, pos + 1)
-        return None
