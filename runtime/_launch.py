@@ -358,7 +358,7 @@ def start_child(
         proc.target = target
         proc.sentinel_pipe = sentinel
         proc.parent_os_pid = os.getpid()
-        with node.cond:
+        with node.lock:
             watch = node.prepare_child(pid, sentinel[0], ours, link)
             popen = proc.start_with("fork")
             node.child_started(watch, popen)
@@ -370,7 +370,7 @@ def start_child(
             theirs.close()
         if popen is None:
             if watch is not None:
-                with node.cond:
+                with node.lock:
                     node.child_failed(watch)
             else:
                 ours.close()
@@ -428,6 +428,6 @@ def _start_spawned(node: _node.Node, target: Any, payload: bytes | None, link: b
                 pass
     table.set_os_pid(slot, popen.pid)
     pid = Pid(node.node_id, serial, slot, popen.pid)
-    with node.cond:
+    with node.lock:
         node.add_child(pid, popen, ours, link)
     return pid

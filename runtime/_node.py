@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import os
 import pickle
 import select
@@ -64,6 +65,7 @@ SIG_EXIT = signal.SIGRTMIN + 1
 EXIT_GRACE = 0.25
 # How long an exiting process waits for its children to finish exiting.
 CHILD_EXIT_GRACE = 1.0
+READ_SIZE = 65536
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.
 MAIN_EXIT_BACKLOG = 1000
@@ -144,7 +146,10 @@ class Node:
         self.listen = listen
         listen.setblocking(False)
         self.epoll = select.epoll()
-        self.cond = threading.Condition(threading.Lock())
+        # A plain lock (its ``with`` runs in C) guards everything; the condition over it
+        # is only waited on and notified in the embedding process, which has threads.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.polling = False
         self.mailbox: deque[Any] = deque()
         self.removed = 0  # how many messages were taken out of the middle of the mailbox
@@ -169,6 +174,8 @@ class Node:
         self.discard: list[Any] = []  # nodes built for children, freed at the next spawn
         self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
+        self.rbuf: mmap.mmap | None = None
+        self.reading = 0
         self.root: Pid | None = None
         self.parent: Pid | None = None
         self.epoll.register(listen.fileno(), EPOLLIN)
@@ -190,6 +197,8 @@ class Node:
 
     def _notify(self) -> None:
         """Wake every thread waiting on this node: followers and the polling leader."""
+        if not self.is_main:
+            return
         self.cond.notify_all()
         if self.polling and self.wakefd >= 0:
             os.eventfd_write(self.wakefd, 1)
@@ -201,7 +210,9 @@ class Node:
         _NONE, or until ``deadline`` (monotonic seconds; None = forever). Returns _NONE
         on timeout."""
         cond = self.cond
-        with cond:
+        lock = self.lock
+        threaded = self.is_main
+        with lock:
             while True:
                 r = check()
                 if r is not _NONE:
@@ -221,15 +232,16 @@ class Node:
                     cond.wait(None if remaining < 0 else remaining)
                     continue
                 self.polling = True
-                cond.release()
+                lock.release()
                 try:
                     events = self.epoll.poll(remaining)
                 finally:
-                    cond.acquire()
+                    lock.acquire()
                     self.polling = False
                 if events:
                     self._process(events)
-                cond.notify_all()
+                if threaded:
+                    cond.notify_all()
 
     def _process(self, events: list[tuple[int, int]]) -> None:
         handlers = self.handlers
@@ -261,12 +273,12 @@ class Node:
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (under the node lock) whenever ``fd`` is readable."""
-        with self.cond:
+        with self.lock:
             self.handlers[fd] = Reader(fd, callback)
             self.epoll.register(fd, EPOLLIN)
 
     def remove_reader(self, fd: int) -> None:
-        with self.cond:
+        with self.lock:
             if self.handlers.pop(fd, None) is not None:
                 self.epoll.unregister(fd)
 
@@ -289,32 +301,57 @@ class Node:
             new.append(conn)
 
     def _read(self, conn: Conn, drain: bool = False) -> None:
+        """Read what ``conn`` has (all of it with ``drain``) and dispatch whole frames."""
         sock = conn.sock
         handlers = self.handlers
-        while True:
-            try:
-                data = sock.recv(262144)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_conn(conn)
-                return
-            buf = conn.inbuf
-            if not buf and len(data) >= 4 and _wire.HEADER.unpack_from(data)[0] + 4 == len(data):
-                # The common case, exactly one whole frame: no copy into the buffer.
-                self._dispatch(conn, memoryview(data)[4:])
-            else:
-                buf += data
-                frames = _wire.split_frames(buf)
-                if frames:
-                    for payload in frames:
+        header = _wire.HEADER
+        rbuf = self.rbuf
+        if rbuf is None or self.reading:  # first read, or re-entered from a dispatch
+            # Anonymous memory: only the pages a read touches cost anything.
+            rbuf = mmap.mmap(-1, READ_SIZE)
+            if not self.reading:
+                self.rbuf = rbuf
+        rview = memoryview(rbuf)
+        self.reading += 1
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(rbuf)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    n = 0
+                if not n:
+                    self._close_conn(conn)
+                    return
+                buf = conn.inbuf
+                if buf:
+                    buf += rview[:n]
+                    for payload in _wire.split_frames(buf) or ():
                         self._dispatch(conn, payload)
                         if handlers.get(conn.fd) is not conn:
                             return
-            if not drain or handlers.get(conn.fd) is not conn:
-                return
+                else:
+                    # Frames straight from the read buffer; only a partial one is copied.
+                    pos = 0
+                    while n - pos >= 4:
+                        end = pos + 4 + header.unpack_from(rbuf, pos)[0]
+                        if end > n:
+                            break
+                        self._dispatch(conn, rview[pos + 4 : end])
+                        if handlers.get(conn.fd) is not conn:
+                            return
+                        pos = end
+                    if pos < n:
+                        buf += rview[pos:n]
+                if not drain and n < READ_SIZE:
+                    return
+        finally:
+            self.reading -= 1
+            try:
+                rview.release()
+            except BufferError:
+                pass
 
     def _dispatch(self, conn: Conn, payload: memoryview) -> None:
         if conn.peer is None:
@@ -435,16 +472,17 @@ class Node:
                 events = self.epoll.poll(0)
                 if events:
                     self._process(events)
-                    self.cond.notify_all()
+                    if self.is_main:
+                        self.cond.notify_all()
                 if self.handlers.get(conn.fd) is not conn:
                     return False
-            self.cond.release()
+            self.lock.release()
             try:
                 select.select([], [conn.fd], [], 0.05)
             except (OSError, ValueError):
                 pass
             finally:
-                self.cond.acquire()
+                self.lock.acquire()
         return True
 
     def _send(self, pid: Pid, obj: Any) -> bool:
@@ -672,7 +710,7 @@ class Node:
         return Ref(self.node_id, self.me.serial, next(self.refs))
 
     def send(self, pid: Pid, msg: Any) -> None:
-        with self.cond:
+        with self.lock:
             if pid == self.me:
                 self.mailbox.append(msg)
                 self._notify()
@@ -680,7 +718,7 @@ class Node:
             self._send(pid, (T_MSG, msg))
 
     def send_reply(self, pid: Pid, ref: int, value: Any) -> None:
-        with self.cond:
+        with self.lock:
             if pid == self.me:
                 if self.replies.get(ref) is _PENDING:
                     self.replies[ref] = (True, value)
@@ -730,7 +768,7 @@ class Node:
 
     def call(self, pid: Pid, request: Any, timeout: float | None) -> Any:
         """Send a GenServer call and wait for its reply, the server's death, or the timeout."""
-        with self.cond:
+        with self.lock:
             if pid == self.me:
                 raise ProcessError(f"{pid!r} called itself: that would deadlock")
             w = self._watch(pid)
@@ -751,7 +789,7 @@ class Node:
         try:
             r = self._wait(check, deadline)
         finally:
-            with self.cond:
+            with self.lock:
                 replies.pop(ref, None)
                 w.calls.discard(ref)
         if r is _NONE:
@@ -771,7 +809,7 @@ class Node:
         ref = self.make_ref()
         if pid == self.me:
             return ref  # fires only when we are dead, that is never for us
-        with self.cond:
+        with self.lock:
             w = self._watch(pid)
             if w is None:
                 reason = "noproc"
@@ -785,7 +823,7 @@ class Node:
         return ref
 
     def demonitor(self, ref: Ref, flush: bool) -> bool:
-        with self.cond:
+        with self.lock:
             serial = self.monitor_refs.pop(ref, None)
             if serial is not None:
                 w = self.watches.get(serial)
@@ -824,7 +862,7 @@ class Node:
             self._linked_exit(pid, self.table.reason(pid.serial, pid.slot, pid.os_pid))
 
     def link(self, pid: Pid) -> None:
-        with self.cond:
+        with self.lock:
             if pid.serial in self.links or pid == self.me:
                 return
             self._add_link(pid, requested=True)
@@ -840,13 +878,13 @@ class Node:
             self._maybe_unwatch(w)
 
     def unlink(self, pid: Pid) -> None:
-        with self.cond:
+        with self.lock:
             if pid.serial in self.links:
                 self._drop_link(pid.serial)
                 self._send(pid, (T_UNLINK, self.me))
 
     def set_trap_exit(self, flag: bool) -> bool:
-        with self.cond:
+        with self.lock:
             old = self.trap
             if self.is_main:
                 return True
@@ -900,7 +938,7 @@ class Node:
 
     def exit(self, pid: Pid, reason: Any) -> None:
         """OTP's exit/2: send an exit signal with ``reason`` to ``pid``."""
-        with self.cond:
+        with self.lock:
             if pid == self.me:
                 if reason == "kill" and not self.is_main:
                     self.exit_process("killed", log_crash=False)
@@ -1053,7 +1091,7 @@ class Node:
 
     def close(self) -> None:
         """Release every descriptor (main process, at shutdown)."""
-        with self.cond:
+        with self.lock:
             self._run_deferred()
             self.closed = True
             for h in list(self.handlers.values()):

@@ -136,7 +136,7 @@ def _start_root(node: _node.Node) -> None:
         theirs.close()
     table.set_os_pid(slot, popen.pid)
     root = Pid(node.node_id, serial, slot, popen.pid)
-    with node.cond:
+    with node.lock:
         node.add_child(root, popen, ours, link=False)
     node.root = root
     try:

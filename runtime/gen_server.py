@@ -265,12 +265,12 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
 
     node = _node.current()
     ref = next(node.refs)
-    with node.cond:
+    with node.lock:
         node.replies[ref] = _node._PENDING
     try:
         pid = spawn_for(node, _server_main, (cls, arg, name, node.me, ref, link), trap=trap)
     except BaseException:
-        with node.cond:
+        with node.lock:
             node.replies.pop(ref, None)
         raise
     mref = node.monitor(pid, fresh=True)
@@ -288,7 +288,7 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
     try:
         r = node._wait(check, time.monotonic() + timeout)
     finally:
-        with node.cond:
+        with node.lock:
             replies.pop(ref, None)
     if r is _node._NONE:
         node.exit(pid, "kill")
@@ -298,7 +298,7 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
     if ok and value[0] == "ok":
         node.demonitor(mref, True)
         if link:
-            with node.cond:
+            with node.lock:
                 node._add_link(pid, requested=False)
         return pid
     # init failed: wait until the process is gone, so nothing outlives the error.
@@ -341,7 +341,7 @@ def _server_main(cls: type, arg: Any, name: str | None, starter: Pid, ref: int,
         node.send_reply(starter, ref, ("error", state.reason))
         node.exit_process(state.reason)
     if link:
-        with node.cond:
+        with node.lock:
             node._add_link(starter, requested=False)
     node.send_reply(starter, ref, ("ok",))
     loop(server, state, starter)

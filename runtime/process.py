@@ -107,7 +107,7 @@ def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *
         assert root is not None
         pid: Pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
         if link:
-            with node.cond:
+            with node.lock:
                 node._add_link(pid, requested=False)
         return pid
     if threading.current_thread() is not threading.main_thread():
@@ -159,7 +159,7 @@ def monitor(pid: Any) -> Ref:
         ref = node.make_ref()
         from .messages import Down
 
-        with node.cond:
+        with node.lock:
             node.mailbox.append(Down(ref, pid, "noproc"))
             node._notify()
         return ref

@@ -31,7 +31,7 @@ def assert_receive(expected: Any, timeout: float = TIMEOUT) -> Any:
     try:
         return node.receive(timeout, match)
     except TimeoutError:
-        with node.cond:
+        with node.lock:
             held = list(node.mailbox)[:10]
         raise AssertionError(
             f"no message matching {expected!r} within {timeout}s; mailbox starts with {held!r}"

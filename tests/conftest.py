@@ -51,7 +51,7 @@ def no_leaks():
     yield
     node = _node.current_or_none()
     if node is not None:
-        with node.cond:
+        with node.lock:
             node.mailbox.clear()
             node.exits_queued = 0
     try:

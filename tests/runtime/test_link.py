@@ -168,7 +168,7 @@ def test_unreceived_exits_in_the_embedding_process_are_bounded(monkeypatch):
         runtime.send(p, "go")
     for ref in refs:
         wait_down(ref)
-    with node.cond:
+    with node.lock:
         exits = [m for m in node.mailbox if isinstance(m, runtime.Exit)]
     assert len(exits) == 3
     assert {e.pid for e in exits} < set(pids)
