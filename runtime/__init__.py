@@ -7,6 +7,8 @@ Public names only; see the modules for the guides:
 Timeouts are in seconds.
 """
 
+from .agent import Agent
+from .dynamic_supervisor import DynamicSupervisor
 from .errors import (
     AlreadyRegisteredError,
     CallTimeout,
@@ -39,12 +41,15 @@ from .process import (
     unlink,
 )
 from .registry import register, unregister, whereis
+from .supervisor import Supervisor
 
 __all__ = [
+    "Agent",
     "AlreadyRegisteredError",
     "CallTimeout",
     "Crash",
     "Down",
+    "DynamicSupervisor",
     "Exit",
     "ExitError",
     "GenServer",
@@ -58,6 +63,7 @@ __all__ = [
     "Reply",
     "StartError",
     "Stop",
+    "Supervisor",
     "call",
     "cast",
     "configure",

@@ -102,6 +102,15 @@ def _with_remote_cause(exc: ProcessError, reason: Any) -> ProcessError:
 class ProcessError(Exception):
     """Base of every error the runtime raises to a caller."""
 
+    _init_args: tuple[Any, ...] | None = None
+
+    def __reduce__(self) -> Any:
+        # Errors travel between processes (a supervisor's reply): rebuild them with the
+        # arguments they were made with, not with their message.
+        if self._init_args is None:
+            return super().__reduce__()
+        return (type(self), self._init_args)
+
 
 class NoProcError(ProcessError):
     """The target does not exist: it is dead, never existed, or the name is unregistered.
@@ -110,6 +119,7 @@ class NoProcError(ProcessError):
     """
 
     def __init__(self, target: Any, detail: str = "") -> None:
+        self._init_args = (target, detail)
         self.target = target
         text = f"no process: {target!r}"
         super().__init__(f"{text} ({detail})" if detail else text)
@@ -122,6 +132,7 @@ class CallTimeout(ProcessError, TimeoutError):
     """
 
     def __init__(self, target: Any, request: Any, timeout: float) -> None:
+        self._init_args = (target, request, timeout)
         self.target = target
         self.request = request
         self.timeout = timeout
@@ -135,6 +146,7 @@ class ExitError(ProcessError):
     """
 
     def __init__(self, target: Any, reason: Any, action: str = "call") -> None:
+        self._init_args = (target, reason, action)
         self.target = target
         self.reason = reason
         super().__init__(f"{target!r} exited during {action}: {reason!s}")
@@ -149,6 +161,7 @@ class StartError(ProcessError):
     """
 
     def __init__(self, what: Any, reason: Any) -> None:
+        self._init_args = (what, reason)
         self.reason = reason
         super().__init__(f"{what} failed to start: {reason!s}")
         _with_remote_cause(self, reason)
@@ -158,6 +171,7 @@ class AlreadyRegisteredError(ProcessError):
     """The name is taken by a live process (``pid``)."""
 
     def __init__(self, name: str, pid: Any) -> None:
+        self._init_args = (name, pid)
         self.name = name
         self.pid = pid
         super().__init__(f"name {name!r} is already registered to {pid!r}")
@@ -167,6 +181,7 @@ class InvalidChildSpec(ProcessError, ValueError):
     """A child spec or a supervisor option is invalid; ``field`` names which one."""
 
     def __init__(self, field: str, value: Any, expected: str) -> None:
+        self._init_args = (field, value, expected)
         self.field = field
         self.value = value
         super().__init__(f"invalid {field}: {value!r} (expected {expected})")

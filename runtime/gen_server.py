@@ -385,7 +385,8 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
                 if tag == "$gen_stop":
                     _terminate(server, msg[1], state)
             elif msg.__class__ is Exit and node.trap and (msg.pid == parent or msg.pid == node.parent):
-                _terminate(server, msg.reason, state)
+                # The parent's reason was logged where it arose: do not log it again.
+                _terminate(server, msg.reason, state, log_crash=False)
             state = _next_state(handle_info(msg, state), "handle_info", False)
         except _Stopping as stopping:
             _terminate(server, stopping.reason, stopping.state)
@@ -412,10 +413,12 @@ def _next_state(result: Any, callback: str, reply_ok: bool = True) -> Any:
     raise TypeError(f"{callback} returned {result!r}; expected {expected}")
 
 
-def _terminate(server: GenServer, reason: Any, state: Any, crashed: bool = False) -> None:
+def _terminate(server: GenServer, reason: Any, state: Any, crashed: bool = False,
+               log_crash: bool = True) -> None:
     node = _node.current()
     try:
         server.terminate(reason, state)
     except BaseException as exc:
         reason = Crash.from_exception(exc)
-    node.exit_process(reason)
+        log_crash = True
+    node.exit_process(reason, log_crash=log_crash)

@@ -3,6 +3,7 @@
 import runtime
 
 PUBLIC = {
+    "Agent", "DynamicSupervisor", "Supervisor",
     "AlreadyRegisteredError", "CallTimeout", "Crash", "Down", "Exit", "ExitError",
     "GenServer", "InvalidChildSpec", "NoProcError", "NoReply", "Pid", "ProcessError",
     "ReceiveTimeout", "Ref", "Reply", "StartError", "Stop", "call", "cast", "configure",
@@ -24,8 +25,16 @@ def test_every_public_name_exists_and_is_documented():
 
 
 def test_errors_form_one_tree():
+    import pickle
+
     for err in (runtime.NoProcError, runtime.CallTimeout, runtime.ExitError,
                 runtime.StartError, runtime.AlreadyRegisteredError, runtime.InvalidChildSpec):
         assert issubclass(err, runtime.ProcessError)
     assert issubclass(runtime.CallTimeout, TimeoutError)
+    for exc in (runtime.NoProcError("x", "gone"), runtime.StartError("w", "boom"),
+                runtime.InvalidChildSpec("restart", "sometimes", "permanent"),
+                runtime.ExitError("p", "killed"), runtime.CallTimeout("p", "r", 1.0),
+                runtime.AlreadyRegisteredError("n", "p")):
+        clone = pickle.loads(pickle.dumps(exc))
+        assert type(clone) is type(exc) and str(clone) == str(exc)
     assert issubclass(runtime.ReceiveTimeout, TimeoutError)

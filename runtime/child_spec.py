@@ -1,0 +1,122 @@
+"""Child specs: what a supervisor needs to know to start, restart and stop a child.
+
+A child spec is a dict with these keys (OTP's names):
+
+- ``id``: any hashable value that names the child within its supervisor;
+- ``start``: ``(fn, args)`` or ``(fn, args, kwargs)``; ``fn`` runs in the supervisor's
+  process, starts the child linked to it and returns its Pid (``start_link``);
+- ``restart``: ``"permanent"`` (always restarted), ``"transient"`` (restarted unless
+  it exits cleanly: normal, shutdown, ("shutdown", _)) or ``"temporary"`` (never);
+- ``shutdown``: seconds to wait for the child after asking it to stop, then kill it;
+  ``"brutal_kill"`` kills at once; ``"infinity"`` waits forever (the default for
+  supervisors, 5.0 for workers);
+- ``type``: ``"worker"`` or ``"supervisor"``.
+
+A GenServer subclass, or a ``(Subclass, arg)`` pair, is accepted wherever a spec is:
+its ``child_spec(arg)`` classmethod gives the spec (override it to change the
+defaults). An invalid spec raises :class:`~runtime.InvalidChildSpec` naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import _node
+from .errors import InvalidChildSpec
+from .messages import Down
+from .pid import Pid
+
+__all__ = ["normalize", "terminate_children", "RESTARTS", "TYPES"]
+
+RESTARTS = ("permanent", "transient", "temporary")
+TYPES = ("worker", "supervisor")
+_KEYS = {"id", "start", "restart", "shutdown", "type", "modules"}
+
+
+def normalize(spec: Any) -> dict[str, Any]:
+    """A validated, complete copy of ``spec``. Raises InvalidChildSpec."""
+    if isinstance(spec, type) and hasattr(spec, "child_spec"):
+        spec = spec.child_spec()
+    elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], type)
+          and hasattr(spec[0], "child_spec")):
+        spec = spec[0].child_spec(spec[1])
+    if not isinstance(spec, dict):
+        raise InvalidChildSpec("child_spec", spec, "a dict, a GenServer subclass or (subclass, arg)")
+    unknown = set(spec) - _KEYS
+    if unknown:
+        raise InvalidChildSpec(f"child_spec key {sorted(unknown, key=str)[0]!r}", spec,
+                               f"only {sorted(_KEYS)}")
+    if "id" not in spec:
+        raise InvalidChildSpec("id", None, "a hashable id")
+    try:
+        hash(spec["id"])
+    except TypeError:
+        raise InvalidChildSpec("id", spec["id"], "a hashable value") from None
+    start = spec.get("start")
+    if callable(start):
+        start = (start, ())
+    if not (isinstance(start, tuple) and len(start) in (2, 3) and callable(start[0])
+            and isinstance(start[1], (tuple, list))
+            and (len(start) == 2 or isinstance(start[2], dict))):
+        raise InvalidChildSpec("start", start, "(fn, args) or (fn, args, kwargs)")
+    if len(start) == 2:
+        start = (start[0], tuple(start[1]), {})
+    restart = spec.get("restart", "permanent")
+    if restart not in RESTARTS:
+        raise InvalidChildSpec("restart", restart, " or ".join(RESTARTS))
+    kind = spec.get("type", "worker")
+    if kind not in TYPES:
+        raise InvalidChildSpec("type", kind, " or ".join(TYPES))
+    shutdown = spec.get("shutdown", "infinity" if kind == "supervisor" else 5.0)
+    if not (shutdown in ("brutal_kill", "infinity")
+            or (isinstance(shutdown, (int, float)) and not isinstance(shutdown, bool)
+                and shutdown >= 0)):
+        raise InvalidChildSpec("shutdown", shutdown,
+                               'seconds >= 0, "brutal_kill" or "infinity"')
+    modules = spec.get("modules", [getattr(start[0], "__qualname__", repr(start[0]))])
+    return {"id": spec["id"], "start": start, "restart": restart, "shutdown": shutdown,
+            "type": kind, "modules": modules}
+
+
+def start(spec: dict[str, Any]) -> Pid:
+    """Run the spec's start function (in the calling supervisor's process)."""
+    fn, args, kwargs = spec["start"]
+    pid = fn(*args, **kwargs)
+    if not isinstance(pid, Pid):
+        raise TypeError(f"the start function of child {spec['id']!r} returned {pid!r}, "
+                        "not a Pid")
+    return pid
+
+
+def terminate_children(children: list[tuple[Pid, Any]]) -> None:
+    """Stop children as a supervisor does, all at once: each gets exit(pid, "shutdown")
+    and its ``shutdown`` seconds (``"brutal_kill"``: killed at once; ``"infinity"``:
+    waited for), then is killed. Returns when all are gone. Runs in the supervisor."""
+    node = _node.current()
+    now = time.monotonic()
+    pending: dict[Any, tuple[Pid, float | None]] = {}
+    for pid, shutdown in children:
+        node.unlink(pid)
+        ref = node.monitor(pid)
+        if shutdown == "brutal_kill":
+            node.exit(pid, "kill")
+            deadline = None
+        else:
+            node.exit(pid, "shutdown")
+            deadline = None if shutdown == "infinity" else now + shutdown
+        pending[ref] = (pid, deadline)
+    killed: set[Any] = set()
+    while pending:
+        deadlines = [d for ref, (_, d) in pending.items() if d is not None and ref not in killed]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        try:
+            down = node.receive(timeout, lambda m: m.__class__ is Down and m.ref in pending)
+        except TimeoutError:
+            now = time.monotonic()
+            for ref, (pid, deadline) in pending.items():
+                if deadline is not None and deadline <= now and ref not in killed:
+                    node.exit(pid, "kill")
+                    killed.add(ref)
+            continue
+        pending.pop(down.ref, None)

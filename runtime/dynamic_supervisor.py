@@ -1,0 +1,157 @@
+"""DynamicSupervisor: a supervisor that starts its children on demand.
+
+It starts with no children; ``start_child`` adds one and returns its Pid. The
+strategy is always one_for_one; ``restart``, ``shutdown`` and the restart
+intensity behave as in ``runtime.supervisor``. When it stops, it stops all its
+children at once (each with its own shutdown time), as Elixir's does::
+
+    sup = runtime.DynamicSupervisor.start_link(name="buckets")
+    pid = runtime.DynamicSupervisor.start_child("buckets", (Bucket, None))
+
+Calls (``start_child``, ``terminate_child``, ``which_children``,
+``count_children``) block until the supervisor answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import _node
+from . import child_spec as specs
+from .errors import InvalidChildSpec, NoProcError, StartError, is_clean_exit
+from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
+from .messages import Exit
+from .pid import Pid
+from .supervisor import Child, Intensity, _check, count, validate_intensity
+
+__all__ = ["DynamicSupervisor"]
+
+log = logging.getLogger("runtime")
+
+
+class _Entry:
+    __slots__ = ("spec", "pid", "restarts")
+
+    def __init__(self, spec: dict[str, Any], pid: Pid) -> None:
+        self.spec = spec
+        self.pid: Pid | None = pid
+        self.restarts = 0
+
+
+class DynamicSupervisor(GenServer):
+    """See the module doc."""
+
+    @classmethod
+    def start_link(cls, name: str | None = None, max_children: int | None = None,  # type: ignore[override]
+                   max_restarts: int = 3, max_seconds: float = 5.0,
+                   timeout: float = 60.0) -> Pid:
+        """Start the supervisor, with no children, linked to the caller. Blocks until
+        it runs. Raises InvalidChildSpec for a bad option, AlreadyRegisteredError."""
+        if max_children is not None and not (
+                isinstance(max_children, int) and not isinstance(max_children, bool)
+                and max_children >= 0):
+            raise InvalidChildSpec("max_children", max_children, "None or an int >= 0")
+        validate_intensity(max_restarts, max_seconds)
+        options = {"max_children": max_children, "max_restarts": max_restarts,
+                   "max_seconds": max_seconds}
+        return start_server(cls, options, name, timeout, link=True, trap=True)
+
+    @classmethod
+    def child_spec(cls, **options: Any) -> dict[str, Any]:  # type: ignore[override]
+        """A spec to run this supervisor under another one."""
+        return {"id": options.get("name") or cls, "start": (cls.start_link, (), options),
+                "restart": "permanent", "type": "supervisor", "shutdown": "infinity"}
+
+    @staticmethod
+    def start_child(sup: Any, spec: Any) -> Pid:
+        """Start a child from ``spec`` (checked in the caller first) and return its Pid.
+
+        Raises:
+            InvalidChildSpec: bad spec.
+            StartError: the child failed to start, or ``max_children`` are running.
+            NoProcError: the supervisor is not running.
+        """
+        normalized = specs.normalize(spec)
+        return _check(call(sup, ("$dsup", "start_child", normalized), None))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def terminate_child(sup: Any, pid: Pid) -> None:
+        """Stop the child ``pid`` (as at shutdown) and forget it. Raises NoProcError if
+        it is not a child of ``sup``."""
+        _check(call(sup, ("$dsup", "terminate_child", pid), None))
+
+    @staticmethod
+    def which_children(sup: Any) -> list[Child]:
+        """The running children (id is None for all, as in Elixir)."""
+        return call(sup, ("$dsup", "which_children"), None)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def count_children(sup: Any) -> dict[str, int]:
+        """{"specs", "active", "supervisors", "workers"}."""
+        return call(sup, ("$dsup", "count_children"), None)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------ the process
+
+    def init(self, options: dict[str, Any]) -> Any:
+        self.max_children = options["max_children"]
+        self.intensity = Intensity(options["max_restarts"], options["max_seconds"])
+        self.children: dict[Pid, _Entry] = {}
+        return None
+
+    def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
+        if not (request.__class__ is tuple and request[0] == "$dsup"):
+            return super().handle_call(request, from_, state)
+        kind = request[1]
+        if kind == "start_child":
+            spec = request[2]
+            if self.max_children is not None and len(self.children) >= self.max_children:
+                return Reply(("error", StartError(spec["id"], "max_children")), state)
+            try:
+                pid = specs.start(spec)
+            except BaseException as exc:
+                return Reply(("error", StartError(spec["id"], getattr(exc, "reason", exc))),
+                             state)
+            self.children[pid] = _Entry(spec, pid)
+            return Reply(("ok", pid), state)
+        if kind == "terminate_child":
+            entry = self.children.pop(request[2], None)
+            if entry is None:
+                return Reply(("error", NoProcError(request[2], "not a child")), state)
+            specs.terminate_children([(request[2], entry.spec["shutdown"])])
+            return Reply(("ok", None), state)
+        if kind == "which_children":
+            return Reply([Child(None, pid, e.spec["type"], e.spec["modules"], e.restarts)
+                          for pid, e in self.children.items()], state)
+        if kind == "count_children":
+            return Reply(count(self.children.values()), state)
+        return super().handle_call(request, from_, state)
+
+    def handle_info(self, msg: Any, state: Any) -> Any:
+        if msg.__class__ is Exit:
+            entry = self.children.pop(msg.pid, None)
+            if entry is None:
+                return NoReply(state)
+            restart = entry.spec["restart"]
+            if restart == "temporary" or (restart == "transient" and is_clean_exit(msg.reason)):
+                return NoReply(state)
+            while True:
+                if self.intensity.exceeded_after_one_more():
+                    log.error("dynamic supervisor %r reached its restart intensity; "
+                              "shutting down", _node.current().me)
+                    return Stop("shutdown", state)
+                try:
+                    pid = specs.start(entry.spec)
+                except BaseException as exc:
+                    log.error("dynamic supervisor %r could not restart a child: %r",
+                              _node.current().me, exc)
+                    continue
+                entry.pid = pid
+                entry.restarts += 1
+                self.children[pid] = entry
+                return NoReply(state)
+        return super().handle_info(msg, state)
+
+    def terminate(self, reason: Any, state: Any) -> None:
+        specs.terminate_children([(pid, e.spec["shutdown"]) for pid, e in self.children.items()])
+        self.children.clear()
