@@ -964,6 +964,9 @@ class Node:
             return True
         if pid.node != self.node_id or pid.serial in self.dead:
             return False
+        w = self.watches.get(pid.serial)
+        if w is not None:  # we watch it: its pidfd or sentinel is readable once it is dead
+            return not select.select([w.fd], [], [], 0)[0]
         if self.table.state(pid.serial, pid.slot) == _table.EXITED:
             return False
         # The slot says alive: the OS process is ours (not reaped), maybe a zombie.
