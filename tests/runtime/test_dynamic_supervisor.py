@@ -9,7 +9,7 @@ import runtime
 from runtime import DynamicSupervisor
 from runtime.testing import assert_receive, tagged, wait_down
 
-from test_supervisor import Worker, spec, started, stopped
+from .test_supervisor import Worker, spec, started, stopped
 
 
 @pytest.fixture
