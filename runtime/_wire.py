@@ -42,7 +42,11 @@ _PEERCRED = struct.Struct("3i")
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj``; fall back to cloudpickle for code (lambdas, closures, __main__)."""
     try:
-        return pickle.dumps(obj, protocol=5)
+        data = pickle.dumps(obj, protocol=5)
+        # A reference to the sender's __main__ (a function or class of the user's
+        # script) means nothing in another process: those travel by value.
+        if b"__main__" not in data:
+            return data
     except Exception:
         pass
     import cloudpickle
