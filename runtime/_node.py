@@ -478,7 +478,9 @@ class Node:
                     return False
             self.lock.release()
             try:
-                select.select([], [conn.fd], [], 0.05)
+                poller = select.poll()
+                poller.register(conn.fd, select.POLLOUT)
+                poller.poll(50)
             except (OSError, ValueError):
                 pass
             finally:
@@ -508,8 +510,7 @@ class Node:
         # The table marks a process EXITED before anyone reaps it, so while its slot is
         # not EXITED the OS pid cannot have been recycled: this pidfd is the right process.
         # A readable pidfd is a process that already died (a zombie): it is not there.
-        if (self.table.state(pid.serial, pid.slot) == _table.EXITED
-                or select.select([fd], [], [], 0)[0]):
+        if self.table.state(pid.serial, pid.slot) == _table.EXITED or _readable(fd, 0):
             os.close(fd)
             return None
         w = Watch(pid, fd)
@@ -597,7 +598,7 @@ class Node:
             fd = os.pidfd_open(os_pid)
         except (ChildProcessError, ProcessLookupError):
             return None
-        if select.select([fd], [], [], 1.0)[0]:
+        if _readable(fd, 1.0):
             os.close(fd)
             try:
                 return os.waitid(os.P_PID, os_pid, flags)
@@ -966,7 +967,7 @@ class Node:
             return False
         w = self.watches.get(pid.serial)
         if w is not None:  # we watch it: its pidfd or sentinel is readable once it is dead
-            return not select.select([w.fd], [], [], 0)[0]
+            return not _readable(w.fd, 0)
         if self.table.state(pid.serial, pid.slot) == _table.EXITED:
             return False
         # The slot says alive: the OS process is ours (not reaped), maybe a zombie.
@@ -1115,6 +1116,13 @@ class Node:
 
 
 _graveyard: list[Any] = []
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Is ``fd`` readable within ``timeout`` seconds? (poll: no FD_SETSIZE limit)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def on_exit_signal(signo: int, frame: Any) -> None:

@@ -274,3 +274,59 @@ def test_processes_stopped_at_shutdown_run_terminate():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.splitlines() == ["terminate shutdown", "after shutdown"]
+
+
+def test_descriptor_numbers_above_1024_work():
+    """select() cannot watch fds >= 1024; the runtime must not depend on it."""
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        pid, ref = runtime.spawn_monitor(time.sleep, 60)
+        assert runtime.is_alive(pid)
+
+        class Echo(runtime.GenServer):
+            def handle_call(self, request, from_, state):
+                return runtime.Reply(request, state)
+
+        server = Echo.start_link()
+        assert runtime.call(server, "hi") == "hi"
+        runtime.stop(server)
+        runtime.exit(pid, "kill")
+        assert wait_down(ref).reason == "killed"
+        assert not runtime.is_alive(pid)
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
+def test_orphans_of_a_killed_process_die_and_are_reaped():
+    me = runtime.self()
+
+    def parent():
+        kids = [runtime.spawn(time.sleep, 60) for _ in range(3)]
+        runtime.send(me, ("kids", kids))
+        time.sleep(60)  # sleep-ok: killed from outside
+
+    pid, ref = runtime.spawn_monitor(parent)
+    _, kids = assert_receive(tagged("kids"))
+    refs = [runtime.monitor(k) for k in kids]
+    os.kill(pid.os_pid, signal.SIGKILL)
+    assert wait_down(ref).reason == "killed"
+    assert {wait_down(r).reason for r in refs} == {"killed"}
+    wait_until(lambda: not any(psutil.pid_exists(k.os_pid)
+                               and psutil.Process(k.os_pid).status() == psutil.STATUS_ZOMBIE
+                               for k in kids), what="the orphans to be reaped")
+    assert not any(runtime.is_alive(k) for k in kids)
+
+
+def test_a_script_can_use_agents_with_functions_from_its_main_module():
+    proc = run_script("""
+        import runtime
+        def add_one(state):
+            return state + 1
+        agent = runtime.Agent.start_link(lambda: 41)
+        runtime.Agent.update(agent, add_one)
+        print(runtime.Agent.get(agent, lambda s: s))
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "42"
