@@ -221,7 +221,9 @@ class RuntimeProcess(process.BaseProcess):
         keep = node.fds()
         keep += (0, 1, 2, sentinel_w, node.table.fd)
         _close_all_but(keep)
-        node.me.os_pid = os.getpid()
+        me = node.me
+        me.os_pid = os.getpid()
+        node.from_ = (me.node, me.serial, me.slot, me.os_pid)
         _node.set_current(node)
         target, self.target = self.target, None
         _run(node, target, None)

@@ -175,6 +175,7 @@ class Node:
         self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.rbuf: mmap.mmap | None = None
+        self.from_ = (me.node, me.serial, me.slot, me.os_pid)
         self.reading = 0
         self.root: Pid | None = None
         self.parent: Pid | None = None
@@ -267,9 +268,22 @@ class Node:
                 if self.watches.get(w.pid.serial) is w:
                     self._on_death(w)
 
+    def fileno(self) -> int:
+        """The epoll descriptor this process waits on: readable when the runtime has
+        something to process (an event loop can watch it, then call ``pump``)."""
+        return self.epoll.fileno()
+
     def pump(self) -> None:
         """Process whatever is ready now, without blocking (for an outside event loop)."""
-        self._wait(lambda: None, None)
+        with self.lock:
+            if self.polling:
+                return  # another thread is waiting: it processes what arrives
+            if self.deferred:
+                self._run_deferred()
+            events = self.epoll.poll(0)
+            if events:
+                self._process(events)
+                self._notify()
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (under the node lock) whenever ``fd`` is readable."""
@@ -586,9 +600,11 @@ class Node:
 
     def _child_exited(self, w: Watch) -> Any:
         """The sentinel of child ``w`` fired: its ``waitid`` status (not reaped), None if it
-        is gone already, or False if it still runs. The sentinel reaches EOF a moment
-        before the kernel makes the child waitable, and a child whose own code closed
-        the sentinel is still running: then watch its pidfd instead."""
+        is gone already, or False if it is not waitable yet. The sentinel reaches EOF
+        when the child's descriptors close, a moment before the kernel makes it
+        waitable (much longer when thousands exit at once), and a child whose own code
+        closed its sentinel is still running: in both cases its pidfd is watched
+        instead, which fires once it is waitable. Never blocks."""
         os_pid = w.pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
@@ -598,16 +614,19 @@ class Node:
             fd = os.pidfd_open(os_pid)
         except (ChildProcessError, ProcessLookupError):
             return None
-        if _readable(fd, 1.0):
+        if _readable(fd, 0):
             os.close(fd)
             try:
                 return os.waitid(os.P_PID, os_pid, flags)
             except ChildProcessError:
                 return None
-        log.warning("%r closed its sentinel but runs on; watching its pidfd instead", w.pid)
-        del self.handlers[w.fd]
-        self.epoll.unregister(w.fd)
-        w.child.close()  # closes the old sentinel; poll() and the pid stay usable
+        if self.handlers.get(w.fd) is w:
+            del self.handlers[w.fd]
+            self.epoll.unregister(w.fd)
+        if not w.owns_fd:
+            w.child.close()  # the sentinel; poll() and the pid stay usable
+        else:
+            os.close(w.fd)
         w.fd = fd
         w.owns_fd = True
         self.handlers[fd] = w
@@ -768,27 +787,36 @@ class Node:
         return msg
 
     def call(self, pid: Pid, request: Any, timeout: float | None) -> Any:
-        """Send a GenServer call and wait for its reply, the server's death, or the timeout."""
+        """Send a GenServer call and wait for its reply, the server's death, or the timeout.
+
+        The hot path of the runtime: written out flat on purpose."""
+        serial = pid.serial
+        replies = self.replies
         with self.lock:
-            if pid == self.me:
+            if serial == self.me.serial and pid.node == self.node_id:
                 raise ProcessError(f"{pid!r} called itself: that would deadlock")
-            w = self._watch(pid)
+            w = self.watches.get(serial) or self._watch(pid)
             if w is None:
                 raise NoProcError(pid)
             ref = next(self.refs)
             w.calls.add(ref)
             w.keep = True
-            self.replies[ref] = _PENDING
-            self._send(pid, (T_MSG, ("$gen_call", (self.me, ref), request)))
-        replies = self.replies
-
-        def check() -> Any:
-            r = replies[ref]
-            return _NONE if r is _PENDING else r
-
+            replies[ref] = _PENDING
+            conn = self.out.get(serial) or self._conn_to(pid)
+            if conn is not None:
+                # from_ is a plain tuple (node, serial, slot, os pid, ref): cheap to pickle.
+                self._write(conn, _wire.encode((T_MSG, ("$gen_call", self.from_ + (ref,),
+                                                        request))))
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            r = self._wait(check, deadline)
+            if self.is_main:
+                def check() -> Any:
+                    r = replies[ref]
+                    return _NONE if r is _PENDING else r
+
+                r = self._wait(check, deadline)
+            else:
+                r = self._wait_reply(ref, deadline)
         finally:
             with self.lock:
                 replies.pop(ref, None)
@@ -801,6 +829,69 @@ class Node:
         if value == "noproc":
             raise NoProcError(pid)
         raise ExitError(pid, value)
+
+    def _wait_reply(self, ref: int, deadline: float | None) -> Any:
+        """_wait for one reply, in a runtime process (one thread: no leader, no
+        condition)."""
+        replies = self.replies
+        lock = self.lock
+        epoll = self.epoll
+        while True:
+            r = replies[ref]
+            if r is not _PENDING:
+                return r
+            if deadline is None:
+                remaining = -1.0
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return _NONE
+            if self.deferred:
+                with lock:
+                    self._run_deferred()
+                continue
+            events = epoll.poll(remaining)
+            if events:
+                with lock:
+                    self._process(events)
+
+    def next_message(self) -> Any:
+        """receive() without a match or timeout, for the GenServer loop of a runtime
+        process (one thread: no leader, no condition)."""
+        mailbox = self.mailbox
+        lock = self.lock
+        epoll = self.epoll
+        while True:
+            if mailbox:
+                self.removed += 1
+                return mailbox.popleft()
+            if self.deferred:
+                with lock:
+                    self._run_deferred()
+                continue
+            events = epoll.poll()
+            if events:
+                with lock:
+                    self._process(events)
+
+    def reply(self, from_: tuple[Any, ...], value: Any) -> None:
+        """Answer the call ``from_`` = (node, serial, slot, os pid, ref)."""
+        serial = from_[1]
+        with self.lock:
+            if serial == self.me.serial:
+                ref = from_[4]
+                if self.replies.get(ref) is _PENDING:
+                    self.replies[ref] = (True, value)
+                    self._notify()
+                return
+            conn = self.out.get(serial)
+            if conn is None:
+                if from_[0] != self.node_id:
+                    return
+                conn = self._conn_to(Pid(from_[0], serial, from_[2], from_[3]))
+                if conn is None:
+                    return
+            self._write(conn, _wire.encode((T_REPLY, from_[4], value)))
 
     # ------------------------------------------------------------- monitors
 

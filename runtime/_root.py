@@ -217,8 +217,8 @@ class _Root:
                 self._escalate_due()
             if msg.__class__ is tuple and msg:
                 if msg[0] == "$gen_call":
-                    (pid, ref), request = msg[1], msg[2]
-                    node.send_reply(pid, ref, self._handle_call(request))
+                    request = msg[2]
+                    node.reply(msg[1], self._handle_call(request))
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":

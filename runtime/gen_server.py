@@ -152,8 +152,7 @@ def reply(from_: Any, value: Any) -> None:
     """Answer the call identified by ``from_`` (the argument ``handle_call`` got).
 
     Returns at once. If the caller has gone or timed out, the reply is dropped."""
-    pid, ref = from_
-    _node.current().send_reply(pid, ref, value)
+    _node.current().reply(from_, value)
 
 
 def stop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None:
@@ -353,7 +352,12 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
     Runs in the server's process until it stops; never returns."""
     node = _node.current()
     mailbox = node.mailbox
-    receive = node.receive
+    if node.is_main:  # never in practice: servers run in their own process
+        def next_message() -> Any:
+            return node.receive(None, None)
+    else:
+        next_message = node.next_message
+    reply = node.reply
     handle_call = server.handle_call
     handle_cast = server.handle_cast
     handle_info = server.handle_info
@@ -362,7 +366,7 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
             msg = mailbox.popleft()
             node.removed += 1
         else:
-            msg = receive(None, None)
+            msg = next_message()
         try:
             if msg.__class__ is tuple and msg:
                 tag = msg[0]
@@ -370,13 +374,11 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
                     from_ = msg[1]
                     result = handle_call(msg[2], from_, state)
                     if result.__class__ is Reply:
-                        pid, ref = from_
-                        node.send_reply(pid, ref, result.value)
+                        reply(from_, result.value)
                         state = result.state
                         continue
                     if result.__class__ is Stop and result.reply is not _NO_REPLY:
-                        pid, ref = from_
-                        node.send_reply(pid, ref, result.reply)
+                        reply(from_, result.reply)
                     state = _next_state(result, "handle_call")
                     continue
                 if tag == "$gen_cast":

@@ -330,3 +330,44 @@ def test_a_script_can_use_agents_with_functions_from_its_main_module():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.strip() == "42"
+
+
+def test_a_crash_is_logged_with_its_traceback_and_clean_exits_are_not():
+    proc = run_script("""
+        import runtime
+        def explode():
+            raise ValueError("logged on purpose")
+        def quiet(reason):
+            runtime.exit(runtime.self(), reason)
+        if __name__ == "__main__":
+            for fn, args in ((explode, ()), (quiet, ("shutdown",)), (quiet, (("shutdown", 1),)),
+                             (lambda: None, ())):
+                pid, ref = runtime.spawn_monitor(fn, *args)
+                runtime.receive(timeout=30, match=lambda m: isinstance(m, runtime.Down))
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.count("crashed") == 1, err
+    assert "ValueError: logged on purpose" in err
+    assert "Traceback (most recent call last)" in err and "in explode" in err
+
+
+def test_an_outside_event_loop_can_wait_on_the_node():
+    import select as sel
+
+    node = _node.current()
+    me = runtime.self()
+    runtime.spawn(lambda: runtime.send(me, "for the event loop"))
+    poller = sel.poll()
+    poller.register(node.fileno(), sel.POLLIN)
+    assert poller.poll(10_000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        node.pump()
+        try:
+            assert runtime.receive(timeout=0, match=lambda m: m == "for the event loop")
+            break
+        except TimeoutError:
+            poller.poll(100)
+    else:
+        raise AssertionError("the message never arrived through pump()")
