@@ -175,6 +175,7 @@ class Node:
         self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.rbuf: mmap.mmap | None = None
+        self.suspects: list[int] = []  # peers whose connection closed: dying
         self.from_ = (me.node, me.serial, me.slot, me.os_pid)
         self.reading = 0
         self.root: Pid | None = None
@@ -263,6 +264,16 @@ class Node:
                 self._accept_all()
             else:
                 h.callback()
+        if self.suspects:
+            for serial in self.suspects:
+                w = self.watches.get(serial)
+                if w is not None and (deaths is None or w not in deaths) and (
+                        w.child is not None or _readable(w.fd, 0)):
+                    if deaths is None:
+                        deaths = [w]
+                    else:
+                        deaths.append(w)
+            self.suspects.clear()
         if deaths:
             for w in deaths:
                 if self.watches.get(w.pid.serial) is w:
@@ -337,6 +348,10 @@ class Node:
                     n = 0
                 if not n:
                     self._close_conn(conn)
+                    if not drain and conn.peer is not None:
+                        # A peer closes its end only by dying: check it now rather than
+                        # wake again for its sentinel or pidfd (see _process).
+                        self.suspects.append(conn.peer.serial)
                     return
                 buf = conn.inbuf
                 if buf:
@@ -599,27 +614,34 @@ class Node:
             self._read(conn, drain=True)
 
     def _child_exited(self, w: Watch) -> Any:
-        """The sentinel of child ``w`` fired: its ``waitid`` status (not reaped), None if it
-        is gone already, or False if it is not waitable yet. The sentinel reaches EOF
-        when the child's descriptors close, a moment before the kernel makes it
-        waitable (much longer when thousands exit at once), and a child whose own code
-        closed its sentinel is still running: in both cases its pidfd is watched
-        instead, which fires once it is waitable. Never blocks."""
+        """The sentinel of child ``w`` fired: its exit status (a ``waitid`` result or an
+        ``(si_code, si_status)`` pair; the child is not reaped), None if it is gone
+        already, or False if it is not done yet. Never blocks.
+
+        The sentinel reaches EOF when the child's descriptors close, a little before
+        the kernel makes it waitable (much longer when thousands exit at once). The
+        status is known before that: in the table if the child wrote it or was
+        killed by the runtime, else in /proc (the kernel sets it first). Only when
+        neither has it yet, or the child closed its sentinel and runs on, is its
+        pidfd watched instead: it fires once the child is waitable."""
         os_pid = w.pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
             status = os.waitid(os.P_PID, os_pid, flags)
-            if status is not None:
-                return status
-            fd = os.pidfd_open(os_pid)
-        except (ChildProcessError, ProcessLookupError):
+        except ChildProcessError:
             return None
-        if _readable(fd, 0):
-            os.close(fd)
-            try:
-                return os.waitid(os.P_PID, os_pid, flags)
-            except ChildProcessError:
-                return None
+        if status is not None:
+            return status
+        pid = w.pid
+        if self.table.state(pid.serial, pid.slot) != _table.ALIVE:
+            return (os.CLD_KILLED, signal.SIGKILL)  # the table has the reason
+        early = _table.zombie_status(os_pid, exiting=True)
+        if early is not None:
+            return early
+        try:
+            fd = os.pidfd_open(os_pid)
+        except ProcessLookupError:
+            return None
         if self.handlers.get(w.fd) is w:
             del self.handlers[w.fd]
             self.epoll.unregister(w.fd)
@@ -637,27 +659,44 @@ class Node:
         state = self.table.state(pid.serial, pid.slot)
         if state == _table.EXITED or state == _table.DOOMED or status is None:
             return self.table.reason(pid.serial, pid.slot, pid.os_pid)
-        return _table.status_reason(status.si_code, status.si_status)
+        return _table.status_reason(*_code_and_status(status))
 
     def _reap_child(self, pid: Pid, popen: Any, status: Any) -> None:
         """After the Down of our dead child is out: record its exit in the table if it
         could not, then reap it (in that order, see _table), close its sentinel and
-        remove its socket file."""
+        remove its socket file. A child not waitable yet is reaped when its pidfd
+        fires."""
         table = self.table
         if table.state(pid.serial, pid.slot) != _table.EXITED:
-            if status is not None:
-                table.publish(pid.serial, pid.slot, status.si_code, status.si_status)
-            else:
-                table.publish(pid.serial, pid.slot, os.CLD_KILLED, signal.SIGKILL)
-        try:
-            popen.poll(0)  # blocking, but the child is waitable (see _child_exited)
-        except OSError:
-            pass
-        popen.close()
+            code, value = (os.CLD_KILLED, signal.SIGKILL) if status is None else \
+                _code_and_status(status)
+            table.publish(pid.serial, pid.slot, code, value)
         try:
             os.unlink(self.info.sock_path(pid.serial))
         except OSError:
             pass
+        try:
+            popen.poll()  # WNOHANG
+        except OSError:
+            pass
+        if popen.returncode is not None:
+            popen.close()
+            return
+        try:
+            fd = os.pidfd_open(popen.pid)
+        except ProcessLookupError:
+            popen.close()
+            return
+
+        def reap() -> None:
+            self.handlers.pop(fd, None)
+            self.epoll.unregister(fd)
+            os.close(fd)
+            popen.poll()
+            popen.close()
+
+        self.handlers[fd] = Reader(fd, reap)
+        self.epoll.register(fd, EPOLLIN)
 
     def _run_deferred(self) -> None:
         jobs, self.deferred = self.deferred, []
@@ -1207,6 +1246,13 @@ class Node:
 
 
 _graveyard: list[Any] = []
+
+
+def _code_and_status(status: Any) -> tuple[int, int]:
+    """(si_code, si_status) from a waitid result or such a pair."""
+    if hasattr(status, "si_code"):
+        return status.si_code, status.si_status
+    return status[0], status[1]
 
 
 def _readable(fd: int, timeout: float) -> bool:

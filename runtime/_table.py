@@ -72,17 +72,23 @@ def status_reason(si_code: int, si_status: int) -> Any:
     return ("exit_code", si_status)
 
 
-def zombie_status(os_pid: int) -> tuple[int, int] | None:
-    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone."""
+def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
+    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
+
+    With ``exiting`` (the caller knows the process is in its exit: its sentinel
+    closed), a process not yet a zombie counts too if the kernel has already set a
+    non-zero exit status (it does so first thing in ``do_exit``)."""
     try:
         with open(f"/proc/{os_pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] != b"Z" or len(fields) < 50:
+    if len(fields) < 50:
         return None
     wstatus = int(fields[49])
+    if fields[0] != b"Z" and not (exiting and wstatus):
+        return None
     if os.WIFSIGNALED(wstatus):
         return os.CLD_KILLED, os.WTERMSIG(wstatus)
     return os.CLD_EXITED, os.WEXITSTATUS(wstatus)
