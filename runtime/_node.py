@@ -227,8 +227,15 @@ class Node:
                         return _NONE
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
-                if self.deferred:
-                    self._run_deferred()
+                if self.deferred and not self.polling:
+                    # Deliver what is ready first; cleanup can wait for an idle moment.
+                    events = self.epoll.poll(0)
+                    if events:
+                        self._process(events)
+                        if threaded:
+                            cond.notify_all()
+                    else:
+                        self._run_deferred()
                     continue
                 if self.polling:
                     cond.wait(None if remaining < 0 else remaining)
@@ -886,8 +893,12 @@ class Node:
                 if remaining <= 0:
                     return _NONE
             if self.deferred:
+                events = epoll.poll(0)
                 with lock:
-                    self._run_deferred()
+                    if events:
+                        self._process(events)
+                    else:
+                        self._run_deferred()
                 continue
             events = epoll.poll(remaining)
             if events:
@@ -905,8 +916,12 @@ class Node:
                 self.removed += 1
                 return mailbox.popleft()
             if self.deferred:
+                events = epoll.poll(0)
                 with lock:
-                    self._run_deferred()
+                    if events:
+                        self._process(events)
+                    else:
+                        self._run_deferred()
                 continue
             events = epoll.poll()
             if events:
