@@ -208,7 +208,7 @@ class RuntimeProcess(process.BaseProcess):
         so that the child runs as little code as possible before the user's function:
         every page of the inherited heap it touches costs a copy-on-write fault."""
         if _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0 or os.getppid() != self.parent_os_pid:
-            os._exit(1)  # the parent died before we could ask to follow it
+            os.kill(os.getpid(), _SIGKILL)  # the parent died first: die as PDEATHSIG would
         _signal.signal(_SIGINT, _signal.SIG_IGN)
         _signal.signal(_SIG_EXIT, _node.on_exit_signal)
         _signal.signal(_SIGCHLD, _signal.SIG_DFL)
@@ -235,7 +235,7 @@ class RuntimeProcess(process.BaseProcess):
         if boot.pdeathsig:
             prctl(PR_SET_PDEATHSIG, _SIGKILL)
             if os.getppid() != boot.parent_os_pid:
-                os._exit(1)  # the parent died before we could ask to follow it
+                os.kill(os.getpid(), _SIGKILL)  # the parent died first: die as PDEATHSIG would
         # The C-level _signal module: signal.signal's enum conversions touch enough of
         # the inherited heap to cost ~0.2 ms of copy-on-write faults in a fresh child.
         _signal.signal(_SIGINT, _signal.SIG_IGN)
