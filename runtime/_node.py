@@ -66,6 +66,8 @@ EXIT_GRACE = 0.25
 # How long an exiting process waits for its children to finish exiting.
 CHILD_EXIT_GRACE = 1.0
 READ_SIZE = 65536
+# Cleanup jobs (reaping, closing) wait for an idle moment, but never pile up beyond this.
+DEFERRED_MAX = 32
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.
 MAIN_EXIT_BACKLOG = 1000
@@ -176,6 +178,7 @@ class Node:
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.rbuf: mmap.mmap | None = None
         self.suspects: list[int] = []  # peers whose connection closed: dying
+        self.internal: dict[Ref, Down | None] = {}  # the runtime's own monitors
         self.from_ = (me.node, me.serial, me.slot, me.os_pid)
         self.reading = 0
         self.root: Pid | None = None
@@ -228,8 +231,9 @@ class Node:
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
                 if self.deferred and not self.polling:
-                    # Deliver what is ready first; cleanup can wait for an idle moment.
-                    events = self.epoll.poll(0)
+                    # Deliver what is ready first; cleanup waits for an idle moment, or
+                    # until it piles up (a busy process must still reap its children).
+                    events = self.epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
                     if events:
                         self._process(events)
                         if threaded:
@@ -244,9 +248,16 @@ class Node:
                 lock.release()
                 try:
                     events = self.epoll.poll(remaining)
-                finally:
+                except BaseException:
                     lock.acquire()
                     self.polling = False
+                    if threaded:
+                        cond.notify_all()  # another thread must take over the polling
+                    raise
+                lock.acquire()
+                self.polling = False
+                if self.closed:
+                    raise ProcessError("the runtime node has been shut down")
                 if events:
                     self._process(events)
                 if threaded:
@@ -512,7 +523,13 @@ class Node:
                         self.cond.notify_all()
                 if self.handlers.get(conn.fd) is not conn:
                     return False
-            self.lock.release()
+            # Let other threads run while we wait for room. The exit path of a runtime
+            # process may get here without holding the lock: then there is none to drop.
+            try:
+                self.lock.release()
+                released = True
+            except RuntimeError:
+                released = False
             try:
                 poller = select.poll()
                 poller.register(conn.fd, select.POLLOUT)
@@ -520,7 +537,8 @@ class Node:
             except (OSError, ValueError):
                 pass
             finally:
-                self.lock.acquire()
+                if released:
+                    self.lock.acquire()
         return True
 
     def _send(self, pid: Pid, obj: Any) -> bool:
@@ -612,8 +630,10 @@ class Node:
         """Read everything ``serial`` sent before it died, so it is queued before its Down.
 
         A connection it made before dying was already pending when the wait returned
-        its death, so _process has accepted it (it handles the rest of a wake-up's
-        events before deaths); only what it sent on each connection may remain."""
+        its death, so _process has usually accepted it (it handles the rest of a
+        wake-up's events before deaths), unless the wake-up held more events than one
+        poll returns: accept again to be sure."""
+        self._accept_all()
         if self.unproven:
             for conn in list(self.unproven):
                 self._read(conn, drain=True)
@@ -739,9 +759,13 @@ class Node:
         for ref in w.calls:
             if replies.get(ref) is _PENDING:
                 replies[ref] = (False, reason)
+        internal = self.internal
         for ref in w.monitors:
             self.monitor_refs.pop(ref, None)
-            self.mailbox.append(Down(ref, pid, reason))
+            if ref in internal:
+                internal[ref] = Down(ref, pid, reason)
+            else:
+                self.mailbox.append(Down(ref, pid, reason))
         if w.linked:
             self.links.pop(serial, None)
             self._linked_exit(pid, reason)
@@ -768,6 +792,9 @@ class Node:
                             "dropped the oldest", MAIN_EXIT_BACKLOG)
             else:
                 self.exits_queued += 1
+            self.mailbox.append(msg)
+            self._notify()
+            return
         self.mailbox.append(msg)
 
     # ------------------------------------------------------------ messaging API
@@ -893,7 +920,7 @@ class Node:
                 if remaining <= 0:
                     return _NONE
             if self.deferred:
-                events = epoll.poll(0)
+                events = epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
                 with lock:
                     if events:
                         self._process(events)
@@ -916,7 +943,7 @@ class Node:
                 self.removed += 1
                 return mailbox.popleft()
             if self.deferred:
-                events = epoll.poll(0)
+                events = epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
                 with lock:
                     if events:
                         self._process(events)
@@ -949,27 +976,55 @@ class Node:
 
     # ------------------------------------------------------------- monitors
 
-    def monitor(self, pid: Pid, fresh: bool = False) -> Ref:
+    def monitor(self, pid: Pid, fresh: bool = False, internal: bool = False) -> Ref:
         """Monitor ``pid``. ``fresh``: the caller knows ``pid`` existed (it just spawned
-        it), so if it is already dead the Down carries its true reason, not noproc."""
+        it), so if it is already dead the Down carries its true reason, not noproc.
+        ``internal``: the runtime's own monitor (stop, start, supervisors): its Down is
+        kept apart from the mailbox, for ``wait_down``, so that no ``receive`` of
+        another thread can take it."""
         ref = self.make_ref()
         if pid == self.me:
             return ref  # fires only when we are dead, that is never for us
         with self.lock:
+            if internal:
+                self.internal[ref] = None
             w = self._watch(pid)
             if w is None:
+                if not self.polling:  # what it sent before dying comes before its Down
+                    self._drain_peer(pid.serial)
                 reason = "noproc"
                 if fresh and pid.node == self.node_id:
                     reason = self.table.reason(pid.serial, pid.slot, pid.os_pid)
-                self.mailbox.append(Down(ref, pid, reason))
+                if internal:
+                    self.internal[ref] = Down(ref, pid, reason)
+                else:
+                    self.mailbox.append(Down(ref, pid, reason))
                 self._notify()
             else:
                 w.monitors.add(ref)
                 self.monitor_refs[ref] = pid.serial
         return ref
 
+    def wait_down(self, refs: Any, timeout: float | None) -> Down | None:
+        """Wait for the Down of any of the internal monitors ``refs`` (a container);
+        take it and forget that monitor. None on timeout."""
+        internal = self.internal
+
+        def check() -> Any:
+            for ref in refs:
+                down = internal.get(ref)
+                if down is not None:
+                    del internal[ref]
+                    return down
+            return _NONE
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        result = self._wait(check, deadline)
+        return None if result is _NONE else result  # type: ignore[no-any-return]
+
     def demonitor(self, ref: Ref, flush: bool) -> bool:
         with self.lock:
+            self.internal.pop(ref, None)
             serial = self.monitor_refs.pop(ref, None)
             if serial is not None:
                 w = self.watches.get(serial)
@@ -1110,9 +1165,10 @@ class Node:
             return True
         if pid.node != self.node_id or pid.serial in self.dead:
             return False
-        w = self.watches.get(pid.serial)
-        if w is not None:  # we watch it: its pidfd or sentinel is readable once it is dead
-            return not _readable(w.fd, 0)
+        with self.lock:  # another thread could close the watch's descriptor
+            w = self.watches.get(pid.serial)
+            if w is not None:  # we watch it: its pidfd or sentinel is readable once dead
+                return not _readable(w.fd, 0)
         if self.table.state(pid.serial, pid.slot) == _table.EXITED:
             return False
         # The slot says alive: the OS process is ours (not reaped), maybe a zombie.
@@ -1138,6 +1194,12 @@ class Node:
         try:
             if self.is_main:
                 raise ProcessError("the embedding process cannot exit through the runtime")
+            # From here on no killer can doom us: links and monitors see one reason, the
+            # killer's if it came first (then our parent must not reap it as a crash).
+            stands = self.table.begin_exit(self.me.serial, self.me.slot, reason)
+            if stands is not reason and stands != reason:
+                reason, log_crash = stands, False
+                code = 0 if reason == "normal" else 1
             if log_crash and not is_clean_exit(reason):
                 _log_exit(self.me, reason)
             try:
@@ -1170,7 +1232,6 @@ class Node:
 
             for name in list(self.names):
                 registry.drop_name_of(self, name)
-            table.write_exit(self.me.serial, self.me.slot, reason)
         except BaseException as exc:  # the process must end whatever happens here
             try:
                 os.write(2, f"{self.me!r}: error while exiting: {exc!r}\n".encode())
@@ -1239,16 +1300,22 @@ class Node:
         _graveyard.append(self)
 
     def close(self) -> None:
-        """Release every descriptor (main process, at shutdown)."""
+        """Release every descriptor (main process, at shutdown). Threads waiting in
+        ``receive`` or ``call`` wake up and raise ProcessError."""
         with self.lock:
             self._run_deferred()
             self.closed = True
-            for h in list(self.handlers.values()):
-                if h.__class__ is Conn:
+            self._notify()
+            deadline = time.monotonic() + 2.0
+            while self.polling and time.monotonic() < deadline:  # let the poller see it
+                self.cond.wait(0.05)
+            for fd, h in list(self.handlers.items()):
+                cls = h.__class__
+                if cls is Conn:
                     h.sock.close()
-                elif h.__class__ is Watch and h.owns_fd:
+                elif (cls is Watch and h.owns_fd) or cls is Reader:
                     try:
-                        os.close(h.fd)
+                        os.close(fd)
                     except OSError:
                         pass
             self.handlers.clear()
@@ -1257,6 +1324,7 @@ class Node:
             self.conns_of.clear()
             self.listen.close()
             self.epoll.close()
+            self.wakefd = -1
             self.cond.notify_all()
 
 

@@ -5,7 +5,8 @@ died, not *why*; only the parent can read an exit status, and a process killed
 by a signal cannot say anything. The table is where every death is written down
 before anyone can observe it:
 
-- a process that exits on its own writes its reason, then exits;
+- a process that exits on its own writes its reason first thing in its exit
+  path (after which nobody can doom it), then exits;
 - a process that kills another (``exit(pid, reason)``, a link) writes the
   victim's reason ("doomed") before it sends SIGKILL;
 - a parent that sees a child die by a signal peeks at the status with
@@ -224,17 +225,31 @@ class Table:
             except OSError:
                 pass
 
-    def write_exit(self, serial: int, slot: int, reason: Any) -> None:
-        """Record the process's own exit reason (called by the process itself, last thing)."""
+    def begin_exit(self, serial: int, slot: int, reason: Any) -> Any:
+        """A process starts its own exit: record ``reason`` (under the lock, so no killer
+        can doom it from now on) and return the reason that stands, which is the
+        killer's if one doomed it first."""
         off = HEADER + SLOT * slot
-        if struct.unpack_from("<Q", self.mm, off)[0] != serial:
-            return
-        if self.mm[off + _STATE_OFF] == DOOMED:
-            return  # a killer has already written our reason and SIGKILL is on its way
-        code, sig = self._encode(serial, reason, "x")
-        self.mm[off + 13] = code
-        self.mm[off + 14] = sig
-        self.mm[off + _STATE_OFF] = EXITED
+        self._lock()
+        try:
+            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+                return reason
+            state = self.mm[off + _STATE_OFF]
+            if state == DOOMED:
+                code = self.mm[off + 15]
+                self.mm[off + 13] = code
+                self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
+                self.mm[off + _STATE_OFF] = EXITED
+                return self._decode(serial, code, self.mm[off + 16], "d")
+            if state == EXITED:
+                return self._decode(serial, self.mm[off + 13], self.mm[off + 14], "x")
+            code, sig = self._encode(serial, reason, "x")
+            self.mm[off + 13] = code
+            self.mm[off + 14] = sig
+            self.mm[off + _STATE_OFF] = EXITED
+            return reason
+        finally:
+            self._unlock()
 
     def doom(self, serial: int, slot: int, reason: Any) -> bool:
         """Record ``reason`` for a process we are about to SIGKILL.

@@ -24,7 +24,6 @@ from typing import Any
 
 from . import _node
 from .errors import InvalidChildSpec
-from .messages import Down
 from .pid import Pid
 
 __all__ = ["normalize", "terminate_children", "RESTARTS", "TYPES"]
@@ -98,7 +97,7 @@ def terminate_children(children: list[tuple[Pid, Any]]) -> None:
     pending: dict[Any, tuple[Pid, float | None]] = {}
     for pid, shutdown in children:
         node.unlink(pid)
-        ref = node.monitor(pid)
+        ref = node.monitor(pid, internal=True)
         if shutdown == "brutal_kill":
             node.exit(pid, "kill")
             deadline = None
@@ -110,9 +109,8 @@ def terminate_children(children: list[tuple[Pid, Any]]) -> None:
     while pending:
         deadlines = [d for ref, (_, d) in pending.items() if d is not None and ref not in killed]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        try:
-            down = node.receive(timeout, lambda m: m.__class__ is Down and m.ref in pending)
-        except TimeoutError:
+        down = node.wait_down(pending, timeout)
+        if down is None:
             now = time.monotonic()
             for ref, (pid, deadline) in pending.items():
                 if deadline is not None and deadline <= now and ref not in killed:

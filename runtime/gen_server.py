@@ -167,13 +167,12 @@ def stop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None
     """
     pid = resolve(dest)
     node = _node.current()
-    ref = node.monitor(pid)
+    ref = node.monitor(pid, internal=True)
     node.send(pid, ("$gen_stop", reason))
-    try:
-        down = node.receive(timeout, lambda m: m.__class__ is Down and m.ref == ref)
-    except TimeoutError:
+    down = node.wait_down((ref,), timeout)
+    if down is None:
         node.demonitor(ref, True)
-        raise CallTimeout(pid, ("stop", reason), timeout or 0.0) from None
+        raise CallTimeout(pid, ("stop", reason), timeout or 0.0)
     if down.reason == "noproc":
         raise NoProcError(pid)
     if down.reason != reason:
@@ -272,16 +271,17 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
         with node.lock:
             node.replies.pop(ref, None)
         raise
-    mref = node.monitor(pid, fresh=True)
+    mref = node.monitor(pid, fresh=True, internal=True)
     replies = node.replies
+    internal = node.internal
 
     def check() -> Any:
         r = replies[ref]
         if r is not _node._PENDING:
             return r
-        for m in node.mailbox:
-            if m.__class__ is Down and m.ref == mref:
-                return (False, m.reason)
+        down = internal.get(mref)
+        if down is not None:
+            return (False, down.reason)
         return _node._NONE
 
     try:
@@ -308,9 +308,8 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
 
 
 def _wait_down(node: _node.Node, mref: Any, pid: Pid) -> None:
-    try:
-        node.receive(10.0, lambda m: m.__class__ is Down and m.ref == mref)
-    except TimeoutError:
+    if node.wait_down((mref,), 10.0) is None:
+        node.demonitor(mref, True)
         log.error("%r did not exit after a failed start", pid)
 
 

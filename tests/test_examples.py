@@ -1,0 +1,29 @@
+"""The README's example runs as written (it is kept in examples/quickstart.py)."""
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_readme_example_is_the_quickstart_and_runs():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    quickstart = open(os.path.join(REPO, "examples", "quickstart.py")).read()
+    assert block in quickstart
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "quickstart.py")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_demo_runs_and_leaves_nothing_behind():
+    proc = subprocess.run([sys.executable, "-m", "kv", "demo"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for marker in ("SIGKILL the 'work' bucket", "reason='killed'", "runtime.Crash",
+                   "one_for_all restarts", "left behind: 0"):
+        assert marker in out, out
+    assert "KeyError" in proc.stderr and "Traceback" in proc.stderr  # the crash is logged
