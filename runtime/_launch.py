@@ -106,7 +106,11 @@ class ForkPopen(popen_fork.Popen):
 
     def _launch(self, process_obj: RuntimeProcess) -> None:
         parent_r, child_w = process_obj.sentinel_pipe
-        pid = os.fork()
+        _node.forking = True
+        try:
+            pid = os.fork()
+        finally:
+            _node.forking = False
         if pid == 0:
             try:
                 gc.freeze()  # the inherited heap is not ours to collect
@@ -213,14 +217,22 @@ class RuntimeProcess(process.BaseProcess):
         _signal.signal(_SIG_EXIT, _node.on_exit_signal)
         _signal.signal(_SIGCHLD, _signal.SIG_DFL)
         _signal.set_wakeup_fd(-1)
-        _node._graveyard.append(_node.take_forked_from())
+        parent = _node.take_forked_from()
+        _node._graveyard.append(parent)
         _node._foreign_fork = False
         process._current_process = self  # the rest of multiprocessing's bootstrap is moot
         node = self.prebuilt
         self.prebuilt = None
-        keep = node.fds()
-        keep += (0, 1, 2, sentinel_w, node.table.fd)
-        _close_all_but(keep)
+        # Close the parent's runtime descriptors. Its objects are kept alive for good
+        # (graveyard), so none of them ever closes a number reused here. Descriptors
+        # the user's code opened stay open, as after any fork: their objects are
+        # inherited too, and closing the numbers under them would make them write
+        # into whatever reuses the numbers.
+        if parent is not None:
+            keep = set(node.fds())
+            keep.update((sentinel_w, node.table.fd))
+            _close_these(fd for fd in parent.fds() if fd not in keep)
+        node.extra_fds.append(sentinel_w)
         me = node.me
         me.os_pid = os.getpid()
         node.from_ = (me.node, me.serial, me.slot, me.os_pid)
@@ -263,6 +275,8 @@ class RuntimeProcess(process.BaseProcess):
         table.set_os_pid(boot.slot, me.os_pid)
         listen = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, listen_fd)
         node = _node.Node(boot.info, me, listen, table, is_main=False)
+        if sentinel_w is not None:
+            node.extra_fds.append(sentinel_w)
         node.parent = boot.parent
         node.adopt_conn(socket.socket(_AF_UNIX, _SOCK_STREAM, 0, conn_fd), boot.parent)
         for pid in boot.links:
@@ -302,6 +316,20 @@ def _become_runtime_child(proc: RuntimeProcess) -> None:
     util._finalizer_registry.clear()
     if util._afterfork_registry:
         util._run_after_forkers()
+
+
+def _close_these(fds: Any) -> None:
+    """Close ``fds``, runs of consecutive numbers with one call each."""
+    start = prev = None
+    for fd in sorted(fds):
+        if prev is not None and fd == prev + 1:
+            prev = fd
+            continue
+        if start is not None:
+            os.closerange(start, prev + 1)
+        start = prev = fd
+    if start is not None:
+        os.closerange(start, prev + 1)
 
 
 def _close_all_but(keep: list[int]) -> None:

@@ -179,6 +179,7 @@ class Node:
         self.rbuf: mmap.mmap | None = None
         self.suspects: list[int] = []  # peers whose connection closed: dying
         self.internal: dict[Ref, Down | None] = {}  # the runtime's own monitors
+        self.extra_fds: list[int] = []  # owned but not polled: our sentinel's write end
         self.from_ = (me.node, me.serial, me.slot, me.os_pid)
         self.reading = 0
         self.root: Pid | None = None
@@ -451,7 +452,7 @@ class Node:
                 peers.discard(conn)
                 if not peers:
                     del self.conns_of[serial]
-        self.deferred.append((conn.sock.close,))
+        conn.sock.close()
 
     def _conn_to(self, pid: Pid) -> Conn | None:
         conn = self.out.get(pid.serial)
@@ -1288,9 +1289,15 @@ class Node:
         self.epoll.close()
 
     def fds(self) -> list[int]:
-        """Every descriptor this node owns (for closing in a forked child)."""
+        """Every descriptor this node owns: its epoll, listening socket, connections,
+        watches and readers, the sentinels of children not reaped yet, and its own
+        sentinel's write end (the parent watches that one)."""
         out = [self.epoll.fileno(), self.listen.fileno()]
         out.extend(self.handlers)
+        out.extend(self.extra_fds)
+        for job in self.deferred:
+            if job[0] == self._reap_child and job[2].sentinel is not None:
+                out.append(job[2].sentinel)
         return out
 
     def abandon(self) -> None:
@@ -1400,13 +1407,32 @@ _forked_from: Node | None = None
 
 
 def _after_fork_in_child() -> None:
-    # A fork we did not make leaves a copy of the parent's node that must not be used;
-    # a runtime fork takes it (take_forked_from) and builds the child's own node.
+    # A fork the runtime did not make (os.fork, a multiprocessing fork pool) must not
+    # keep the node's descriptors: held open by such a child, the sentinel and the
+    # connections of a runtime process would hide its death from its parent. Close
+    # them (the node's objects are kept alive for good, so no object ever closes a
+    # number reused later) and refuse runtime calls in that child. A runtime fork
+    # takes the node (take_forked_from) and builds the child's own.
     global _current, _foreign_fork, _forked_from
-    if _current is not None:
-        _foreign_fork = True
-    _forked_from = _current
+    node = _current
     _current = None
+    if node is None:
+        return
+    if forking:
+        _forked_from = node
+        return
+    _foreign_fork = True
+    _graveyard.append(node)
+    keep = {node.table.fd}
+    for fd in node.fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+forking = False  # set by the runtime around its own os.fork() calls
 
 
 def take_forked_from() -> Node | None:

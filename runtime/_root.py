@@ -200,6 +200,7 @@ class _Root:
         self.sigchld_r = r
         signal.signal(signal.SIGCHLD, lambda signo, frame: None)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        node.extra_fds.append(w)
         node.add_reader(r, self._reap_orphans)
         self.timers: list[tuple[float, int, Pid]] = []
 
@@ -218,7 +219,11 @@ class _Root:
             if msg.__class__ is tuple and msg:
                 if msg[0] == "$gen_call":
                     request = msg[2]
-                    node.reply(msg[1], self._handle_call(request))
+                    try:
+                        result = self._handle_call(request)
+                    except Exception as exc:  # a failed fork must not take the node down
+                        result = ("$error", exc)
+                    node.reply(msg[1], result)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":
@@ -304,6 +309,10 @@ class _Root:
             found = index.get(info.si_pid)
             if found is not None:
                 node.table.publish(found[0], found[1], info.si_code, info.si_status)
+                try:
+                    os.unlink(node.info.sock_path(found[0]))
+                except OSError:
+                    pass
             try:
                 os.waitpid(info.si_pid, 0)
             except ChildProcessError:
@@ -315,19 +324,16 @@ class _Root:
         main = node.info.main
         deadline = time.monotonic() + timeout
         if graceful:
-            children = [w.pid for w in node.children.values()]
-            refs = {node.monitor(pid): pid for pid in children}
-            for pid in reversed(children):
-                node.exit(pid, "shutdown")
-            while refs and time.monotonic() < deadline:
-                try:
-                    down = node.receive(
-                        max(0.0, deadline - time.monotonic()),
-                        lambda m: m.__class__ is Down and m.ref in refs,
-                    )
-                except TimeoutError:
+            # One at a time, last started first, each gone before the next is asked
+            # (as OTP stops applications); what is left at the deadline is killed below.
+            for pid in reversed([w.pid for w in node.children.values()]):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                refs.pop(down.ref, None)
+                ref = node.monitor(pid, internal=True)
+                node.exit(pid, "shutdown")
+                if node.wait_down((ref,), remaining) is None:
+                    node.demonitor(ref, True)
         # Kill whatever is left anywhere in the node, and wait until it is gone.
         pidfds = []
         for serial, slot, os_pid in table.live_slots():

@@ -105,7 +105,9 @@ def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *
         payload = _wire.dumps_code((fn, args))
         root = node.root
         assert root is not None
-        pid: Pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
+        pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
+        if pid.__class__ is tuple and pid[0] == "$error":
+            raise pid[1]  # the root could not fork (out of descriptors or processes)
         if link:
             with node.lock:
                 node._add_link(pid, requested=False)

@@ -275,25 +275,32 @@ class Supervisor(GenServer):
             group = list(self.children)
         else:
             group = self.children[index:]
+        # One failure is one restart, whatever the strategy restarts along with it.
+        if self.intensity.exceeded_after_one_more():
+            return self._give_up(state)
         self._stop([e for e in reversed(group) if e.pid is not None])
         return self._restart(group, state)
 
     def _restart(self, group: list[_Entry], state: Any) -> Any:
-        """Start ``group`` again in order, counting each attempt against the intensity."""
+        """Start ``group`` again in order; a start that fails is retried, and each retry
+        counts against the intensity."""
         for entry in group:
             while entry.pid is None:
-                if self.intensity.exceeded_after_one_more():
-                    log.error("supervisor %r reached its restart intensity (%d restarts in "
-                              "%ss); shutting down", _node.current().me,
-                              self.intensity.max_restarts, self.intensity.max_seconds)
-                    return Stop("shutdown", state)
                 try:
                     entry.pid = specs.start(entry.spec)
                     entry.restarts += 1
                 except BaseException as exc:
                     log.error("supervisor %r could not restart child %r: %r",
                               _node.current().me, entry.spec["id"], exc)
+                    if self.intensity.exceeded_after_one_more():
+                        return self._give_up(state)
         return NoReply(state)
+
+    def _give_up(self, state: Any) -> Any:
+        log.error("supervisor %r reached its restart intensity (%d restarts in %ss); "
+                  "shutting down", _node.current().me, self.intensity.max_restarts,
+                  self.intensity.max_seconds)
+        return Stop("shutdown", state)
 
 
 def count(entries: Any) -> dict[str, int]:

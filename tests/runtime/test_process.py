@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -262,29 +263,74 @@ def _fd_targets():
     return out
 
 
-def test_processes_do_not_inherit_unrelated_file_descriptors():
+def _socket_and_pipe_targets(fds):
+    return {t for t in fds if t.startswith(("socket:", "pipe:"))}
+
+
+def test_a_child_does_not_inherit_its_parents_runtime_descriptors():
     me = runtime.self()
 
     def report(parent):
-        runtime.send(parent, ("fds", _fd_targets()))
+        runtime.send(parent, ("child fds", _fd_targets()))
 
     def holder(parent):
-        extra = os.pipe()  # opened by the parent runtime process, nothing to do with the child
+        runtime.spawn(time.sleep, 60)  # so the holder has a child sentinel and socketpair
         targets = _fd_targets()
+        own = {targets[fd] for fd in runtime._node.current().fds() if fd in targets}
         runtime.spawn(report, parent)
-        runtime.send(parent, ("extra", {targets[extra[0]], targets[extra[1]]}))
+        runtime.send(parent, ("holder runtime fds", own))
         runtime.receive(timeout=30, match=lambda m: m == "stop")
 
     pid = runtime.spawn(holder, me)
-    fds = assert_receive(tagged("fds"))[1]
-    extra = assert_receive(tagged("extra"))[1]
+    child = assert_receive(tagged("child fds"))[1]
+    holder_fds = assert_receive(tagged("holder runtime fds"))[1]
     ref = runtime.monitor(pid)
     runtime.send(pid, "stop")
     wait_down(ref)
-    assert not extra & set(fds.values())
+    leaked = _socket_and_pipe_targets(holder_fds) & set(child.values())
+    assert not leaked
     # stdin/out/err, the node table, its listening socket, the socket to its parent,
-    # its sentinel, epoll, and the fd that listed the directory
-    assert len(fds) <= 10, fds
+    # its sentinel, epoll
+    assert len(child) <= 10, child
+
+
+def test_the_embedding_process_descriptors_never_reach_runtime_processes():
+    r, w = os.pipe()
+    try:
+        mine = _socket_and_pipe_targets(_fd_targets().values())
+        me = runtime.self()
+        runtime.spawn(lambda: runtime.send(me, ("fds", _fd_targets())))
+        theirs = set(assert_receive(tagged("fds"))[1].values())
+        assert not mine & theirs
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_files_opened_by_a_runtime_process_stay_usable_in_its_children(tmp_path):
+    if runtime._node.current().info.start_method == "spawn":
+        pytest.skip("under the spawn method a child inherits nothing from its parent")
+    log_path = str(tmp_path / "app.log")
+    me = runtime.self()
+
+    def child(parent):
+        runtime.send(parent, ("hello", 1))
+        logging.getLogger("app-test").warning("the child logs")
+        runtime.send(parent, ("hello", 2))
+
+    def parent(main, path):
+        handler = logging.FileHandler(path)
+        logging.getLogger("app-test").addHandler(handler)
+        pid, ref = runtime.spawn_monitor(child, main)
+        runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Down))
+        handler.close()
+        runtime.send(main, "parent done")
+
+    runtime.spawn(parent, me, log_path)
+    assert assert_receive(("hello", 1))
+    assert assert_receive(("hello", 2))
+    assert_receive("parent done")
+    assert "the child logs" in open(log_path).read()
 
 
 def test_runtime_processes_ignore_ctrl_c():
@@ -310,3 +356,50 @@ def _is_zombie(os_pid):
         return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
         return False
+
+
+def _fork_then_crash(parent):
+    pid = os.fork()
+    if pid == 0:  # a fork outside the runtime: it must not hide our death
+        time.sleep(30)  # sleep-ok: a grandchild that lingers
+        os._exit(0)
+    runtime.send(parent, ("grandchild", pid))
+    raise RuntimeError("crashed with a foreign fork alive")
+
+
+def test_a_fork_outside_the_runtime_does_not_hide_a_death():
+    me = runtime.self()
+
+    def parent(main):
+        pid, ref = runtime.spawn_monitor(_fork_then_crash, main)
+        down = runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Down))
+        runtime.send(main, ("child down", down.reason))
+
+    runtime.spawn(parent, me)
+    _, grandchild = assert_receive(tagged("grandchild"))
+    try:
+        _, reason = assert_receive(tagged("child down"), timeout=5)
+        assert isinstance(reason, runtime.Crash)
+    finally:
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_runtime_refuses_to_work_in_a_foreign_fork():
+    runtime.self()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            runtime.self()
+            os.write(w, b"worked")
+        except runtime.ProcessError:
+            os.write(w, b"refused")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 10) == b"refused"
+    os.close(r)
+    os.waitpid(pid, 0)

@@ -332,3 +332,15 @@ def test_supervisors_nest():
     assert started("leaf") != leaf
     runtime.stop(outer)
     assert stopped("leaf") == "shutdown"
+
+
+def test_one_crash_is_one_restart_whatever_the_strategy_restarts():
+    children = [spec(x) for x in "abcd"]
+    sup, pids = start_sup(children, strategy="one_for_all", max_restarts=1, max_seconds=60)
+    crash(pids["a"])  # restarts four children: still one restart
+    new = {x: started(x) for x in "abcd"}
+    assert runtime.is_alive(sup)
+    ref = runtime.monitor(sup)
+    crash(new["b"])  # the second failure within the window is one too many
+    assert wait_down(ref).reason == "shutdown"
+    runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
