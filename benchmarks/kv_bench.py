@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kv  # noqa: E402
 import runtime  # noqa: E402
-from benchmarks._common import affordable_processes, ms, out, p50, pct, row, timed  # noqa: E402
+from benchmarks._common import affordable_processes, ms, out, p50, pct, row  # noqa: E402
 from benchmarks.runtime_bench import floor_fork, floor_pipe_rtt, floor_sentinel  # noqa: E402
 from kv import registry  # noqa: E402
 

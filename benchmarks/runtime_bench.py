@@ -256,7 +256,7 @@ def measure(quick):
             "target <= 1.2x " + note))
     out(row("  same victims, their sentinel alone (p50)", p50(raw), p50(floor)))
     ours, floor, big = results["killbig_pidfd"]
-    out(row(f"  same, victim not our child: pidfd (p50)", p50(ours), p50(floor)))
+    out(row("  same, victim not our child: pidfd (p50)", p50(ours), p50(floor)))
 
 
 def main():

@@ -71,7 +71,7 @@ from .errors import (
     ProcessError,
     StartError,
 )
-from .messages import Down, Exit
+from .messages import Exit
 from .pid import Pid
 
 __all__ = ["GenServer", "NoReply", "Reply", "Stop", "call", "cast", "reply", "stop"]

@@ -7,7 +7,6 @@ import signal
 
 import pytest
 
-import kv
 import runtime
 from kv import bucket, registry
 from runtime import Agent

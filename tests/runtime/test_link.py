@@ -9,7 +9,7 @@ import time
 import pytest
 
 import runtime
-from runtime import _node
+from runtime import _base, _node
 from runtime.testing import assert_receive, tagged, wait_down
 
 
@@ -158,7 +158,7 @@ def test_the_embedding_process_gets_no_exit_for_a_normal_exit():
 
 
 def test_unreceived_exits_in_the_embedding_process_are_bounded(monkeypatch):
-    monkeypatch.setattr(_node, "MAIN_EXIT_BACKLOG", 3)
+    monkeypatch.setattr(_base, "MAIN_EXIT_BACKLOG", 3)
     node = _node.current()
     before = sum(isinstance(m, runtime.Exit) for m in node.mailbox)
     assert before == 0

@@ -15,7 +15,6 @@ import textwrap
 import time
 
 import psutil
-import pytest
 
 import runtime
 from runtime import _node

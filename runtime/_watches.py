@@ -1,0 +1,280 @@
+"""Internal: a node's watches, and what happens when a watched process dies.
+
+A watch is one descriptor per watched process that becomes readable when it
+dies: the ``multiprocessing`` sentinel for a child, a pidfd for anything else.
+Monitors, links and pending calls on the same process share it. On a death the
+node drains what the process sent first (its messages come before its Down),
+reads the true reason (see ``_table``), and delivers Down, call errors, and
+Exit (or death) for a link. A dead child is reaped after its Down is out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+from . import _base, _table
+from ._base import (
+    _PENDING,
+    EPOLLIN,
+    Reader,
+    Watch,
+    _code_and_status,
+    _readable,
+    log,
+)
+from .messages import Down, Exit
+from .pid import Pid
+
+
+class Watches:
+    """Part of Node (see ``_node``); a mixin, it uses the node's state."""
+
+    def _watch(self, pid: Pid) -> Watch | None:
+        """The watch on ``pid``, made if needed. None if ``pid`` is already dead."""
+        w = self.watches.get(pid.serial)
+        if w is not None:
+            return w
+        if pid.node != self.node_id or pid.serial in self.dead:
+            return None
+        try:
+            fd = os.pidfd_open(pid.os_pid)
+        except (ProcessLookupError, OSError):
+            return None
+        # The table marks a process EXITED before anyone reaps it, so while its slot is
+        # not EXITED the OS pid cannot have been recycled: this pidfd is the right process.
+        # A readable pidfd is a process that already died (a zombie): it is not there.
+        if self.table.state(pid.serial, pid.slot) == _table.EXITED or _readable(fd, 0):
+            os.close(fd)
+            return None
+        w = Watch(pid, fd)
+        self.watches[pid.serial] = w
+        self.handlers[fd] = w
+        self.epoll.register(fd, EPOLLIN)
+        return w
+
+    def _maybe_unwatch(self, w: Watch) -> None:
+        if w.child is not None or w.monitors or w.calls or w.linked or w.keep:
+            return
+        self._remove_watch(w)
+
+    def _remove_watch(self, w: Watch) -> None:
+        if self.watches.get(w.pid.serial) is w:
+            del self.watches[w.pid.serial]
+        if self.handlers.get(w.fd) is w:
+            del self.handlers[w.fd]
+            try:
+                self.epoll.unregister(w.fd)
+            except (OSError, ValueError):
+                pass
+        if w.owns_fd:
+            os.close(w.fd)
+
+    def add_child(self, pid: Pid, popen: Any, conn_sock: socket.socket, link: bool) -> None:
+        """Record a child that has been started: watch its sentinel, adopt its socketpair."""
+        w = self.prepare_child(pid, popen.sentinel, conn_sock, link)
+        self.child_started(w, popen)
+
+    def prepare_child(self, pid: Pid, sentinel: int, conn_sock: socket.socket,
+                      link: bool) -> Watch:
+        """Record a child about to be forked (``pid.os_pid`` is set once it is). Done
+        before the fork because after it every page the parent writes is copied."""
+        w = Watch(pid, sentinel, child=True)
+        self.watches[pid.serial] = w
+        self.children[pid.serial] = w
+        self.handlers[sentinel] = w
+        self.epoll.register(sentinel, EPOLLIN)
+        self.adopt_conn(conn_sock, pid)
+        if link:
+            w.linked = True
+            self.links[pid.serial] = pid
+        return w
+
+    def child_started(self, w: Watch, popen: Any) -> None:
+        w.pid.os_pid = popen.pid
+        w.child = popen
+        self.child_by_os_pid[popen.pid] = w.pid.serial
+
+    def child_failed(self, w: Watch) -> None:
+        """Undo prepare_child: the fork failed."""
+        serial = w.pid.serial
+        self.watches.pop(serial, None)
+        self.children.pop(serial, None)
+        self.links.pop(serial, None)
+        if self.handlers.pop(w.fd, None) is not None:
+            self.epoll.unregister(w.fd)
+        for conn in list(self.conns_of.get(serial, ())):
+            self._close_conn(conn)
+
+    def _drain_peer(self, serial: int) -> None:
+        """Read everything ``serial`` sent before it died, so it is queued before its Down.
+
+        A connection it made before dying was already pending when the wait returned
+        its death, so _process has usually accepted it (it handles the rest of a
+        wake-up's events before deaths), unless the wake-up held more events than one
+        poll returns: accept again to be sure."""
+        self._accept_all()
+        if self.unproven:
+            for conn in list(self.unproven):
+                self._read(conn, drain=True)
+        for conn in list(self.conns_of.get(serial, ())):
+            self._read(conn, drain=True)
+
+    def _child_exited(self, w: Watch) -> Any:
+        """The sentinel of child ``w`` fired: its exit status (a ``waitid`` result or an
+        ``(si_code, si_status)`` pair; the child is not reaped), None if it is gone
+        already, or False if it is not done yet. Never blocks.
+
+        The sentinel reaches EOF when the child's descriptors close, a little before
+        the kernel makes it waitable (much longer when thousands exit at once). The
+        status is known before that: in the table if the child wrote it or was
+        killed by the runtime, else in /proc (the kernel sets it first). Only when
+        neither has it yet, or the child closed its sentinel and runs on, is its
+        pidfd watched instead: it fires once the child is waitable."""
+        os_pid = w.pid.os_pid
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        try:
+            status = os.waitid(os.P_PID, os_pid, flags)
+        except ChildProcessError:
+            return None
+        if status is not None:
+            return status
+        pid = w.pid
+        if self.table.state(pid.serial, pid.slot) != _table.ALIVE:
+            return (os.CLD_KILLED, signal.SIGKILL)  # the table has the reason
+        early = _table.zombie_status(os_pid, exiting=True)
+        if early is not None:
+            return early
+        try:
+            fd = os.pidfd_open(os_pid)
+        except ProcessLookupError:
+            return None
+        if self.handlers.get(w.fd) is w:
+            del self.handlers[w.fd]
+            self.epoll.unregister(w.fd)
+        if not w.owns_fd:
+            w.child.close()  # the sentinel; poll() and the pid stay usable
+        else:
+            os.close(w.fd)
+        w.fd = fd
+        w.owns_fd = True
+        self.handlers[fd] = w
+        self.epoll.register(fd, EPOLLIN)
+        return False
+
+    def _child_reason(self, pid: Pid, status: Any) -> Any:
+        state = self.table.state(pid.serial, pid.slot)
+        if state == _table.EXITED or state == _table.DOOMED or status is None:
+            return self.table.reason(pid.serial, pid.slot, pid.os_pid)
+        return _table.status_reason(*_code_and_status(status))
+
+    def _reap_child(self, pid: Pid, popen: Any, status: Any) -> None:
+        """After the Down of our dead child is out: record its exit in the table if it
+        could not, then reap it (in that order, see _table), close its sentinel and
+        remove its socket file. A child not waitable yet is reaped when its pidfd
+        fires."""
+        table = self.table
+        if table.state(pid.serial, pid.slot) != _table.EXITED:
+            code, value = (os.CLD_KILLED, signal.SIGKILL) if status is None else \
+                _code_and_status(status)
+            table.publish(pid.serial, pid.slot, code, value)
+        try:
+            os.unlink(self.info.sock_path(pid.serial))
+        except OSError:
+            pass
+        try:
+            popen.poll()  # WNOHANG
+        except OSError:
+            pass
+        if popen.returncode is not None:
+            popen.close()
+            return
+        try:
+            fd = os.pidfd_open(popen.pid)
+        except ProcessLookupError:
+            popen.close()
+            return
+
+        def reap() -> None:
+            self.handlers.pop(fd, None)
+            self.epoll.unregister(fd)
+            os.close(fd)
+            popen.poll()
+            popen.close()
+
+        self.handlers[fd] = Reader(fd, reap)
+        self.epoll.register(fd, EPOLLIN)
+
+    def _run_deferred(self) -> None:
+        jobs, self.deferred = self.deferred, []
+        for job in jobs:
+            job[0](*job[1:])
+
+    def _on_death(self, w: Watch) -> None:
+        pid = w.pid
+        serial = pid.serial
+        popen = w.child
+        if popen is not None:
+            status = self._child_exited(w)
+            if status is False:
+                return
+        self._drain_peer(serial)
+        self._remove_watch(w)
+        if popen is not None:
+            reason = self._child_reason(pid, status)
+            w.child = None
+            del self.children[serial]
+            self.child_by_os_pid.pop(pid.os_pid, None)
+            # Reaping waits until the Down is out (the next wait, or our exit).
+            self.deferred.append((self._reap_child, pid, popen, status))
+        else:
+            reason = self.table.reason(serial, pid.slot, pid.os_pid)
+        dead = self.dead
+        dead[serial] = None
+        if len(dead) > 4096:
+            del dead[next(iter(dead))]
+        for conn in list(self.conns_of.get(serial, ())):
+            self._close_conn(conn)
+        replies = self.replies
+        for ref in w.calls:
+            if replies.get(ref) is _PENDING:
+                replies[ref] = (False, reason)
+        internal = self.internal
+        for ref in w.monitors:
+            self.monitor_refs.pop(ref, None)
+            if ref in internal:
+                internal[ref] = Down(ref, pid, reason)
+            else:
+                self.mailbox.append(Down(ref, pid, reason))
+        if w.linked:
+            self.links.pop(serial, None)
+            self._linked_exit(pid, reason)
+
+    def _linked_exit(self, pid: Pid, reason: Any) -> None:
+        if self.exiting:
+            return
+        if self.trap:
+            if self.is_main and reason == "normal":
+                return
+            self._queue_exit(Exit(pid, reason))
+        elif reason != "normal":
+            self.exit_process(reason, log_crash=False)
+
+    def _queue_exit(self, msg: Exit) -> None:
+        if self.is_main:
+            if self.exits_queued >= _base.MAIN_EXIT_BACKLOG:
+                for i, old in enumerate(self.mailbox):
+                    if old.__class__ is Exit:
+                        del self.mailbox[i]
+                        self.removed += 1
+                        break
+                log.warning("the embedding process has %d unreceived Exit messages; "
+                            "dropped the oldest", _base.MAIN_EXIT_BACKLOG)
+            else:
+                self.exits_queued += 1
+            self.mailbox.append(msg)
+            self._notify()
+            return
+        self.mailbox.append(msg)
