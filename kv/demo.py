@@ -14,8 +14,6 @@ import sys
 import time
 from typing import Any
 
-import psutil
-
 import runtime
 from runtime import Agent, Down, Supervisor, _node
 
@@ -152,6 +150,8 @@ class Demo:
         self.table(children)
 
         step(7, "Stop the tree and the node")
+        import psutil
+
         family = psutil.Process().children(recursive=True)
         t0 = time.perf_counter()
         stop()
@@ -163,6 +163,8 @@ class Demo:
         return 1 if left else 0
 
     def table(self, children: list[Any]) -> None:
+        import psutil  # here, not at the top: the crashing bucket imports this module
+
         restarts = {c.pid.os_pid: c.restarts for c in children if c.pid is not None}
         rows = []
         me = psutil.Process()
@@ -187,7 +189,9 @@ class Demo:
             say(f"   {what:<50} {ms(seconds):>10}")
 
 
-def _running(proc: psutil.Process) -> bool:
+def _running(proc: Any) -> bool:
+    import psutil
+
     try:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
