@@ -15,9 +15,12 @@ machine, by the same process:
   started, idle forked child until its sentinel pipe reads EOF.
 
 The measurements run in a runtime process (a small process, like the floors'),
-except the figures marked "from the embedding process". The whole run happens
-twice: pinned to one CPU (a wake-up across CPUs costs ~50 us here and makes round
-trips bimodal) and unpinned; ratios are quoted from the pinned run.
+except the figures marked "from the embedding process". Floor and figure are
+measured in alternating rounds (the machine is shared and noisy: both see the
+same moments), and the ratio quoted is the median of the per-round ratios. The
+whole run happens twice: pinned to one CPU (a wake-up across CPUs costs ~50 us
+here and makes round trips bimodal) and unpinned; the targets are for the pinned
+run.
 """
 
 from __future__ import annotations
@@ -61,14 +64,15 @@ def _pipe_echo(conn):
         conn.send(msg)
 
 
-def _nursery(parent, n):
-    """Spawn ``n`` started sleepers, send their pids to ``parent``, then sleep."""
+def _nursery(parent):
+    """Spawns started sleepers on request, so that the requester is not their parent."""
     me = runtime.self()
-    pids = [runtime.spawn(_started_sleeper, me) for _ in range(n)]
-    for _ in range(n):
-        runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "up")
-    runtime.send(parent, ("nursery", pids))
-    _sleeper()
+    while True:
+        n = runtime.receive(match=lambda m: isinstance(m, int))
+        pids = [runtime.spawn(_started_sleeper, me) for _ in range(n)]
+        for _ in range(n):
+            runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "up")
+        runtime.send(parent, ("nursery", pids))
 
 
 # ---------------------------------------------------------------------------- floors
@@ -156,109 +160,157 @@ def _started_sleeper(parent):
     _sleeper()
 
 
-def ours_sigkill_to_down(n, others, child=True):
-    """SIGKILL a started, idle, monitored process while ``others`` more are monitored.
-    ``child``: the victims are our children (sentinels); otherwise a nursery's (pidfds)."""
-    me = runtime.self()
-    up = lambda m: isinstance(m, tuple) and m[0] == "up"  # noqa: E731
-    pids = [runtime.spawn(_started_sleeper, me) for _ in range(others)]
-    nursery = None
-    if child:
-        victims = [runtime.spawn(_started_sleeper, me) for _ in range(n)]
-    else:
-        nursery = runtime.spawn(_nursery, me, n)
-        victims = runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "nursery")[1]
-        pids.append(nursery)
-    for _ in range(others + (n if child else 0)):
-        runtime.receive(match=up)
-    refs = [runtime.monitor(p) for p in pids]
-    victim_refs = [runtime.monitor(v) for v in victims]
-    samples = []
-    raw = []  # the same victims, their death seen on the sentinel alone
-    node = runtime._node.current()
-    for victim, ref in zip(victims, victim_refs):
-        fd = node.watches[victim.serial].fd
-        t0 = time.perf_counter()
-        os.kill(victim.os_pid, signal.SIGKILL)
-        if child:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            poller.poll()
-            raw.append(time.perf_counter() - t0)
-        runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
-        samples.append(time.perf_counter() - t0)
-    for p in pids:
-        runtime.exit(p, "kill")
-    for ref in refs:
-        runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
-    return samples, raw
+class KillRig:
+    """``others`` started, idle, monitored processes; rounds of SIGKILL to Down of more
+    such processes: our children (sentinels), or a nursery's (pidfds)."""
+
+    def __init__(self, others, child=True):
+        self.me = runtime.self()
+        self.child = child
+        self.pids = [runtime.spawn(_started_sleeper, self.me) for _ in range(others)]
+        self.wait_up(others)
+        if not child:
+            self.pids.append(runtime.spawn(_nursery, self.me))
+        self.refs = [runtime.monitor(p) for p in self.pids]
+
+    @staticmethod
+    def wait_up(n):
+        for _ in range(n):
+            runtime.receive(match=lambda m: isinstance(m, tuple) and m[0] == "up")
+
+    def round(self, n):
+        """Kill ``n`` fresh victims one by one; (kill to Down, kill to bare sentinel)."""
+        if self.child:
+            victims = [runtime.spawn(_started_sleeper, self.me) for _ in range(n)]
+            self.wait_up(n)
+        else:
+            runtime.send(self.pids[-1], n)
+            victims = runtime.receive(match=lambda m: isinstance(m, tuple)
+                                      and m[0] == "nursery")[1]
+        refs = [runtime.monitor(v) for v in victims]
+        node = runtime._node.current()
+        samples, raw = [], []
+        for victim, ref in zip(victims, refs):
+            fd = node.watches[victim.serial].fd
+            t0 = time.perf_counter()
+            os.kill(victim.os_pid, signal.SIGKILL)
+            if self.child:  # the same death, seen on the sentinel alone
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                poller.poll()
+                raw.append(time.perf_counter() - t0)
+            runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+            samples.append(time.perf_counter() - t0)
+        return samples, raw
+
+    def close(self):
+        for p in self.pids:
+            runtime.exit(p, "kill")
+        for ref in self.refs:
+            runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+
+
+def interleaved(rounds, floor_fn, ours_fn):
+    """Alternate floor and ours, ``rounds`` times, so both see the same machine: this
+    one is shared and noisy. Returns (ours samples, floor samples, per-round ratios)."""
+    ours, floor, ratios = [], [], []
+    for _ in range(rounds):
+        f = floor_fn()
+        o = ours_fn()
+        floor += f
+        ours += o
+        ratios.append(p50(o) / p50(f))
+    return ours, floor, ratios
 
 
 # ---------------------------------------------------------------------------- driver
 
 def driver(parent, quick):
     """Runs in a runtime process: every figure and its floor, measured here."""
-    n_spawn = 30 if quick else 300
-    n_call = 200 if quick else 5000
-    n_kill = 10 if quick else 60
+    rounds = 3 if quick else 7
+    n_spawn = 10 if quick else 60
+    n_call = 100 if quick else 1000
+    n_kill = 4 if quick else 12
     big = 20 if quick else 1000
     results = {}
-    results["spawn"] = (ours_spawn(n_spawn), floor_fork(n_spawn))
+    results["spawn"] = interleaved(rounds, lambda: floor_fork(n_spawn),
+                                   lambda: ours_spawn(n_spawn))
     server = Echo.start_link()
     ctx = multiprocessing.get_context("fork")
-    results["call"] = (ours_call(n_call, server), floor_pipe_rtt(n_call, ctx))
-    floor = floor_sentinel(n_kill)
-    results["kill10"] = (*ours_sigkill_to_down(n_kill, 10), floor)
-    fit, note = affordable_processes(big + n_kill + 10)
-    big = min(big, max(0, fit - n_kill - 10))
-    results["killbig"] = (*ours_sigkill_to_down(n_kill, big), floor, big, note)
-    results["killbig_pidfd"] = (ours_sigkill_to_down(n_kill, big, child=False)[0], floor, big)
+    results["call"] = interleaved(rounds, lambda: floor_pipe_rtt(n_call, ctx),
+                                  lambda: ours_call(n_call, server))
     runtime.stop(server)
-    runtime.send(parent, ("results", results))
+    raws: dict[str, list[float]] = {}
+
+    def kills(rig, key):
+        def run():
+            samples, raw = rig.round(n_kill)
+            raws.setdefault(key, []).extend(raw)
+            return samples
+        return run
+
+    rig = KillRig(10)
+    results["kill10"] = interleaved(rounds, lambda: floor_sentinel(n_kill), kills(rig, "10"))
+    rig.close()
+    fit, note = affordable_processes(big + n_kill * rounds + 10)
+    big = min(big, max(0, fit - n_kill * rounds - 10))
+    rig = KillRig(big)
+    results["killbig"] = interleaved(rounds, lambda: floor_sentinel(n_kill), kills(rig, "big"))
+    rig.close()
+    rig = KillRig(big, child=False)
+    results["killpidfd"] = interleaved(rounds, lambda: floor_sentinel(n_kill),
+                                       kills(rig, "pidfd"))
+    rig.close()
+    runtime.send(parent, ("results", results, raws, big, note))
+
+
+def figure(name, result, target="", unit_note=""):
+    ours, floor, ratios = result
+    out(row(name + " (p50)", p50(ours), p50(floor),
+            f"median of per-round ratios {p50(ratios):.2f}x  {target}{unit_note}"))
 
 
 def measure(quick):
-    n_call = 200 if quick else 5000
     me = runtime.self()
     runtime.spawn(driver, me, quick)
-    results = runtime.receive(timeout=600, match=lambda m: isinstance(m, tuple)
-                              and m[0] == "results")[1]
+    _, results, raws, big, note = runtime.receive(
+        timeout=900, match=lambda m: isinstance(m, tuple) and m[0] == "results")
+    rounds = 3 if quick else 7
     server = Echo.start_link()
-    main_call = ours_call(n_call, server)
-    main_floor = floor_pipe_rtt(n_call, multiprocessing.get_context("spawn"))
+    main_call = interleaved(rounds, lambda: floor_pipe_rtt(100 if quick else 1000,
+                                                           multiprocessing.get_context("spawn")),
+                            lambda: ours_call(100 if quick else 1000, server))
     runtime.stop(server)
-    t0 = time.perf_counter()
-    pid = runtime.spawn(_ready, me)
-    runtime.receive(match=lambda m: m == "ready")
-    first_spawn = time.perf_counter() - t0
-    main_spawn = []
-    for _ in range(30 if quick else 200):
-        t0 = time.perf_counter()
-        runtime.spawn(_ready, me)
-        runtime.receive(match=lambda m: m == "ready")
-        main_spawn.append(time.perf_counter() - t0)
-    del pid, first_spawn
 
-    ours, floor = results["spawn"]
-    out(row("spawn to ready (p50)", p50(ours), p50(floor), "target <= 1.3x"))
-    out(row("spawn to ready from the embedding process (p50)", p50(main_spawn), p50(floor),
+    def main_spawn():
+        samples = []
+        for _ in range(10 if quick else 40):
+            t0 = time.perf_counter()
+            runtime.spawn(_ready, me)
+            runtime.receive(match=lambda m: m == "ready")
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+    main_spawn()  # the root imports what the target needs, once
+    spawn_floor = results["spawn"][1]
+    figure("spawn to ready", results["spawn"], "target <= 1.3x")
+    main = main_spawn()
+    out(row("spawn to ready from the embedding process (p50)", p50(main), p50(spawn_floor),
             "(one more hop: via the root)"))
-    ours, floor = results["call"]
-    out(row("call round trip (p50)", p50(ours), p50(floor), "target <= 1.5x"))
+    figure("call round trip", results["call"], "target <= 1.5x")
+    ours, floor, _ = results["call"]
     out(row("call round trip (p99)", pct(ours, 99), pct(floor, 99)))
-    out(row("call from the embedding process (p50)", p50(main_call), p50(main_floor)))
-    out(row("call from the embedding process (p99)", pct(main_call, 99), pct(main_floor, 99)))
-    ours, raw, floor = results["kill10"]
-    out(row("SIGKILL to Down, 10 others monitored (p50)", p50(ours), p50(floor),
-            "target <= 1.2x"))
-    out(row("  same victims, their sentinel alone (p50)", p50(raw), p50(floor),
-            "(a runtime process takes longer to die)"))
-    ours, raw, floor, big, note = results["killbig"]
-    out(row(f"SIGKILL to Down, {big} others monitored (p50)", p50(ours), p50(floor),
-            "target <= 1.2x " + note))
-    out(row("  same victims, their sentinel alone (p50)", p50(raw), p50(floor)))
-    ours, floor, big = results["killbig_pidfd"]
-    out(row("  same, victim not our child: pidfd (p50)", p50(ours), p50(floor)))
+    figure("call from the embedding process", main_call)
+    ours, floor, _ = main_call
+    out(row("call from the embedding process (p99)", pct(ours, 99), pct(floor, 99)))
+    figure("SIGKILL to Down, 10 others monitored", results["kill10"], "target <= 1.2x")
+    out(row("  same victims, their sentinel alone (p50)", p50(raws["10"]),
+            p50(results["kill10"][1]), "(a runtime process takes longer to die)"))
+    figure(f"SIGKILL to Down, {big} others monitored", results["killbig"], "target <= 1.2x",
+           (" " + note) if note else "")
+    out(row("  same victims, their sentinel alone (p50)", p50(raws["big"]),
+            p50(results["killbig"][1])))
+    figure("  same, victims not our children: pidfd", results["killpidfd"])
 
 
 def main():
