@@ -115,7 +115,8 @@ class Watches:
         its death, so _process has usually accepted it (it handles the rest of a
         wake-up's events before deaths), unless the wake-up held more events than one
         poll returns: accept again to be sure."""
-        self._accept_all()
+        if _readable(self.listen.fileno(), 0):  # a poll is cheaper than a failed accept
+            self._accept_all()
         if self.unproven:
             for conn in list(self.unproven):
                 self._read(conn, drain=True)
