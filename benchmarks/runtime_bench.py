@@ -126,9 +126,11 @@ def floor_sentinel(n):
         children.append((pid, r))
     samples = []
     for pid, r in children:
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
         t0 = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
-        select.select([r], [], [])
+        poller.poll()
         samples.append(time.perf_counter() - t0)
         os.close(r)
         os.waitpid(pid, 0)
@@ -192,11 +194,11 @@ class KillRig:
         samples, raw = [], []
         for victim, ref in zip(victims, refs):
             fd = node.watches[victim.serial].fd
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
             t0 = time.perf_counter()
             os.kill(victim.os_pid, signal.SIGKILL)
             if self.child:  # the same death, seen on the sentinel alone
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
                 poller.poll()
                 raw.append(time.perf_counter() - t0)
             runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)

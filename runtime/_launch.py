@@ -27,7 +27,6 @@ import _signal
 import ctypes
 import gc
 import io
-import itertools
 import os
 import pickle
 import signal
@@ -180,9 +179,6 @@ def _preparation_data(name: str) -> dict[str, Any]:
     }
 
 
-_counter = itertools.count(1)
-
-
 class RuntimeProcess(process.BaseProcess):
     """A runtime process as ``multiprocessing`` sees it."""
 
@@ -205,18 +201,13 @@ class RuntimeProcess(process.BaseProcess):
         return self._popen
 
     def run(self) -> None:  # under spawn, multiprocessing's bootstrap calls this
-        self.child_main(None)
+        self.child_main()
 
     def fork_child_main(self, sentinel_w: int) -> None:
         """The forked child: the parent built our node before forking (see start_child),
         so that the child runs as little code as possible before the user's function:
         every page of the inherited heap it touches costs a copy-on-write fault."""
-        if _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0 or os.getppid() != self.parent_os_pid:
-            os.kill(os.getpid(), _SIGKILL)  # the parent died first: die as PDEATHSIG would
-        _signal.signal(_SIGINT, _signal.SIG_IGN)
-        _signal.signal(_SIG_EXIT, _node.on_exit_signal)
-        _signal.signal(_SIGCHLD, _signal.SIG_DFL)
-        _signal.set_wakeup_fd(-1)
+        _become_orphan_proof(self.parent_os_pid)
         parent = _node.take_forked_from()
         _node._graveyard.append(parent)
         _node._foreign_fork = False
@@ -240,37 +231,20 @@ class RuntimeProcess(process.BaseProcess):
         target, self.target = self.target, None
         _run(node, target, None)
 
-    def child_main(self, sentinel_w: int | None) -> None:
+    def child_main(self) -> None:
+        """The spawned child (a fresh interpreter): build the node from the Boot."""
         boot = self.boot
         listen_fd = boot.listen.fd
         conn_fd = boot.conn.fd
-        if boot.pdeathsig:
-            prctl(PR_SET_PDEATHSIG, _SIGKILL)
-            if os.getppid() != boot.parent_os_pid:
-                os.kill(os.getpid(), _SIGKILL)  # the parent died first: die as PDEATHSIG would
-        # The C-level _signal module: signal.signal's enum conversions touch enough of
-        # the inherited heap to cost ~0.2 ms of copy-on-write faults in a fresh child.
-        _signal.signal(_SIGINT, _signal.SIG_IGN)
-        _signal.signal(_SIG_EXIT, _node.on_exit_signal)
-        _signal.signal(_SIGCHLD, _signal.SIG_DFL)
-        _signal.set_wakeup_fd(-1)
-        parent_node = _node.take_forked_from()
-        table = parent_node.table if parent_node is not None else None
-        if sentinel_w is not None:  # fork: forget the parent's node
-            _become_runtime_child(self)
-            if parent_node is not None:
-                parent_node.abandon()
-        # Keep only our own descriptors (under spawn, multiprocessing leaves a few too).
+        _become_orphan_proof(boot.parent_os_pid if boot.pdeathsig else None)
+        # A fresh interpreter: keep only our own descriptors (multiprocessing leaves a
+        # few more), open the node's table.
+        sentinel_w = boot.sentinel
         keep = [0, 1, 2, listen_fd, conn_fd]
-        if sentinel_w is None:
-            sentinel_w = boot.sentinel
         if sentinel_w is not None:
             keep.append(sentinel_w)
-        if table is not None:
-            keep.append(table.fd)
         _close_all_but(keep)
-        if table is None:
-            table = _table.Table(os.path.join(boot.info.dir, "table"))
+        table = _table.Table(os.path.join(boot.info.dir, "table"))
         me = Pid(boot.info.node_id, boot.serial, boot.slot, os.getpid())
         table.set_os_pid(boot.slot, me.os_pid)
         listen = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, listen_fd)
@@ -307,15 +281,18 @@ def _run(node: _node.Node, target: Any, payload: bytes | None) -> None:
     node.exit_process(reason)
 
 
-def _become_runtime_child(proc: RuntimeProcess) -> None:
-    # What multiprocessing's own bootstrap does for a forked child, minus the parts
-    # that assume the child returns to it.
-    process._current_process = proc
-    process._parent_process = None
-    process._children = set()
-    util._finalizer_registry.clear()
-    if util._afterfork_registry:
-        util._run_after_forkers()
+def _become_orphan_proof(parent_os_pid: int | None) -> None:
+    """First thing in a new runtime process: die with the parent (unless None: the
+    root watches the embedding process instead), ignore Ctrl-C, and take the runtime's
+    signal handlers. The C-level _signal module: signal.signal's enum conversions
+    touch enough of the inherited heap to cost ~0.2 ms of copy-on-write faults."""
+    if parent_os_pid is not None:
+        if _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent_os_pid:
+            os.kill(os.getpid(), _SIGKILL)  # the parent died first: die as PDEATHSIG would
+    _signal.signal(_SIGINT, _signal.SIG_IGN)
+    _signal.signal(_SIG_EXIT, _node.on_exit_signal)
+    _signal.signal(_SIGCHLD, _signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
 
 
 def _close_these(fds: Any) -> None:

@@ -12,8 +12,8 @@ wake-up costs O(1) however many processes are watched. Nothing sleeps and polls.
 The embedding (main) process may have threads. All state is guarded by one
 lock; one thread at a time polls ("leader"), the others wait on a condition
 over the same lock and are woken when the leader has queued something. Runtime
-processes are single-threaded and take lock-only paths (``next_message``,
-``_wait_reply``).
+processes are single-threaded and wait in ``_wait_alone`` (no leader, no
+condition).
 """
 
 from __future__ import annotations
@@ -150,9 +150,11 @@ class Node(Transport, Watches, Exits):
         """Block until ``check()`` (called under the lock) returns something other than
         _NONE, or until ``deadline`` (monotonic seconds; None = forever). Returns _NONE
         on timeout."""
+        if not self.is_main:
+            return self._wait_alone(check, deadline)
         cond = self.cond
         lock = self.lock
-        threaded = self.is_main
+        threaded = True
         with lock:
             while True:
                 r = check()
@@ -379,15 +381,13 @@ class Node(Transport, Watches, Exits):
                 self._write(conn, _wire.encode((T_MSG, ("$gen_call", self.from_ + (ref,),
                                                         request))))
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            if self.is_main:
-                def check() -> Any:
-                    r = replies[ref]
-                    return _NONE if r is _PENDING else r
 
-                r = self._wait(check, deadline)
-            else:
-                r = self._wait_reply(ref, deadline)
+        def check() -> Any:
+            r = replies[ref]
+            return _NONE if r is _PENDING else r
+
+        try:
+            r = self._wait(check, deadline)
         finally:
             with self.lock:
                 replies.pop(ref, None)
@@ -401,15 +401,15 @@ class Node(Transport, Watches, Exits):
             raise NoProcError(pid)
         raise ExitError(pid, value)
 
-    def _wait_reply(self, ref: int, deadline: float | None) -> Any:
-        """_wait for one reply, in a runtime process (one thread: no leader, no
-        condition)."""
-        replies = self.replies
+    def _wait_alone(self, check: Callable[[], Any], deadline: float | None) -> Any:
+        """_wait in a runtime process: one thread, so no leader and no condition, and
+        the lock is held only while events are processed (a thread of the user's may
+        still send)."""
         lock = self.lock
         epoll = self.epoll
         while True:
-            r = replies[ref]
-            if r is not _PENDING:
+            r = check()
+            if r is not _NONE:
                 return r
             if deadline is None:
                 remaining = -1.0
@@ -418,6 +418,8 @@ class Node(Transport, Watches, Exits):
                 if remaining <= 0:
                     return _NONE
             if self.deferred:
+                # Deliver what is ready first; cleanup waits for an idle moment, or
+                # until it piles up (a busy process must still reap its children).
                 events = epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
                 with lock:
                     if events:
@@ -430,28 +432,19 @@ class Node(Transport, Watches, Exits):
                 with lock:
                     self._process(events)
 
-    def next_message(self) -> Any:
-        """receive() without a match or timeout, for the GenServer loop of a runtime
-        process (one thread: no leader, no condition)."""
+    def _pop_first(self) -> Any:
         mailbox = self.mailbox
-        lock = self.lock
-        epoll = self.epoll
-        while True:
-            if mailbox:
-                self.removed += 1
-                return mailbox.popleft()
-            if self.deferred:
-                events = epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
-                with lock:
-                    if events:
-                        self._process(events)
-                    else:
-                        self._run_deferred()
-                continue
-            events = epoll.poll()
-            if events:
-                with lock:
-                    self._process(events)
+        if mailbox:
+            self.removed += 1
+            return mailbox.popleft()
+        return _NONE
+
+    def next_message(self) -> Any:
+        """receive() without a match or timeout, for the GenServer loop."""
+        if self.mailbox:
+            self.removed += 1
+            return self.mailbox.popleft()
+        return self._wait(self._pop_first, None)
 
     def reply(self, from_: tuple[Any, ...], value: Any) -> None:
         """Answer the call ``from_`` = (node, serial, slot, os pid, ref)."""
@@ -625,12 +618,6 @@ class Node(Transport, Watches, Exits):
             if job[0] == self._reap_child and job[2].sentinel is not None:
                 out.append(job[2].sentinel)
         return out
-
-    def abandon(self) -> None:
-        """In a forked child: forget this (the parent's) node. Its Python objects are
-        kept alive for good, so that no socket object ever closes a descriptor number
-        the child has reused (the child closes the real descriptors itself)."""
-        _graveyard.append(self)
 
     def close(self) -> None:
         """Release every descriptor (main process, at shutdown). Threads waiting in

@@ -236,11 +236,8 @@ class Table:
                 return reason
             state = self.mm[off + _STATE_OFF]
             if state == DOOMED:
-                code = self.mm[off + 15]
-                self.mm[off + 13] = code
-                self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
-                self.mm[off + _STATE_OFF] = EXITED
-                return self._decode(serial, code, self.mm[off + 16], "d")
+                self._settle_doom(off)
+                return self._decode(serial, self.mm[off + 15], self.mm[off + 16], "d")
             if state == EXITED:
                 return self._decode(serial, self.mm[off + 13], self.mm[off + 14], "x")
             code, sig = self._encode(serial, reason, "x")
@@ -271,6 +268,14 @@ class Table:
         finally:
             self._unlock()
 
+    def _settle_doom(self, off: int) -> None:
+        """Make the doomed reason the exit reason (lock held). A blob stays in its ".d"
+        file (a watcher may be reading it right now); sig 1 on a blob code says so."""
+        code = self.mm[off + 15]
+        self.mm[off + 13] = code
+        self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
+        self.mm[off + _STATE_OFF] = EXITED
+
     def publish(self, serial: int, slot: int, si_code: int, si_status: int) -> None:
         """Called by whoever reaps a dead process, before reaping it: make its state EXITED,
         with the doomed reason if there is one, else the reason its status gives."""
@@ -283,15 +288,11 @@ class Table:
             if state == EXITED or state == FREE:
                 return
             if state == DOOMED:
-                # The exit reason is the doomed one. A blob stays in its ".d" file (a
-                # watcher may be reading it right now); sig 1 on a blob code says so.
-                code = self.mm[off + 15]
-                self.mm[off + 13] = code
-                self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
-            else:
-                code, sig = self._encode(serial, status_reason(si_code, si_status), "x")
-                self.mm[off + 13] = code
-                self.mm[off + 14] = sig
+                self._settle_doom(off)
+                return
+            code, sig = self._encode(serial, status_reason(si_code, si_status), "x")
+            self.mm[off + 13] = code
+            self.mm[off + 14] = sig
             self.mm[off + _STATE_OFF] = EXITED
         finally:
             self._unlock()

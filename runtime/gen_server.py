@@ -351,11 +351,7 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
     Runs in the server's process until it stops; never returns."""
     node = _node.current()
     mailbox = node.mailbox
-    if node.is_main:  # never in practice: servers run in their own process
-        def next_message() -> Any:
-            return node.receive(None, None)
-    else:
-        next_message = node.next_message
+    next_message = node.next_message
     reply = node.reply
     handle_call = server.handle_call
     handle_cast = server.handle_cast
