@@ -102,6 +102,7 @@ class Node(Transport, Watches, Exits):
         self.child_by_os_pid: dict[int, int] = {}
         self.trap = is_main
         self.names: set[str] = set()
+        self.name_cache: dict[str, tuple[str, str, Pid]] = {}  # see registry.whereis
         # Serials this process has seen die, most recent last: a process whose Down we
         # delivered is dead to us even before its parent has reaped it.
         self.dead: dict[int, None] = {}

@@ -86,7 +86,23 @@ def whereis(name: str) -> Pid | None:
     """The live process registered under ``name``, or None. Never blocks."""
     _check(name)
     node = _node.current()
-    return _holder(node, _path(node, name))
+    # The symlink is read every time (a name can move to another process), but what
+    # it says is parsed once: most lookups are of the same few names.
+    cached = node.name_cache.get(name)
+    path = cached[0] if cached is not None else _path(node, name)
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    if cached is not None and cached[1] == target:
+        pid = cached[2]
+    else:
+        serial, slot, os_pid = (int(x) for x in target.split(":", 3)[:3])
+        pid = Pid(node.node_id, serial, slot, os_pid)
+        if len(node.name_cache) > 1024:
+            node.name_cache.clear()
+        node.name_cache[name] = (path, target, pid)
+    return pid if node.is_alive(pid) else None
 
 
 def unregister(name: str) -> None:
