@@ -170,15 +170,7 @@ class Node(Transport, Watches, Exits):
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
                 if self.deferred and not self.polling:
-                    # Deliver what is ready first; cleanup waits for an idle moment, or
-                    # until it piles up (a busy process must still reap its children).
-                    events = self.epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
-                    if events:
-                        self._process(events)
-                        if threaded:
-                            cond.notify_all()
-                    else:
-                        self._run_deferred()
+                    self._deliver_or_clean_up()
                     continue
                 if self.polling:
                     cond.wait(None if remaining < 0 else remaining)
@@ -419,19 +411,23 @@ class Node(Transport, Watches, Exits):
                 if remaining <= 0:
                     return _NONE
             if self.deferred:
-                # Deliver what is ready first; cleanup waits for an idle moment, or
-                # until it piles up (a busy process must still reap its children).
-                events = epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
                 with lock:
-                    if events:
-                        self._process(events)
-                    else:
-                        self._run_deferred()
+                    self._deliver_or_clean_up()
                 continue
             events = epoll.poll(remaining)
             if events:
                 with lock:
                     self._process(events)
+
+    def _deliver_or_clean_up(self) -> None:
+        """Cleanup jobs wait (lock held): deliver what is ready first; clean up only at
+        an idle moment, or once the jobs pile up (a busy process must still reap)."""
+        events = self.epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
+        if events:
+            self._process(events)
+            self._notify()
+        else:
+            self._run_deferred()
 
     def _pop_first(self) -> Any:
         mailbox = self.mailbox

@@ -37,12 +37,12 @@ EMBEDDER = """
     import runtime
 
     def sleeper():
-        time.sleep(600)
+        time.sleep(600)  # sleep-ok: a process that blocks
 
     def parent_of_two():
         runtime.spawn(sleeper)
         runtime.spawn(sleeper, link=True)
-        time.sleep(600)
+        time.sleep(600)  # sleep-ok: a process that blocks
 
     class Server(runtime.GenServer):
         def init(self, arg):
@@ -60,7 +60,7 @@ EMBEDDER = """
         node = runtime._node.current()
         print(node.info.dir, flush=True)
         print("ready", flush=True)
-        time.sleep(600)
+        time.sleep(600)  # sleep-ok: a process that blocks
 """
 
 
@@ -120,7 +120,7 @@ def test_interpreter_exit_stops_every_process_and_removes_the_node_dir():
     proc = run_script("""
         import time, runtime
         def sleeper():
-            time.sleep(600)
+            time.sleep(600)  # sleep-ok: a process that blocks
         for _ in range(3):
             runtime.spawn(sleeper)
         print(runtime._node.current().info.dir)

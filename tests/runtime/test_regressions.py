@@ -149,7 +149,9 @@ def test_shutdown_wakes_a_thread_blocked_in_receive():
                 errors.append(exc)
         t = threading.Thread(target=waiter)
         t.start()
-        import time; time.sleep(0.3)
+        node = runtime._node.current()
+        from runtime.testing import wait_until
+        wait_until(lambda: node.polling, what="the waiter to block in poll")
         runtime.shutdown()
         t.join(5)
         print("woken" if errors and not t.is_alive() else "still blocked")
