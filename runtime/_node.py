@@ -62,6 +62,7 @@ from ._exits import Exits
 from ._transport import Transport
 from ._watches import Watches
 
+
 class Node(Transport, Watches, Exits):
     """The runtime state of one OS process. See the module docstring."""
 

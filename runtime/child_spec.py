@@ -41,7 +41,8 @@ def normalize(spec: Any) -> dict[str, Any]:
           and hasattr(spec[0], "child_spec")):
         spec = spec[0].child_spec(spec[1])
     if not isinstance(spec, dict):
-        raise InvalidChildSpec("child_spec", spec, "a dict, a GenServer subclass or (subclass, arg)")
+        raise InvalidChildSpec("child_spec", spec,
+                               "a dict, a GenServer subclass or (subclass, arg)")
     unknown = set(spec) - _KEYS
     if unknown:
         raise InvalidChildSpec(f"child_spec key {sorted(unknown, key=str)[0]!r}", spec,

@@ -381,7 +381,8 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
                     continue
                 if tag == "$gen_stop":
                     _terminate(server, msg[1], state)
-            elif msg.__class__ is Exit and node.trap and (msg.pid == parent or msg.pid == node.parent):
+            elif (msg.__class__ is Exit and node.trap
+                  and (msg.pid == parent or msg.pid == node.parent)):
                 # The parent's reason was logged where it arose: do not log it again.
                 _terminate(server, msg.reason, state, log_crash=False)
             state = _next_state(handle_info(msg, state), "handle_info", False)
