@@ -7,7 +7,8 @@ Every figure is printed next to a raw floor measured in the same run, on the sam
 machine, by the same process:
 
 - spawn to ready: ``spawn`` of a function that sends one message back, until that
-  message is received; floor: ``os.fork`` + a one-byte pipe handshake.
+  message is received; floor: ``os.fork`` + a one-byte pipe handshake. Both new
+  processes then wait (as a new server would) until the round is over.
 - call round trip: ``call`` to a GenServer that replies at once; floor: a
   ``multiprocessing.Pipe`` round trip of a pickled tuple to an echo process.
 - SIGKILL to Down: SIGKILL of a started, idle, monitored process until its ``Down``
@@ -45,6 +46,7 @@ from benchmarks._common import (  # noqa: E402
 
 def _ready(parent):
     runtime.send(parent, "ready")
+    runtime.receive(match=lambda m: m == "stop")
 
 
 def _sleeper():
@@ -78,18 +80,30 @@ def _nursery(parent):
 # ---------------------------------------------------------------------------- floors
 
 def floor_fork(n):
+    """os.fork + a one-byte pipe handshake; the children stay alive (as ours do) until
+    the round is measured, then go."""
     samples = []
+    children = []
     for _ in range(n):
         r, w = os.pipe()
+        stop_r, stop_w = os.pipe()
         t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             os.write(w, b"x")
+            for _, other in children:  # inherited from the parent: would keep siblings up
+                os.close(other)
+            os.close(stop_w)
+            os.read(stop_r, 1)
             os._exit(0)
         os.read(r, 1)
         samples.append(time.perf_counter() - t0)
         os.close(r)
         os.close(w)
+        os.close(stop_r)
+        children.append((pid, stop_w))
+    for pid, stop_w in children:
+        os.close(stop_w)
         os.waitpid(pid, 0)
     return samples
 
@@ -140,14 +154,21 @@ def floor_sentinel(n):
 # ---------------------------------------------------------------------------- ours
 
 def ours_spawn(n):
+    """spawn until the new process's first message arrives; the processes stay alive
+    (serving, as a new server would) until the round is measured, then go."""
     me = runtime.self()
     samples = []
+    pids = []
     for _ in range(n):
         t0 = time.perf_counter()
         pid = runtime.spawn(_ready, me)
         runtime.receive(match=lambda m: m == "ready")
         samples.append(time.perf_counter() - t0)
-        ref = runtime.monitor(pid)
+        pids.append(pid)
+    refs = [runtime.monitor(p) for p in pids]
+    for pid in pids:
+        runtime.send(pid, "stop")
+    for ref in refs:
         runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
     return samples
 
@@ -285,13 +306,7 @@ def measure(quick):
     runtime.stop(server)
 
     def main_spawn():
-        samples = []
-        for _ in range(10 if quick else 40):
-            t0 = time.perf_counter()
-            runtime.spawn(_ready, me)
-            runtime.receive(match=lambda m: m == "ready")
-            samples.append(time.perf_counter() - t0)
-        return samples
+        return ours_spawn(10 if quick else 40)
 
     main_spawn()  # the root imports what the target needs, once
     spawn_floor = results["spawn"][1]

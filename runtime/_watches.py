@@ -172,19 +172,19 @@ class Watches:
         return _table.status_reason(*_code_and_status(status))
 
     def _reap_child(self, pid: Pid, popen: Any, status: Any) -> None:
-        """After the Down of our dead child is out: record its exit in the table if it
-        could not, then reap it (in that order, see _table), close its sentinel and
-        remove its socket file. A child not waitable yet is reaped when its pidfd
-        fires."""
+        """After the Down of our dead child is out: if it could not record its exit in
+        the table (a signal), do so and remove its socket file; then reap it (in that
+        order, see _table) and close its sentinel. A child not waitable yet is reaped
+        when its pidfd fires."""
         table = self.table
         if table.state(pid.serial, pid.slot) != _table.EXITED:
             code, value = (os.CLD_KILLED, signal.SIGKILL) if status is None else \
                 _code_and_status(status)
             table.publish(pid.serial, pid.slot, code, value)
-        try:
-            os.unlink(self.info.sock_path(pid.serial))
-        except OSError:
-            pass
+            try:  # it did not exit through the runtime, which removes it
+                os.unlink(self.info.sock_path(pid.serial))
+            except OSError:
+                pass
         try:
             popen.poll()  # WNOHANG
         except OSError:
