@@ -40,7 +40,8 @@ def ms(seconds: float) -> str:
 
 def shelve(state: dict[str, Any]) -> dict[str, Any]:
     """Runs inside the "books" bucket and raises: the bucket crashes."""
-    return state["the shelf that does not exist"]
+    shelf: dict[str, Any] = state["the shelf that does not exist"]
+    return shelf
 
 
 def wait_down(ref: Any) -> Down:
@@ -53,7 +54,9 @@ class Demo:
         self.names: dict[int, str] = {}
         self.recoveries: list[tuple[str, float]] = []
 
-    def label(self, pid: runtime.Pid, name: str) -> str:
+    def label(self, pid: runtime.Pid | None, name: str) -> str:
+        if pid is None:
+            return f"{name} (not running)"
         self.names[pid.os_pid] = name
         return f"{name} {DIM}(OS pid {pid.os_pid}){RESET}"
 
@@ -73,8 +76,9 @@ class Demo:
             say(f"     - {self.label(child.pid, child.id)}, a {child.type}")
 
         step(2, "Create buckets and store values")
-        contents = {"shopping": {"milk": 3, "eggs": 12}, "work": {"todo": "demo"},
-                    "books": {"sicp": "read"}}
+        contents: dict[str, dict[str, Any]] = {
+            "shopping": {"milk": 3, "eggs": 12}, "work": {"todo": "demo"},
+            "books": {"sicp": "read"}}
         buckets = {}
         for name, values in contents.items():
             b = buckets[name] = registry.create(REGISTRY, name)
@@ -113,12 +117,14 @@ class Demo:
         say(f"     its traceback (also in the bucket's log) ends in: {frames[-1]}")
         say(f"   lookup('books') -> {registry.lookup(REGISTRY, 'books')!r}; "
             f"the registry {self.label(runtime.whereis(REGISTRY), REGISTRY)} is still alive: "
-            f"{runtime.is_alive(runtime.whereis(REGISTRY))}")
+            f"{runtime.whereis(REGISTRY) is not None}")
         self.recoveries.append(("exception in a bucket -> its Down", t_down))
 
         step(5, "Kill the registry: one_for_all restarts the whole tree")
         old_registry = runtime.whereis(REGISTRY)
         old_bucket_sup = runtime.whereis(BUCKET_SUPERVISOR)
+        if old_registry is None or old_bucket_sup is None:
+            raise RuntimeError("the tree is not running")
         shopping = buckets["shopping"]
         watched = {runtime.monitor(p): name for p, name in
                    ((old_registry, REGISTRY), (old_bucket_sup, BUCKET_SUPERVISOR),
@@ -194,7 +200,8 @@ def _running(proc: Any) -> bool:
     import psutil
 
     try:
-        return proc.status() != psutil.STATUS_ZOMBIE
+        running: bool = proc.status() != psutil.STATUS_ZOMBIE
+        return running
     except psutil.Error:
         return False
 

@@ -12,10 +12,18 @@ import os
 import select
 import signal
 import socket
+import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from .messages import Down, Exit
 from .pid import Pid, Ref
+
+if TYPE_CHECKING:
+    import mmap
+
+    from ._table import Table
 
 log = logging.getLogger("runtime")
 
@@ -104,3 +112,69 @@ def _readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
+
+
+class NodeState:
+    """What a node's mixins (``_transport``, ``_watches``, ``_exits``) share: the
+    node's attributes (set in ``Node.__init__``) and, for type checkers, the methods
+    one mixin calls on another. Nothing at run time."""
+
+    info: NodeInfo
+    key: bytes
+    node_id: int
+    me: Pid
+    is_main: bool
+    table: Table
+    listen: socket.socket
+    epoll: select.epoll
+    lock: threading.Lock
+    cond: threading.Condition
+    polling: bool
+    mailbox: deque[Any]
+    removed: int
+    exits_queued: int
+    replies: dict[int, Any]
+    handlers: dict[int, Any]
+    out: dict[int, Conn]
+    conns_of: dict[int, set[Conn]]
+    watches: dict[int, Watch]
+    monitor_refs: dict[Ref, int]
+    links: dict[int, Pid]
+    children: dict[int, Watch]
+    child_by_os_pid: dict[int, int]
+    trap: bool
+    names: set[str]
+    dead: dict[int, None]
+    exiting: bool
+    deferred: list[tuple[Any, ...]]
+    unproven: set[Conn]
+    rbuf: mmap.mmap | None
+    reading: int
+    suspects: list[int]
+    internal: dict[Ref, Down | None]
+    extra_fds: list[int]
+
+    if TYPE_CHECKING:
+        def _notify(self) -> None: ...
+        def _process(self, events: list[tuple[int, int]]) -> None: ...
+        def _dispatch(self, conn: Conn, payload: memoryview) -> None: ...
+        def _accept_all(self) -> list[Conn]: ...
+        def _read(self, conn: Conn, drain: bool = False) -> None: ...
+        def _close_conn(self, conn: Conn) -> None: ...
+        def _conn_to(self, pid: Pid) -> Conn | None: ...
+        def adopt_conn(self, sock: socket.socket, peer: Pid) -> None: ...
+        def _write(self, conn: Conn, data: bytes) -> bool: ...
+        def _send(self, pid: Pid, obj: Any) -> bool: ...
+        def _watch(self, pid: Pid) -> Watch | None: ...
+        def _remove_watch(self, w: Watch) -> None: ...
+        def prepare_child(self, pid: Pid, sentinel: int, conn_sock: socket.socket,
+                          link: bool) -> Watch: ...
+        def child_started(self, w: Watch, popen: Any) -> None: ...
+        def _drain_peer(self, serial: int) -> None: ...
+        def _child_exited(self, w: Watch) -> Any: ...
+        def _on_death(self, w: Watch) -> None: ...
+        def _run_deferred(self) -> None: ...
+        def _queue_exit(self, msg: Exit) -> None: ...
+        def kill(self, pid: Pid, reason: Any) -> bool: ...
+        def exit_process(self, reason: Any, log_crash: bool = True) -> NoReturn: ...
+        def _wait_children_gone(self, grace: float) -> None: ...

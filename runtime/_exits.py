@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from . import _table
 from ._base import (
+    NodeState,
     CHILD_EXIT_GRACE,
     SIG_EXIT,
     Conn,
@@ -36,7 +37,7 @@ def _log_exit(pid: Pid, reason: Any) -> None:
         log.error("process %r exited: %r", pid, reason)
 
 
-class Exits:
+class Exits(NodeState):
     """Part of Node (see ``_node``); a mixin, it uses the node's state."""
 
     def _exit_signal(self, sender: Pid, reason: Any) -> None:

@@ -122,9 +122,9 @@ class ForkPopen(popen_fork.Popen):
         self.finalizer = None
 
     def close(self) -> None:
-        if self.sentinel is not None:
+        if self.sentinel >= 0:
             os.close(self.sentinel)
-            self.sentinel = None
+            self.sentinel = -1
 
 
 class SpawnPopen(popen_spawn_posix.Popen):
@@ -139,7 +139,8 @@ class SpawnPopen(popen_spawn_posix.Popen):
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
             # The child keeps the write end of its sentinel: it needs the number.
-            process_obj.boot.sentinel = child_w
+            if process_obj.boot is not None:
+                process_obj.boot.sentinel = child_w
             prep = _preparation_data(process_obj.name)
             buf = io.BytesIO()
             set_spawning_popen(self)
@@ -149,14 +150,17 @@ class SpawnPopen(popen_spawn_posix.Popen):
             finally:
                 set_spawning_popen(None)
             cmd = spawn.get_command_line(tracker_fd=None, pipe_handle=child_r)
-            self._fds.extend([child_r, child_w])
-            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            fds = self._fds  # type: ignore[attr-defined]
+            fds.extend([child_r, child_w])
+            exe = spawn.get_executable()
+            self.pid = util.spawnv_passfds(exe, cmd, fds)  # type: ignore[arg-type]
             self.sentinel = parent_r
             with open(parent_w, "wb", closefd=False) as f:
                 f.write(buf.getbuffer())
         finally:
             self.finalizer = util.Finalize(
-                self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+                self, util.close_fds,  # type: ignore[attr-defined]
+                [fd for fd in (parent_r, parent_w) if fd is not None],
             )
             for fd in (child_r, child_w):
                 if fd is not None:
@@ -167,14 +171,15 @@ def _preparation_data(name: str) -> dict[str, Any]:
     # Like multiprocessing.spawn.get_preparation_data, but without the main module
     # (see the module docstring) and without fixing the user's default start method.
     sys_path = list(sys.path)
+    original_dir = process.ORIGINAL_DIR  # type: ignore[attr-defined]
     if "" in sys_path:
-        sys_path[sys_path.index("")] = process.ORIGINAL_DIR
+        sys_path[sys_path.index("")] = original_dir
     return {
         "name": name,
         "authkey": bytes(process.current_process().authkey),
         "sys_path": sys_path,
         "sys_argv": sys.argv,
-        "orig_dir": process.ORIGINAL_DIR,
+        "orig_dir": original_dir,
         "dir": os.getcwd(),
     }
 
@@ -211,9 +216,11 @@ class RuntimeProcess(process.BaseProcess):
         parent = _node.take_forked_from()
         _node._graveyard.append(parent)
         _node._foreign_fork = False
-        process._current_process = self  # the rest of multiprocessing's bootstrap is moot
+        process._current_process = self  # type: ignore[attr-defined]  # (see ForkPopen)
         node = self.prebuilt
         self.prebuilt = None
+        if node is None:
+            os._exit(1)
         # Close the parent's runtime descriptors. Its objects are kept alive for good
         # (graveyard), so none of them ever closes a number reused here. Descriptors
         # the user's code opened stay open, as after any fork: their objects are
@@ -234,6 +241,8 @@ class RuntimeProcess(process.BaseProcess):
     def child_main(self) -> None:
         """The spawned child (a fresh interpreter): build the node from the Boot."""
         boot = self.boot
+        if boot is None:
+            os._exit(1)
         listen_fd = boot.listen.fd
         conn_fd = boot.conn.fd
         _become_orphan_proof(boot.parent_os_pid if boot.pdeathsig else None)
@@ -297,15 +306,15 @@ def _become_orphan_proof(parent_os_pid: int | None) -> None:
 
 def _close_these(fds: Any) -> None:
     """Close ``fds``, runs of consecutive numbers with one call each."""
-    start = prev = None
+    start = prev = -2
     for fd in sorted(fds):
-        if prev is not None and fd == prev + 1:
+        if fd == prev + 1:
             prev = fd
             continue
-        if start is not None:
+        if start >= 0:
             os.closerange(start, prev + 1)
         start = prev = fd
-    if start is not None:
+    if start >= 0:
         os.closerange(start, prev + 1)
 
 

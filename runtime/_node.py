@@ -43,15 +43,15 @@ from .pid import Pid, Ref
 from ._base import (  # noqa: F401 - also the names other modules use as _node.X
     DEFERRED_MAX,
     _LISTEN,
-    _NONE,
-    _PENDING,
-    CHILD_EXIT_GRACE,
+    _NONE as _NONE,
+    _PENDING as _PENDING,
+    CHILD_EXIT_GRACE as CHILD_EXIT_GRACE,
     EPOLLIN,
-    EXIT_GRACE,
-    READ_SIZE,
-    SIG_EXIT,
+    EXIT_GRACE as EXIT_GRACE,
+    READ_SIZE as READ_SIZE,
+    SIG_EXIT as SIG_EXIT,
     Conn,
-    NodeInfo,
+    NodeInfo as NodeInfo,
     Reader,
     Watch,
     _code_and_status,
@@ -197,7 +197,7 @@ class Node(Transport, Watches, Exits):
 
     def _process(self, events: list[tuple[int, int]]) -> None:
         handlers = self.handlers
-        deaths = None
+        deaths: list[Watch] | None = None
         for fd, _ in events:
             h = handlers.get(fd)
             if h is None:
@@ -509,7 +509,7 @@ class Node(Transport, Watches, Exits):
 
         deadline = None if timeout is None else time.monotonic() + timeout
         result = self._wait(check, deadline)
-        return None if result is _NONE else result  # type: ignore[no-any-return]
+        return None if result is _NONE else result
 
     def demonitor(self, ref: Ref, flush: bool) -> bool:
         with self.lock:
@@ -613,7 +613,7 @@ class Node(Transport, Watches, Exits):
         out.extend(self.handlers)
         out.extend(self.extra_fds)
         for job in self.deferred:
-            if job[0] == self._reap_child and job[2].sentinel is not None:
+            if job[0] == self._reap_child and (job[2].sentinel or -1) >= 0:
                 out.append(job[2].sentinel)
         return out
 

@@ -163,7 +163,7 @@ class Table:
         self.mm[HEADER + SLOT * slot + _STATE_OFF] = FREE
 
     def read(self, slot: int) -> tuple[int, int, int, int, int, int, int, int]:
-        return _SLOT.unpack_from(self.mm, HEADER + SLOT * slot)  # type: ignore[return-value]
+        return _SLOT.unpack_from(self.mm, HEADER + SLOT * slot)
 
     def state(self, serial: int, slot: int) -> int:
         """ALIVE, DOOMED or EXITED for this process; EXITED if the slot was reused."""

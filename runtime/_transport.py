@@ -16,6 +16,7 @@ from typing import Any
 
 from . import _wire
 from ._base import (
+    NodeState,
     EPOLLIN,
     READ_SIZE,
     Conn,
@@ -23,11 +24,11 @@ from ._base import (
 from .pid import Pid
 
 
-class Transport:
+class Transport(NodeState):
     """Part of Node (see ``_node``); a mixin, it uses the node's state."""
 
     def _accept_all(self) -> list[Conn]:
-        new = []
+        new: list[Conn] = []
         while True:
             try:
                 sock, _ = self.listen.accept()

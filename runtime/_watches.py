@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _base, _table
 from ._base import (
+    NodeState,
     _PENDING,
     EPOLLIN,
     Reader,
@@ -29,7 +30,7 @@ from .messages import Down, Exit
 from .pid import Pid
 
 
-class Watches:
+class Watches(NodeState):
     """Part of Node (see ``_node``); a mixin, it uses the node's state."""
 
     def _watch(self, pid: Pid) -> Watch | None:
@@ -157,6 +158,7 @@ class Watches:
             self.epoll.unregister(w.fd)
         if not w.owns_fd:
             w.child.close()  # the sentinel; poll() and the pid stay usable
+            w.child.sentinel = -1
         else:
             os.close(w.fd)
         w.fd = fd
@@ -239,9 +241,9 @@ class Watches:
         for conn in list(self.conns_of.get(serial, ())):
             self._close_conn(conn)
         replies = self.replies
-        for ref in w.calls:
-            if replies.get(ref) is _PENDING:
-                replies[ref] = (False, reason)
+        for call_ref in w.calls:
+            if replies.get(call_ref) is _PENDING:
+                replies[call_ref] = (False, reason)
         internal = self.internal
         for ref in w.monitors:
             self.monitor_refs.pop(ref, None)

@@ -52,7 +52,8 @@ def dumps(obj: Any) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        code: bytes = cloudpickle.dumps(obj, protocol=5)
+        return code
     except Exception as exc:
         raise TypeError(f"cannot send {obj!r}: it cannot be pickled ({exc})") from exc
 
@@ -62,7 +63,8 @@ def dumps_code(obj: Any) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        data: bytes = cloudpickle.dumps(obj, protocol=5)
+        return data
     except Exception as exc:
         raise TypeError(f"cannot send {obj!r} to another process: {exc}") from exc
 

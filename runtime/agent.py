@@ -51,7 +51,7 @@ class Agent(GenServer):
     # ------------------------------------------------------------------ client
 
     @classmethod
-    def start_link(cls, fn: Callable[[], Any] = dict, name: str | None = None,  # type: ignore[override]
+    def start_link(cls, fn: Callable[[], Any] = dict, name: str | None = None,
                    timeout: float = 5.0) -> Pid:
         """Start an agent linked to the caller; ``fn()`` runs in the new process and
         returns the initial state. Blocks until it has. Raises ``StartError`` if
@@ -61,7 +61,7 @@ class Agent(GenServer):
         return start_server(cls, fn, name, timeout, link=True)
 
     @classmethod
-    def start(cls, fn: Callable[[], Any] = dict, name: str | None = None,  # type: ignore[override]
+    def start(cls, fn: Callable[[], Any] = dict, name: str | None = None,
               timeout: float = 5.0) -> Pid:
         """Like :meth:`start_link`, without the link."""
         if not callable(fn):
@@ -69,7 +69,7 @@ class Agent(GenServer):
         return start_server(cls, fn, name, timeout, link=False)
 
     @classmethod
-    def child_spec(cls, fn: Callable[[], Any] = dict) -> dict[str, Any]:  # type: ignore[override]
+    def child_spec(cls, fn: Callable[[], Any] = dict) -> dict[str, Any]:
         return {
             "id": cls,
             "start": (cls.start_link, (fn,)),
@@ -97,7 +97,7 @@ class Agent(GenServer):
         return call(agent, ("$agent_get_and_update", fn), timeout)
 
     @staticmethod
-    def cast(agent: Any, fn: Callable[[Any], Any]) -> None:  # type: ignore[override]
+    def cast(agent: Any, fn: Callable[[Any], Any]) -> None:
         """Replace the state with ``fn(state)`` without waiting; never raises for a dead
         agent (the update is then lost)."""
         cast(agent, ("$agent_cast", fn))

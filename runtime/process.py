@@ -108,6 +108,8 @@ def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *
         pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
         if pid.__class__ is tuple and pid[0] == "$error":
             raise pid[1]  # the root could not fork (out of descriptors or processes)
+        if not isinstance(pid, Pid):
+            raise ProcessError(f"the node's root answered a spawn with {pid!r}")
         if link:
             with node.lock:
                 node._add_link(pid, requested=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+from typing import Any
 
 from . import _node
 from .errors import AlreadyRegisteredError, NoProcError
@@ -124,7 +125,7 @@ def unregister(name: str) -> None:
         raise NoProcError(name, "no process is registered under this name")
 
 
-def drop_name_of(node: _node.Node, name: str) -> None:
+def drop_name_of(node: Any, name: str) -> None:
     """Remove ``name`` if it still points to ``node``'s process (at its exit)."""
     path = _path(node, name)
     try:

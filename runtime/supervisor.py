@@ -212,9 +212,10 @@ class Supervisor(GenServer):
                              state)
             self.children.append(entry)
             return Reply(("ok", entry.pid), state)
-        entry = self._find(request[2])
-        if entry is None:
+        found = self._find(request[2])
+        if found is None:
             return Reply(("error", NoProcError(request[2], "no such child")), state)
+        entry = found
         if kind == "terminate_child":
             if entry.pid is not None:
                 self._stop([entry])
