@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 
@@ -61,7 +61,8 @@ def ms(seconds: float) -> str:
 
 def row(name: str, ours: float, floor: float | None, extra: str = "", unit=us) -> str:
     if floor:
-        return f"  {name:<44} {unit(ours)}   floor {unit(floor)}   ratio {ours / floor:5.2f}x {extra}"
+        ratio = ours / floor
+        return f"  {name:<44} {unit(ours)}   floor {unit(floor)}   ratio {ratio:5.2f}x {extra}"
     return f"  {name:<44} {unit(ours)}   {extra}"
 
 

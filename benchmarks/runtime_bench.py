@@ -38,9 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime  # noqa: E402
 from benchmarks._common import (  # noqa: E402
-    affordable_processes, out, p50, pct, pin_to_one_cpu, row, timed,
+    affordable_processes,
+    out,
+    p50,
+    pct,
+    pin_to_one_cpu,
+    row,
+    timed,
 )
-
 
 # ------------------------------------------------------------------ helpers in children
 
@@ -169,7 +174,7 @@ def ours_spawn(n):
     for pid in pids:
         runtime.send(pid, "stop")
     for ref in refs:
-        runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+        runtime.receive(match=lambda m, ref=ref: isinstance(m, runtime.Down) and m.ref == ref)
     return samples
 
 
@@ -213,7 +218,7 @@ class KillRig:
         refs = [runtime.monitor(v) for v in victims]
         node = runtime._node.current()
         samples, raw = [], []
-        for victim, ref in zip(victims, refs):
+        for victim, ref in zip(victims, refs, strict=True):
             fd = node.watches[victim.serial].fd
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -222,7 +227,7 @@ class KillRig:
             if self.child:  # the same death, seen on the sentinel alone
                 poller.poll()
                 raw.append(time.perf_counter() - t0)
-            runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+            runtime.receive(match=lambda m, ref=ref: isinstance(m, runtime.Down) and m.ref == ref)
             samples.append(time.perf_counter() - t0)
         return samples, raw
 
@@ -230,7 +235,7 @@ class KillRig:
         for p in self.pids:
             runtime.exit(p, "kill")
         for ref in self.refs:
-            runtime.receive(match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+            runtime.receive(match=lambda m, ref=ref: isinstance(m, runtime.Down) and m.ref == ref)
 
 
 def interleaved(rounds, floor_fn, ours_fn):

@@ -2,6 +2,7 @@
 
 import runtime
 
+
 def worker(parent):
     msg = runtime.receive(timeout=5)              # selective receive: match=...
     runtime.send(parent, ("done", msg))

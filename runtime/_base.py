@@ -14,8 +14,9 @@ import signal
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .messages import Down, Exit
 from .pid import Pid, Ref
@@ -36,7 +37,8 @@ EPOLLIN = select.EPOLLIN
 # how long a process gets to do so before the root SIGKILLs it.
 SIG_EXIT = signal.SIGRTMIN + 1
 EXIT_GRACE = 0.25
-# How long an exiting process waits for its children to finish exiting.
+# How long a process's exit path may take in all: passing its exit on to peers that
+# do not read, and waiting for its children to finish their own exits.
 CHILD_EXIT_GRACE = 1.0
 READ_SIZE = 65536
 # Cleanup jobs (reaping, closing) wait for an idle moment, but never pile up beyond this.
@@ -146,6 +148,7 @@ class NodeState:
     names: set[str]
     dead: dict[int, None]
     exiting: bool
+    exit_deadline: float
     deferred: list[tuple[Any, ...]]
     unproven: set[Conn]
     rbuf: mmap.mmap | None

@@ -17,10 +17,10 @@ from typing import Any, NoReturn
 
 from . import _table
 from ._base import (
-    NodeState,
     CHILD_EXIT_GRACE,
     SIG_EXIT,
     Conn,
+    NodeState,
     _readable,
     log,
 )
@@ -99,11 +99,27 @@ class Exits(NodeState):
                 self._send(pid, (T_EXIT, self.me, reason))
                 return
             if reason == "kill":
-                self.kill(pid, "killed")
+                if not self.kill(pid, "killed"):
+                    self._sigkill_exiting(pid)
             elif self.table.is_trapping(pid.serial, pid.slot):
                 self._send(pid, (T_EXIT, self.me, reason))
             elif reason != "normal":
                 self.kill(pid, reason)
+
+    def _sigkill_exiting(self, pid: Pid) -> None:
+        """``exit(pid, "kill")`` of a process already in its exit path (it cannot be
+        doomed any more): SIGKILL it if we hold a descriptor that is surely it (a watch
+        made while it was alive, or our unreaped child); its recorded reason stands."""
+        w = self.watches.get(pid.serial)
+        if w is None:
+            return
+        try:
+            if w.child is not None:
+                os.kill(pid.os_pid, signal.SIGKILL)
+            else:
+                signal.pidfd_send_signal(w.fd, signal.SIGKILL)
+        except OSError:
+            pass
 
     def is_alive(self, pid: Pid) -> bool:
         if pid == self.me:
@@ -130,11 +146,17 @@ class Exits(NodeState):
            killed with ``reason`` (if abnormal); a linked *child* that traps exits
            gets the exit signal as a message, so it can run ``terminate``;
         4. stop the other children with reason ``"shutdown"``;
-        5. wait (at most CHILD_EXIT_GRACE seconds) for the children to be gone, so
-           each can pass its own exit on before the kernel's parent-death SIGKILL;
+        5. wait for the children to be gone, so each can pass its own exit on before
+           the kernel's parent-death SIGKILL;
         6. drop our names, write our reason in the table, and exit.
+
+        Steps 3 to 5 share one deadline, CHILD_EXIT_GRACE seconds from the start: a
+        peer that does not read or a child that does not stop cannot hold the exit up
+        longer (a frame that cannot be written by then is dropped; the peer still sees
+        the death through its watch).
         """
         code = 0 if reason == "normal" else 1
+        self.exit_deadline = time.monotonic() + CHILD_EXIT_GRACE
         self.exiting = True
         try:
             if self.is_main:
@@ -168,7 +190,7 @@ class Exits(NodeState):
             for serial, w in list(self.children.items()):
                 if not (w.linked and table.is_trapping(serial, w.pid.slot)):
                     self.kill(w.pid, "shutdown")
-            self._wait_children_gone(CHILD_EXIT_GRACE)
+            self._wait_children_gone(self.exit_deadline)
             for w in list(self.children.values()):
                 if self.watches.get(w.pid.serial) is w and self._child_exited(w):
                     self._on_death(w)
@@ -194,13 +216,12 @@ class Exits(NodeState):
                     pass
             os._exit(code)
 
-    def _wait_children_gone(self, grace: float) -> None:
+    def _wait_children_gone(self, deadline: float) -> None:
         poller = select.poll()
         waiting = 0
         for w in self.children.values():
             poller.register(w.fd, select.POLLIN)
             waiting += 1
-        deadline = time.monotonic() + grace
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -271,6 +271,13 @@ class RuntimeProcess(process.BaseProcess):
         boot.target = boot.payload = None
 
 
+def run_payload(payload: bytes) -> Any:
+    """Unpickle ``(fn, args)`` and call it: a spawn target the root could not unpickle,
+    so that the child fails with the true error."""
+    fn, args = pickle.loads(payload)
+    return fn(*args)
+
+
 def _run(node: _node.Node, target: Any, payload: bytes | None) -> None:
     """Run the process's function in its new process, then exit with its reason."""
     # A SIG_EXIT that arrived before the node existed was ignored: look again.
@@ -340,8 +347,10 @@ def start_child(
     """Start a child of ``node`` (which must be this process's node) running
     ``target = (fn, args)`` or the cloudpickled ``payload``. Returns once the OS
     process exists and can be sent to; does not wait for it to run."""
-    if node.info.start_method == "spawn" or target is None:
+    if node.info.start_method == "spawn":
         return _start_spawned(node, target, payload, link, link_to, trap, name)
+    if target is None:
+        target = (run_payload, (payload,))
     node.discard.clear()  # the last child's node, as built here (see below)
     table = node.table
     info = node.info

@@ -27,9 +27,45 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _table, _wire
+from ._base import (  # noqa: F401 - also the names other modules use as _node.X
+    _LISTEN,
+    DEFERRED_MAX,
+    EPOLLIN,
+    Conn,
+    Reader,
+    Watch,
+    _code_and_status,
+    _readable,
+    log,
+)
+from ._base import (
+    _NONE as _NONE,
+)
+from ._base import (
+    _PENDING as _PENDING,
+)
+from ._base import (
+    CHILD_EXIT_GRACE as CHILD_EXIT_GRACE,
+)
+from ._base import (
+    EXIT_GRACE as EXIT_GRACE,
+)
+from ._base import (
+    READ_SIZE as READ_SIZE,
+)
+from ._base import (
+    SIG_EXIT as SIG_EXIT,
+)
+from ._base import (
+    NodeInfo as NodeInfo,
+)
+from ._exits import Exits
+from ._transport import Transport
+from ._watches import Watches
 from ._wire import T_EXIT, T_LINK, T_MSG, T_REPLY, T_UNLINK
 from .errors import (
     CallTimeout,
@@ -40,27 +76,6 @@ from .errors import (
 )
 from .messages import Down, Exit
 from .pid import Pid, Ref
-from ._base import (  # noqa: F401 - also the names other modules use as _node.X
-    DEFERRED_MAX,
-    _LISTEN,
-    _NONE as _NONE,
-    _PENDING as _PENDING,
-    CHILD_EXIT_GRACE as CHILD_EXIT_GRACE,
-    EPOLLIN,
-    EXIT_GRACE as EXIT_GRACE,
-    READ_SIZE as READ_SIZE,
-    SIG_EXIT as SIG_EXIT,
-    Conn,
-    NodeInfo as NodeInfo,
-    Reader,
-    Watch,
-    _code_and_status,
-    _readable,
-    log,
-)
-from ._exits import Exits
-from ._transport import Transport
-from ._watches import Watches
 
 
 class Node(Transport, Watches, Exits):
@@ -110,6 +125,7 @@ class Node(Transport, Watches, Exits):
         self.refs = itertools.count(1)
         self.closed = False
         self.exiting = False
+        self.exit_deadline = 0.0
         self.discard: list[Any] = []  # nodes built for children, freed at the next spawn
         self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
@@ -188,19 +204,24 @@ class Node(Transport, Watches, Exits):
                     raise
                 lock.acquire()
                 self.polling = False
-                if self.closed:
-                    raise ProcessError("the runtime node has been shut down")
-                if events:
-                    self._process(events)
-                if threaded:
-                    cond.notify_all()
+                try:
+                    if self.closed:
+                        raise ProcessError("the runtime node has been shut down")
+                    if events:
+                        self._process(events)
+                finally:
+                    cond.notify_all()  # wake the followers, even if processing raised
 
     def _process(self, events: list[tuple[int, int]]) -> None:
         handlers = self.handlers
         deaths: list[Watch] | None = None
-        for fd, _ in events:
-            h = handlers.get(fd)
-            if h is None:
+        # Who each descriptor belonged to when the batch was read: handling one event
+        # can close a descriptor and open another under the same number (an unlink
+        # closes a pidfd, a link opens one), and the old event must not hit the new one.
+        batch: list[tuple[int, Any]] = [(fd, handlers.get(fd)) for fd, _ in events]
+        for fd, owner in batch:
+            h: Any = handlers.get(fd)
+            if h is None or h is not owner:
                 continue
             cls = h.__class__
             if cls is Conn:

@@ -148,6 +148,29 @@ def _start_root(node: _node.Node) -> None:
         ) from exc
 
 
+def _wait_gone(popen: Any, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until the process of ``popen`` is gone, and reap it
+    if nobody has; True if it is gone."""
+    if popen.returncode is not None:
+        return True
+    try:
+        fd = os.pidfd_open(popen.pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return False
+    finally:
+        os.close(fd)
+    try:
+        popen.poll(0)
+    except OSError:
+        pass
+    return True
+
+
 def _shutdown_at_exit() -> None:
     try:
         shutdown_node(5.0)
@@ -172,10 +195,9 @@ def shutdown_node(timeout: float) -> None:
                 node.call(root, ("$shutdown", timeout), timeout + 10.0)
             except ProcessError:
                 pass
-            if child.wait(timeout + 5.0) is None:
+            if not _wait_gone(child, timeout + 5.0):
                 child.kill()
-                child.wait(5.0)
-            child.close()
+                _wait_gone(child, 5.0)
         node.close()
         node.table.close()
         shutil.rmtree(node.info.dir, ignore_errors=True)
@@ -268,7 +290,8 @@ class _Root:
                     target = pickle.loads(payload)
                     payload = None
                 except Exception:
-                    target = None
+                    target = (_launch.run_payload, (payload,))
+                    payload = None
             return _launch.start_child(
                 node, target, payload=payload,
                 link_to=node.info.main if link else None, trap=trap,
@@ -307,6 +330,8 @@ class _Root:
             if index is None:  # one pass over the table for all orphans of this wake-up
                 index = {os_pid: (serial, slot) for serial, slot, os_pid in node.table.live_slots()}
             found = index.get(info.si_pid)
+            if found is None:  # it began its exit (EXITED) but was killed before the end
+                found = node.table.exited_slot_of(info.si_pid)
             if found is not None:
                 node.table.publish(found[0], found[1], info.si_code, info.si_status)
                 try:
@@ -318,22 +343,36 @@ class _Root:
             except ChildProcessError:
                 pass
 
+    def _stop_one(self, pid: Pid, timeout: float) -> None:
+        """exit(pid, "shutdown"), then wait for it: a process that does not trap exits
+        and is stuck in a C call is SIGKILLed after EXIT_GRACE (the escalation the main
+        loop would do), anything else after ``timeout``."""
+        node = self.node
+        ref = node.monitor(pid, internal=True)
+        node.exit(pid, "shutdown")
+        grace = min(timeout, _node.EXIT_GRACE)
+        if node.wait_down((ref,), grace) is not None:
+            return
+        if node.table.state(pid.serial, pid.slot) == _table.DOOMED:
+            timeout = grace
+        if node.wait_down((ref,), max(0.0, timeout - grace)) is not None:
+            return
+        try:
+            os.kill(pid.os_pid, signal.SIGKILL)  # our child, not reaped: the pid is safe
+        except OSError:
+            pass
+        if node.wait_down((ref,), 5.0) is None:
+            node.demonitor(ref, True)
+
     def _teardown(self, graceful: bool, timeout: float) -> None:
         node = self.node
         table = node.table
         main = node.info.main
-        deadline = time.monotonic() + timeout
         if graceful:
-            # One at a time, last started first, each gone before the next is asked
-            # (as OTP stops applications); what is left at the deadline is killed below.
+            # One at a time, last started first, each gone before the next is asked (as
+            # OTP stops applications), each with up to ``timeout`` seconds.
             for pid in reversed([w.pid for w in node.children.values()]):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                ref = node.monitor(pid, internal=True)
-                node.exit(pid, "shutdown")
-                if node.wait_down((ref,), remaining) is None:
-                    node.demonitor(ref, True)
+                self._stop_one(pid, timeout)
         # Kill whatever is left anywhere in the node, and wait until it is gone.
         pidfds = []
         for serial, slot, os_pid in table.live_slots():

@@ -260,6 +260,9 @@ class Table:
                 return False
             if self.mm[off + _STATE_OFF] != ALIVE:
                 return False
+            os_pid = struct.unpack_from("<I", self.mm, off + 8)[0]
+            if os_pid and zombie_status(os_pid) is not None:
+                return False  # already dead: watchers may have seen its true reason
             code, sig = self._encode(serial, reason, "d")
             self.mm[off + 15] = code
             self.mm[off + 16] = sig
@@ -321,6 +324,18 @@ class Table:
                 if status is not None:
                     return status_reason(*status)
         return "killed"
+
+    def exited_slot_of(self, os_pid: int) -> tuple[int, int] | None:
+        """(serial, slot) of the EXITED entry with this OS pid, last written, if any (a
+        slow scan: for an orphan that was killed while it exited)."""
+        found = None
+        for slot in range(NSLOTS):
+            off = HEADER + SLOT * slot
+            if self.mm[off + _STATE_OFF] == EXITED:
+                serial, pid = struct.unpack_from("<QI", self.mm, off)
+                if pid == os_pid and (found is None or serial > found[0]):
+                    found = (serial, slot)
+        return found
 
     def live_slots(self) -> list[tuple[int, int, int]]:
         """(serial, slot, os_pid) of every process not yet known dead."""

@@ -12,14 +12,15 @@ from __future__ import annotations
 import mmap
 import select
 import socket
+import time
 from typing import Any
 
 from . import _wire
 from ._base import (
-    NodeState,
     EPOLLIN,
     READ_SIZE,
     Conn,
+    NodeState,
 )
 from .pid import Pid
 
@@ -169,7 +170,14 @@ class Transport(NodeState):
         """Finish writing ``conn.outbuf``. While the peer's buffer is full, keep reading
         our own connections (if no other thread does), so that two processes that
         write to each other cannot deadlock."""
+        give_up = self.exit_deadline if self.exiting else None
         while conn.outbuf:
+            if give_up is not None and time.monotonic() > give_up:
+                # Exiting, and the peer does not read: drop the frame rather than hang
+                # (a linked peer still learns of our death through its watch).
+                conn.outbuf = b""
+                self._close_conn(conn)
+                return False
             try:
                 n = conn.sock.send(conn.outbuf)
             except (BlockingIOError, InterruptedError):

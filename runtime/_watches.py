@@ -17,9 +17,9 @@ from typing import Any
 
 from . import _base, _table
 from ._base import (
-    NodeState,
     _PENDING,
     EPOLLIN,
+    NodeState,
     Reader,
     Watch,
     _code_and_status,
@@ -183,21 +183,21 @@ class Watches(NodeState):
             code, value = (os.CLD_KILLED, signal.SIGKILL) if status is None else \
                 _code_and_status(status)
             table.publish(pid.serial, pid.slot, code, value)
-            try:  # it did not exit through the runtime, which removes it
-                os.unlink(self.info.sock_path(pid.serial))
-            except OSError:
-                pass
+        try:  # it removes its own socket file last thing, unless killed before that
+            os.unlink(self.info.sock_path(pid.serial))
+        except OSError:
+            pass
         try:
             popen.poll()  # WNOHANG
         except OSError:
             pass
+        popen.close()
+        popen.sentinel = -1
         if popen.returncode is not None:
-            popen.close()
             return
         try:
             fd = os.pidfd_open(popen.pid)
         except ProcessLookupError:
-            popen.close()
             return
 
         def reap() -> None:
@@ -205,7 +205,6 @@ class Watches(NodeState):
             self.epoll.unregister(fd)
             os.close(fd)
             popen.poll()
-            popen.close()
 
         self.handlers[fd] = Reader(fd, reap)
         self.epoll.register(fd, EPOLLIN)

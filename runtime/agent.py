@@ -15,7 +15,8 @@ A function that raises crashes the agent (its caller gets ``ExitError``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .gen_server import GenServer, NoReply, Reply, call, cast, start_server, stop
 from .pid import Pid

@@ -18,7 +18,8 @@ When a process exits, the processes it started die too.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _launch, _node, _wire
 from .errors import NoProcError, ProcessError
@@ -207,7 +208,10 @@ def trap_exit(flag: bool) -> bool:
 def exit(pid: Any, reason: Any) -> None:
     """Send an exit signal to ``pid`` (OTP's ``exit/2``). Returns at once.
 
-    - ``"kill"``: cannot be trapped; the process dies at once (SIGKILL), reason ``"killed"``.
+    - ``"kill"``: cannot be trapped; the process stops at once, even if busy in its own
+      code (``terminate`` does not run), with reason ``"killed"``. Its exit path then
+      tells its links and stops its children, bounded to one second in all; a process
+      that does not get that far is SIGKILLed.
     - ``"normal"``: ignored unless the target traps exits (it gets ``Exit``).
     - any other reason: a target that traps exits receives ``Exit(caller, reason)``;
       any other target dies at once with ``reason`` (its ``terminate`` does not run),

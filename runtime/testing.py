@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _node
 from .messages import Down
@@ -74,7 +75,7 @@ def node_processes() -> list[int]:
     if node.root is not None:
         skip.add(node.root.serial)
     out = []
-    for serial, slot, os_pid in node.table.live_slots():
+    for serial, _slot, os_pid in node.table.live_slots():
         if serial in skip or os_pid == 0:
             continue
         try:

@@ -7,11 +7,12 @@ import resource
 import threading
 import time
 
+import psutil
 import pytest
 
 import runtime
 from runtime import _node
-from runtime.testing import assert_receive, tagged, wait_down
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
 
 class SlowTerminate(runtime.GenServer):
@@ -177,3 +178,155 @@ def test_a_failed_fork_in_the_root_raises_in_the_caller_and_spares_the_node():
     for pid, r in ((worker, ref), (other, ref2)):
         runtime.exit(pid, "kill")
         wait_down(r)
+
+
+# -- second review -------------------------------------------------------------
+
+
+class _Explodes:
+    """Pickles fine, but unpickling it raises (the root must not die of it)."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    raise RuntimeError("cannot be unpickled here")
+
+
+def test_an_argument_that_cannot_be_unpickled_is_a_crash_of_the_new_process():
+    pid, ref = runtime.spawn_monitor(print, _Explodes())
+    down = wait_down(ref)
+    assert isinstance(down.reason, runtime.Crash)
+    assert "cannot be unpickled here" in str(down.reason)
+    assert runtime.is_alive(_node.current().root)
+    again, ref2 = runtime.spawn_monitor(int, "7")
+    assert wait_down(ref2).reason == "normal"
+
+
+def _busy_parent_of(main):
+    victim, ref = runtime.spawn_monitor(time.sleep, 60)
+    runtime.send(main, ("victim", victim))
+    runtime.receive(timeout=10, match=lambda m: m == "look now")
+    runtime.send(main, ("parent saw", runtime.receive(
+        timeout=10, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref).reason))
+
+
+def test_an_exit_signal_to_a_killed_unreaped_process_does_not_change_its_reason():
+    parent, pref = runtime.spawn_monitor(_busy_parent_of, runtime.self())
+    _, victim = assert_receive(tagged("victim"))
+    ref = runtime.monitor(victim)
+    os.kill(victim.os_pid, 9)
+    assert wait_down(ref).reason == "killed"
+    runtime.exit(victim, "shutdown")  # a zombie: its parent has not reaped it yet
+    runtime.send(parent, "look now")
+    assert assert_receive(tagged("parent saw")) == ("parent saw", "killed")
+    assert wait_down(pref).reason == "normal"
+
+
+class _SlowReply(runtime.GenServer):
+    def handle_call(self, request, from_, state):
+        time.sleep(0.3)  # sleep-ok: a slow server, so the caller waits as a follower
+        return runtime.Reply("answer", state)
+
+
+def test_a_polling_thread_that_fails_hands_over_to_the_waiting_threads():
+    node = _node.current()
+    server = _SlowReply.start(None)
+    r, w = os.pipe()
+
+    def fails():
+        os.read(r, 1)
+        raise OSError(24, "Too many open files")  # stands for an error inside the loop
+
+    node.add_reader(r, fails)
+    out: dict[str, object] = {}
+
+    def leader():
+        try:
+            runtime.receive(timeout=10, match=lambda m: m == "never sent")
+        except OSError as exc:
+            out["leader"] = exc.errno
+
+    def follower():
+        out["follower"] = runtime.call(server, "q", 5)
+
+    lead = threading.Thread(target=leader)
+    lead.start()
+    try:
+        wait_until(lambda: node.polling, what="the leader to poll")
+        follow = threading.Thread(target=follower)
+        follow.start()
+        os.write(w, b"x")
+        lead.join(10)
+        follow.join(10)
+    finally:
+        node.remove_reader(r)
+        os.close(r)
+        os.close(w)
+        runtime.stop(server)
+    assert out == {"leader": 24, "follower": "answer"}
+
+
+def _trapping_reader_that_is_busy(seconds):
+    runtime.trap_exit(True)
+    time.sleep(seconds)  # sleep-ok: busy, does not read its mailbox
+    runtime.receive(timeout=30, match=lambda m: False)
+
+
+def _floods_its_linked_child(main):
+    child = runtime.spawn(_trapping_reader_that_is_busy, 20, link=True)
+    runtime.send(main, ("ready", child))
+    blob = b"x" * 65536
+    while True:
+        runtime.send(child, blob)  # blocks once the child's socket buffer is full
+
+
+def test_kill_is_not_held_up_by_a_peer_that_does_not_read():
+    pid, ref = runtime.spawn_monitor(_floods_its_linked_child, runtime.self())
+    _, child = assert_receive(tagged("ready"))
+    cref = runtime.monitor(child)
+    node = _node.current()
+    wait_until(lambda: _blocked_in_send(pid.os_pid), what="the sender to block")
+    runtime.exit(pid, "kill")
+    # The exit path may spend at most CHILD_EXIT_GRACE (1 s) on the child; far less
+    # than the 20 s the child stays busy.
+    assert runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Down)
+                           and m.ref == ref).reason == "killed"
+    assert wait_down(cref).reason == "killed"  # its parent died
+    assert not runtime.is_alive(child) and node is _node.current()
+
+
+def _blocked_in_send(os_pid):
+    # The sender only sleeps once the child's socket buffer is full.
+    try:
+        return psutil.Process(os_pid).status() == psutil.STATUS_SLEEPING
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _parent_of_a_slow_exit(main):
+    SlowTerminate.start_link(main)
+    child = runtime.spawn(_returns_on_go, main)
+    runtime.send(main, ("child", child))
+    time.sleep(30)  # sleep-ok: busy until killed
+
+
+def _returns_on_go(main):
+    SlowTerminate.start_link(main)
+    runtime.receive(timeout=10, match=lambda m: m == "go")
+
+
+def test_a_process_killed_in_its_exit_path_leaves_no_socket_file():
+    node = _node.current()
+    parent, pref = runtime.spawn_monitor(_parent_of_a_slow_exit, runtime.self())
+    _, child = assert_receive(tagged("child"))
+    cref = runtime.monitor(child)
+    runtime.send(child, "go")
+    assert_receive(tagged("terminating"))  # the child is in its exit path, waiting
+    os.kill(parent.os_pid, 9)  # the kernel kills the child mid-exit (parent death)
+    assert wait_down(pref).reason == "killed"
+    wait_down(cref)
+    socket_files = {str(parent.serial), str(child.serial)}
+    wait_until(lambda: not socket_files & set(os.listdir(node.info.dir)),
+               what="the socket files of the dead to be removed")
