@@ -720,9 +720,10 @@ _forked_from: Node | None = None
 def _after_fork_in_child() -> None:
     # A fork the runtime did not make (os.fork, a multiprocessing fork pool) must not
     # keep the node's descriptors: held open by such a child, the sentinel and the
-    # connections of a runtime process would hide its death from its parent. Close
-    # them (the node's objects are kept alive for good, so no object ever closes a
-    # number reused later) and refuse runtime calls in that child. A runtime fork
+    # connections of a runtime process would hide its death from its parent. Put
+    # /dev/null in their place: the numbers stay taken, so an object of the old node
+    # that closes its descriptor late (say at interpreter exit) cannot close a file
+    # the child opened since. Runtime calls are refused in that child. A runtime fork
     # takes the node (take_forked_from) and builds the child's own.
     global _current, _foreign_fork, _forked_from
     node = _current
@@ -735,12 +736,21 @@ def _after_fork_in_child() -> None:
     _foreign_fork = True
     _graveyard.append(node)
     keep = {node.table.fd}
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        null = -1
     for fd in node.fds():
-        if fd not in keep:
+        if fd not in keep and fd != null:
             try:
-                os.close(fd)
+                if null >= 0:
+                    os.dup2(null, fd, inheritable=False)
+                else:
+                    os.close(fd)
             except OSError:
                 pass
+    if null >= 0:
+        os.close(null)
 
 
 forking = False  # set by the runtime around its own os.fork() calls

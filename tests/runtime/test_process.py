@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 import runtime
+from runtime import _node
 from runtime.testing import assert_receive, tagged, wait_down
 
 
@@ -403,3 +404,25 @@ def test_the_runtime_refuses_to_work_in_a_foreign_fork():
     assert os.read(r, 10) == b"refused"
     os.close(r)
     os.waitpid(pid, 0)
+
+
+def test_a_foreign_fork_keeps_none_of_the_nodes_descriptors():
+    node = _node.current()
+    owned = [fd for fd in node.fds() if fd != node.table.fd]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # Each number is taken by /dev/null: the node's sockets, pidfds and pipes
+            # are closed here, and a file opened now cannot get one of their numbers.
+            targets = {os.readlink(f"/proc/self/fd/{fd}") for fd in owned}
+            fresh = os.open(os.devnull, os.O_RDONLY)
+            ok = targets == {os.devnull} and fresh not in owned
+            os.write(w, b"ok" if ok else repr(targets).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = os.read(r, 4096)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
