@@ -38,13 +38,14 @@ from multiprocessing.context import set_spawning_popen
 from typing import Any
 
 from . import _node, _table, _wire
+from ._base import SIG_EXIT, NodeInfo
 from .errors import Crash
 from .pid import Pid
 
 _SIGKILL = int(signal.SIGKILL)
 _SIGINT = int(signal.SIGINT)
 _SIGCHLD = int(signal.SIGCHLD)
-_SIG_EXIT = int(_node.SIG_EXIT)
+_SIG_EXIT = int(SIG_EXIT)
 _AF_UNIX = socket.AF_UNIX
 _SOCK_STREAM = socket.SOCK_STREAM
 PR_SET_PDEATHSIG = 1
@@ -81,7 +82,7 @@ class InheritFd:
 class Boot:
     """Everything a child needs to become a runtime process."""
 
-    info: _node.NodeInfo
+    info: NodeInfo
     serial: int
     slot: int
     parent: Pid
@@ -225,11 +226,16 @@ class RuntimeProcess(process.BaseProcess):
         # (graveyard), so none of them ever closes a number reused here. Descriptors
         # the user's code opened stay open, as after any fork: their objects are
         # inherited too, and closing the numbers under them would make them write
-        # into whatever reuses the numbers.
+        # into whatever reuses the numbers. The parent's descriptors come as a bitmap:
+        # a parent with thousands of children has thousands of them, and walking its
+        # objects would copy, page by page, the heap we share with it.
         if parent is not None:
-            keep = set(node.fds())
-            keep.update((sentinel_w, node.table.fd))
-            _close_these(fd for fd in parent.fds() if fd not in keep)
+            bits = parent.fd_bits()
+            for fd in (*node.fds(), sentinel_w, node.table.fd):
+                if fd < len(bits):
+                    bits[fd] = 0
+            for lo, hi in _node.runs(bits):
+                os.closerange(lo, hi)
         node.extra_fds.append(sentinel_w)
         me = node.me
         me.os_pid = os.getpid()
@@ -309,20 +315,6 @@ def _become_orphan_proof(parent_os_pid: int | None) -> None:
     _signal.signal(_SIG_EXIT, _node.on_exit_signal)
     _signal.signal(_SIGCHLD, _signal.SIG_DFL)
     _signal.set_wakeup_fd(-1)
-
-
-def _close_these(fds: Any) -> None:
-    """Close ``fds``, runs of consecutive numbers with one call each."""
-    start = prev = -2
-    for fd in sorted(fds):
-        if fd == prev + 1:
-            prev = fd
-            continue
-        if start >= 0:
-            os.closerange(start, prev + 1)
-        start = prev = fd
-    if start >= 0:
-        os.closerange(start, prev + 1)
 
 
 def _close_all_but(keep: list[int]) -> None:

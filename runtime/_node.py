@@ -27,41 +27,23 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _table, _wire
-from ._base import (  # noqa: F401 - also the names other modules use as _node.X
+from ._base import (
     _LISTEN,
+    _NONE,
+    _PENDING,
     DEFERRED_MAX,
     EPOLLIN,
     Conn,
+    Handlers,
+    NodeInfo,
     Reader,
     Watch,
-    _code_and_status,
     _readable,
     log,
-)
-from ._base import (
-    _NONE as _NONE,
-)
-from ._base import (
-    _PENDING as _PENDING,
-)
-from ._base import (
-    CHILD_EXIT_GRACE as CHILD_EXIT_GRACE,
-)
-from ._base import (
-    EXIT_GRACE as EXIT_GRACE,
-)
-from ._base import (
-    READ_SIZE as READ_SIZE,
-)
-from ._base import (
-    SIG_EXIT as SIG_EXIT,
-)
-from ._base import (
-    NodeInfo as NodeInfo,
 )
 from ._exits import Exits
 from ._transport import Transport
@@ -108,7 +90,7 @@ class Node(Transport, Watches, Exits):
         self.removed = 0  # how many messages were taken out of the middle of the mailbox
         self.exits_queued = 0
         self.replies: dict[int, Any] = {}
-        self.handlers: dict[int, Any] = {}
+        self.handlers = Handlers()
         self.out: dict[int, Conn] = {}
         self.conns_of: dict[int, set[Conn]] = {}
         self.watches: dict[int, Watch] = {}
@@ -630,13 +612,23 @@ class Node(Transport, Watches, Exits):
         """Every descriptor this node owns: its epoll, listening socket, connections,
         watches and readers, the sentinels of children not reaped yet, and its own
         sentinel's write end (the parent watches that one)."""
-        out = [self.epoll.fileno(), self.listen.fileno()]
-        out.extend(self.handlers)
-        out.extend(self.extra_fds)
+        return [fd for lo, hi in runs(self.fd_bits()) for fd in range(lo, hi)]
+
+    def fd_bits(self) -> bytearray:
+        """``fds()`` as a new bitmap (byte ``fd`` is 1 for each), built without
+        walking the node's objects (see ``Handlers``)."""
+        bits = bytearray(self.handlers.bits)
+        more = [self.epoll.fileno(), self.listen.fileno(), *self.extra_fds]
         for job in self.deferred:
             if job[0] == self._reap_child and (job[2].sentinel or -1) >= 0:
-                out.append(job[2].sentinel)
-        return out
+                more.append(job[2].sentinel)
+        top = max(more)
+        if top >= len(bits):
+            bits.extend(bytes(top + 1 - len(bits)))
+        for fd in more:
+            if fd >= 0:
+                bits[fd] = 1
+        return bits
 
     def close(self) -> None:
         """Release every descriptor (main process, at shutdown). Threads waiting in
@@ -715,6 +707,17 @@ def set_current(node: Node | None) -> None:
 
 
 _forked_from: Node | None = None
+
+
+def runs(bits: bytearray) -> Iterator[tuple[int, int]]:
+    """The runs of set bytes in ``bits``, as ``(first, past_last)``."""
+    lo = bits.find(1)
+    while lo >= 0:
+        hi = bits.find(0, lo)
+        if hi < 0:
+            hi = len(bits)
+        yield lo, hi
+        lo = bits.find(1, hi)
 
 
 def _after_fork_in_child() -> None:

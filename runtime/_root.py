@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from . import _launch, _node, _table
+from ._base import EXIT_GRACE, NodeInfo
 from .errors import ProcessError
 from .messages import Down
 from .pid import Pid
@@ -108,7 +109,7 @@ def start_node() -> _node.Node:
         me = Pid(node_id, serial, slot, os.getpid())
         root_serial, root_slot = table.allocate()
         root = Pid(node_id, root_serial, root_slot, 0)  # os_pid known once started
-        info = _node.NodeInfo(directory, os.urandom(32), node_id, me, root, method)
+        info = NodeInfo(directory, os.urandom(32), node_id, me, root, method)
         node = _node.Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
         _start_root(node)
     except BaseException:
@@ -250,7 +251,7 @@ class _Root:
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":
                     heapq.heappush(
-                        self.timers, (time.monotonic() + _node.EXIT_GRACE, msg[1].serial, msg[1])
+                        self.timers, (time.monotonic() + EXIT_GRACE, msg[1].serial, msg[1])
                     )
             elif msg.__class__ is Down and msg.ref == self.main_ref:
                 self._teardown(graceful=False, timeout=0.0)
@@ -350,7 +351,7 @@ class _Root:
         node = self.node
         ref = node.monitor(pid, internal=True)
         node.exit(pid, "shutdown")
-        grace = min(timeout, _node.EXIT_GRACE)
+        grace = min(timeout, EXIT_GRACE)
         if node.wait_down((ref,), grace) is not None:
             return
         if node.table.state(pid.serial, pid.slot) == _table.DOOMED:

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _node
+from ._base import _NONE, _PENDING
 from .errors import (
     AlreadyRegisteredError,
     CallTimeout,
@@ -264,7 +265,7 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
     node = _node.current()
     ref = next(node.refs)
     with node.lock:
-        node.replies[ref] = _node._PENDING
+        node.replies[ref] = _PENDING
     try:
         pid = spawn_for(node, _server_main, (cls, arg, name, node.me, ref, link), trap=trap)
     except BaseException:
@@ -277,19 +278,19 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
 
     def check() -> Any:
         r = replies[ref]
-        if r is not _node._PENDING:
+        if r is not _PENDING:
             return r
         down = internal.get(mref)
         if down is not None:
             return (False, down.reason)
-        return _node._NONE
+        return _NONE
 
     try:
         r = node._wait(check, time.monotonic() + timeout)
     finally:
         with node.lock:
             replies.pop(ref, None)
-    if r is _node._NONE:
+    if r is _NONE:
         node.exit(pid, "kill")
         _wait_down(node, mref, pid)
         raise StartError(cls.__name__, "timeout")

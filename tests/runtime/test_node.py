@@ -370,3 +370,17 @@ def test_an_outside_event_loop_can_wait_on_the_node():
             poller.poll(100)
     else:
         raise AssertionError("the message never arrived through pump()")
+
+
+def test_the_descriptor_bitmap_follows_the_handlers():
+    from runtime._base import Handlers
+
+    h = Handlers()
+    for fd in (3, 4, 5, 9, 300, 301):
+        h[fd] = object()
+    del h[4]
+    assert h.pop(300) is not None and h.pop(300, None) is None
+    assert [fd for lo, hi in _node.runs(h.bits) for fd in range(lo, hi)] == [3, 5, 9, 301]
+    assert list(_node.runs(h.bits)) == [(3, 4), (5, 6), (9, 10), (301, 302)]
+    h.clear()
+    assert list(_node.runs(h.bits)) == [] and not h

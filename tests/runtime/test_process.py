@@ -275,7 +275,14 @@ def test_a_child_does_not_inherit_its_parents_runtime_descriptors():
         runtime.send(parent, ("child fds", _fd_targets()))
 
     def holder(parent):
-        runtime.spawn(time.sleep, 60)  # so the holder has a child sentinel and socketpair
+        # Children, some gone, so the holder has sentinels and sockets with holes
+        # between their numbers.
+        gone = [runtime.spawn_monitor(int, "1") for _ in range(3)]
+        for _ in range(3):
+            runtime.spawn(time.sleep, 60)
+        for _, ref in gone:
+            runtime.receive(timeout=10, match=lambda m, ref=ref: getattr(m, "ref", None) == ref)
+        runtime.spawn(time.sleep, 60)
         targets = _fd_targets()
         own = {targets[fd] for fd in runtime._node.current().fds() if fd in targets}
         runtime.spawn(report, parent)
