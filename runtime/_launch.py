@@ -37,7 +37,7 @@ from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, s
 from multiprocessing.context import set_spawning_popen
 from typing import Any
 
-from . import _node, _table, _wire
+from . import _fork, _node, _table, _wire
 from ._base import SIG_EXIT, NodeInfo
 from .errors import Crash
 from .pid import Pid
@@ -106,11 +106,7 @@ class ForkPopen(popen_fork.Popen):
 
     def _launch(self, process_obj: RuntimeProcess) -> None:
         parent_r, child_w = process_obj.sentinel_pipe
-        _node.forking = True
-        try:
-            pid = os.fork()
-        finally:
-            _node.forking = False
+        pid = _fork.fork()
         if pid == 0:
             try:
                 gc.freeze()  # the inherited heap is not ours to collect
@@ -315,6 +311,7 @@ def _become_orphan_proof(parent_os_pid: int | None) -> None:
     _signal.signal(_SIG_EXIT, _node.on_exit_signal)
     _signal.signal(_SIGCHLD, _signal.SIG_DFL)
     _signal.set_wakeup_fd(-1)
+    _fork.restore_sigmask()
 
 
 def _close_all_but(keep: list[int]) -> None:

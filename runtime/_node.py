@@ -728,14 +728,14 @@ def _after_fork_in_child() -> None:
     # that closes its descriptor late (say at interpreter exit) cannot close a file
     # the child opened since. Runtime calls are refused in that child. A runtime fork
     # takes the node (take_forked_from) and builds the child's own.
-    global _current, _foreign_fork, _forked_from
+    global _current, _foreign_fork
     node = _current
-    _current = None
     if node is None:
         return
     if forking:
-        _forked_from = node
+        forked_by_runtime()
         return
+    _current = None
     _foreign_fork = True
     _graveyard.append(node)
     keep = {node.table.fd}
@@ -757,6 +757,13 @@ def _after_fork_in_child() -> None:
 
 
 forking = False  # set by the runtime around its own os.fork() calls
+
+
+def forked_by_runtime() -> None:
+    """In a child the runtime forked: the parent's node is handed to the child's start
+    (take_forked_from), which closes its descriptors and builds the child's own."""
+    global _current, _forked_from
+    _forked_from, _current = _current, None
 
 
 def take_forked_from() -> Node | None:

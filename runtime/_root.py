@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Any
 
-from . import _launch, _node, _table
+from . import _fork, _launch, _node, _table
 from ._base import EXIT_GRACE, NodeInfo
 from .errors import ProcessError
 from .messages import Down
@@ -209,6 +209,7 @@ def shutdown_node(timeout: float) -> None:
 
 
 def _root_main() -> None:
+    _fork.watch_hooks()
     _Root().run()
 
 
