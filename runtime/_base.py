@@ -8,7 +8,6 @@ descriptor the node's loop polls.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import signal
 import socket
@@ -60,7 +59,7 @@ class NodeInfo:
     start_method: str
 
     def sock_path(self, serial: int) -> str:
-        return os.path.join(self.dir, str(serial))
+        return f"{self.dir}/{serial}"
 
 
 class Handlers(dict[int, Any]):

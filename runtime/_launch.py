@@ -187,9 +187,27 @@ class RuntimeProcess(process.BaseProcess):
     _start_method = None
 
     def __init__(self, boot: Boot | None, name: str) -> None:
-        super().__init__(name=name)
+        if boot is not None:
+            super().__init__(name=name)
+        else:
+            # A fork: the part of BaseProcess.__init__ a child uses, as
+            # multiprocessing.current_process(). Left out: the process counter and the
+            # _dangling WeakSet (whose callback runs Python code when this object goes),
+            # which only multiprocessing's own start() and test suite use.
+            current = process._current_process  # type: ignore[attr-defined]
+            self._identity = current._identity
+            self._config = current._config  # the child's own copy, once forked
+            self._parent_pid = os.getpid()
+            self._parent_name = current._name
+            self._popen: Any = None
+            self._closed = False
+            self._target = None
+            self._args = ()
+            self._kwargs: dict[str, Any] = {}
+            self._name = name
         self.boot = boot
-        self.prebuilt: _node.Node | None = None
+        # Under fork: (serial, slot, listen, conn, link, link_to, trap) for the child.
+        self.plan: tuple[Any, ...] | None = None
         self.target: Any = None
         self.sentinel_pipe: tuple[int, int] = (-1, -1)
         self.parent_os_pid = 0
@@ -198,26 +216,29 @@ class RuntimeProcess(process.BaseProcess):
         """Start the process; unlike ``BaseProcess.start`` this keeps the child out of
         multiprocessing's ``_children``, whose ``_cleanup`` would reap it behind the
         runtime's back (the runtime must record the exit status before reaping)."""
-        self._popen = (SpawnPopen if method == "spawn" else ForkPopen)(self)
-        self._sentinel = self._popen.sentinel
-        return self._popen
+        popen = (SpawnPopen if method == "spawn" else ForkPopen)(self)
+        self._popen = popen
+        self._sentinel = popen.sentinel
+        return popen
 
     def run(self) -> None:  # under spawn, multiprocessing's bootstrap calls this
         self.child_main()
 
     def fork_child_main(self, sentinel_w: int) -> None:
-        """The forked child: the parent built our node before forking (see start_child),
-        so that the child runs as little code as possible before the user's function:
-        every page of the inherited heap it touches costs a copy-on-write fault."""
+        """The forked child. Its node is the parent's template (``Node.template``): the
+        child runs as little code as possible before the user's function, for every
+        page of the inherited heap it touches costs a copy-on-write fault."""
         _become_orphan_proof(self.parent_os_pid)
         parent = _node.take_forked_from()
         _node._graveyard.append(parent)
         _node._foreign_fork = False
         process._current_process = self  # type: ignore[attr-defined]  # (see ForkPopen)
-        node = self.prebuilt
-        self.prebuilt = None
-        if node is None:
+        plan = self.plan
+        self.plan = None
+        if parent is None or plan is None or parent.child_template is None:
             os._exit(1)
+        serial, slot, listen, theirs, link, link_to, trap = plan
+        table = parent.table
         # Close the parent's runtime descriptors. Its objects are kept alive for good
         # (graveyard), so none of them ever closes a number reused here. Descriptors
         # the user's code opened stay open, as after any fork: their objects are
@@ -225,17 +246,18 @@ class RuntimeProcess(process.BaseProcess):
         # into whatever reuses the numbers. The parent's descriptors come as a bitmap:
         # a parent with thousands of children has thousands of them, and walking its
         # objects would copy, page by page, the heap we share with it.
-        if parent is not None:
-            bits = parent.fd_bits()
-            for fd in (*node.fds(), sentinel_w, node.table.fd):
-                if fd < len(bits):
-                    bits[fd] = 0
-            for lo, hi in _node.runs(bits):
-                os.closerange(lo, hi)
+        bits = parent.fd_bits(copy=False)
+        size = len(bits)
+        for fd in (listen.fileno(), theirs.fileno(), sentinel_w, table.fd):
+            if fd < size:
+                bits[fd] = 0
+        for lo, hi in _node.runs(bits):
+            os.closerange(lo, hi)
+        pme = parent.me
+        node = parent.child_template
+        node.bind_child(Pid(pme.node, serial, slot, os.getpid()), listen, pme,
+                        self.parent_os_pid, theirs, link, link_to, trap)
         node.extra_fds.append(sentinel_w)
-        me = node.me
-        me.os_pid = os.getpid()
-        node.from_ = (me.node, me.serial, me.slot, me.os_pid)
         _node.set_current(node)
         target, self.target = self.target, None
         _run(node, target, None)
@@ -340,7 +362,6 @@ def start_child(
         return _start_spawned(node, target, payload, link, link_to, trap, name)
     if target is None:
         target = (run_payload, (payload,))
-    node.discard.clear()  # the last child's node, as built here (see below)
     table = node.table
     info = node.info
     serial, slot = table.allocate()
@@ -349,26 +370,19 @@ def start_child(
     ours, theirs = socket.socketpair(_AF_UNIX, _SOCK_STREAM)
     sentinel = os.pipe()
     pid = Pid(node.node_id, serial, slot, 0)  # os_pid is set once the fork is done
-    child = popen = watch = None
+    popen = watch = None
     try:
         listen.bind(path)
         listen.listen(BACKLOG)
-        # Everything is built before the fork, the child's node included: after the
-        # fork each page either process writes is copied, so both do as little as
-        # possible. The parent's copy of the child's node is closed right after.
-        child = _node.Node(info, Pid(node.node_id, serial, slot, 0), listen, table,
-                           is_main=False)
-        child.parent = node.me
-        child.adopt_conn(theirs, node.me)
-        if link:
-            child.prelink(node.me, os.pidfd_open(os.getpid()))
-        if link_to is not None:
-            child.prelink(link_to, -1)
-        if trap:
-            child.trap = True
+        if trap:  # before anyone can send it an exit signal
             table.set_trap(slot, True)
+        if node.child_template is None:
+            node.child_template = _node.Node.template(info, table)
+        # After the fork each page either process writes is copied, so both do as
+        # little as possible: the parent records the child before, the child makes the
+        # template its node.
         proc = RuntimeProcess(None, name)
-        proc.prebuilt = child
+        proc.plan = (serial, slot, listen, theirs, link, link_to, trap)
         proc.target = target
         proc.sentinel_pipe = sentinel
         proc.parent_os_pid = os.getpid()
@@ -377,11 +391,8 @@ def start_child(
             popen = proc.start_with("fork")
             node.child_started(watch, popen)
     finally:
-        if child is not None:
-            child.release_in_parent()
-        else:
-            listen.close()
-            theirs.close()
+        listen.close()
+        theirs.close()
         if popen is None:
             if watch is not None:
                 with node.lock:
@@ -398,7 +409,6 @@ def start_child(
                 os.unlink(path)
             except OSError:
                 pass
-    node.discard.append(child)
     table.set_os_pid(slot, popen.pid)
     return pid
 

@@ -59,6 +59,9 @@ from .errors import (
 from .messages import Down, Exit
 from .pid import Pid, Ref
 
+# Runtime processes are single-threaded: their nodes never wait on the condition.
+_UNUSED_COND = threading.Condition()
+
 
 class Node(Transport, Watches, Exits):
     """The runtime state of one OS process. See the module docstring."""
@@ -72,19 +75,30 @@ class Node(Transport, Watches, Exits):
         *,
         is_main: bool,
     ) -> None:
+        self._init_state(info, table, is_main)
+        self._bind(me, listen)
+
+    @classmethod
+    def template(cls, info: NodeInfo, table: _table.Table) -> Node:
+        """A node with nothing of its own yet, which a forked child makes its own
+        (``bind_child``). A parent builds one and never touches it again: each child
+        writes to its own copy, and the parent's pages stay unwritten, where a node
+        built for each child would cost the parent copy-on-write faults to build and
+        to free again."""
+        node = cls.__new__(cls)
+        node._init_state(info, table, False)
+        return node
+
+    def _init_state(self, info: NodeInfo, table: _table.Table, is_main: bool) -> None:
         self.info = info
         self.key = info.key
         self.node_id = info.node_id
-        self.me = me
         self.is_main = is_main
         self.table = table
-        self.listen = listen
-        listen.setblocking(False)
-        self.epoll = select.epoll()
         # A plain lock (its ``with`` runs in C) guards everything; the condition over it
         # is only waited on and notified in the embedding process, which has threads.
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
+        self.cond = threading.Condition(self.lock) if is_main else _UNUSED_COND
         self.polling = False
         self.mailbox: deque[Any] = deque()
         self.removed = 0  # how many messages were taken out of the middle of the mailbox
@@ -108,27 +122,46 @@ class Node(Transport, Watches, Exits):
         self.closed = False
         self.exiting = False
         self.exit_deadline = 0.0
-        self.discard: list[Any] = []  # nodes built for children, freed at the next spawn
+        self.child_template: Node | None = None  # see template
         self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.rbuf: mmap.mmap | None = None
         self.suspects: list[int] = []  # peers whose connection closed: dying
         self.internal: dict[Ref, Down | None] = {}  # the runtime's own monitors
         self.extra_fds: list[int] = []  # owned but not polled: our sentinel's write end
-        self.from_ = (me.node, me.serial, me.slot, me.os_pid)
         self.reading = 0
         self.root: Pid | None = None
         self.parent: Pid | None = None
+        self.wakefd = -1
+
+    def _bind(self, me: Pid, listen: socket.socket) -> None:
+        """Make the node this process's: its pid, listening socket and epoll."""
+        self.me = me
+        self.from_ = (me.node, me.serial, me.slot, me.os_pid)
+        self.listen = listen
+        listen.setblocking(False)
+        self.epoll = select.epoll()
         self.epoll.register(listen.fileno(), EPOLLIN)
         self.handlers[listen.fileno()] = _LISTEN
-        table.set_trap(me.slot, self.trap)
+        self.table.set_trap(me.slot, self.trap)
         # Threads of the embedding process wake the polling thread through this eventfd
         # when they queue something it may be waiting for.
-        self.wakefd = -1
-        if is_main:
+        if self.is_main:
             self.wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.handlers[self.wakefd] = Reader(self.wakefd, self._drain_wake)
             self.epoll.register(self.wakefd, EPOLLIN)
+
+    def bind_child(self, me: Pid, listen: socket.socket, parent: Pid, parent_os_pid: int,
+                   conn: socket.socket, link: bool, link_to: Pid | None, trap: bool) -> None:
+        """In a forked child, make the parent's template (``template``) its node."""
+        self.trap = trap
+        self.parent = parent
+        self._bind(me, listen)
+        self.adopt_conn(conn, parent)
+        if link:
+            self.prelink(parent, os.pidfd_open(parent_os_pid))
+        if link_to is not None:
+            self.prelink(link_to, -1)
 
     def _drain_wake(self) -> None:
         try:
@@ -588,8 +621,8 @@ class Node(Transport, Watches, Exits):
     # --------------------------------------------------------------- teardown
 
     def prelink(self, pid: Pid, pidfd: int) -> None:
-        """Link to ``pid`` in a node built for a child before the fork (``pidfd``: a pidfd
-        of ``pid`` made for the child, -1 for the embedding process, which needs none)."""
+        """Link to ``pid`` in a new child's node, before its function runs (``pidfd``: a
+        pidfd of ``pid``, -1 for the embedding process, which needs none)."""
         self.links[pid.serial] = pid
         if pidfd >= 0:
             w = Watch(pid, pidfd)
@@ -598,26 +631,17 @@ class Node(Transport, Watches, Exits):
             self.handlers[pidfd] = w
             self.epoll.register(pidfd, EPOLLIN)
 
-    def release_in_parent(self) -> None:
-        """Close, in the parent, the descriptors of a node built for a child."""
-        for h in self.handlers.values():
-            if h.__class__ is Conn:
-                h.sock.close()
-            elif h.__class__ is Watch and h.owns_fd:
-                os.close(h.fd)
-        self.listen.close()
-        self.epoll.close()
-
     def fds(self) -> list[int]:
         """Every descriptor this node owns: its epoll, listening socket, connections,
         watches and readers, the sentinels of children not reaped yet, and its own
         sentinel's write end (the parent watches that one)."""
         return [fd for lo, hi in runs(self.fd_bits()) for fd in range(lo, hi)]
 
-    def fd_bits(self) -> bytearray:
-        """``fds()`` as a new bitmap (byte ``fd`` is 1 for each), built without
-        walking the node's objects (see ``Handlers``)."""
-        bits = bytearray(self.handlers.bits)
+    def fd_bits(self, copy: bool = True) -> bytearray:
+        """``fds()`` as a bitmap (byte ``fd`` is 1 for each), built without walking the
+        node's objects (see ``Handlers``). ``copy=False`` reuses the node's own bitmap:
+        for a node that is never used again (a forked child's parent node)."""
+        bits = bytearray(self.handlers.bits) if copy else self.handlers.bits
         more = [self.epoll.fileno(), self.listen.fileno(), *self.extra_fds]
         for job in self.deferred:
             if job[0] == self._reap_child and (job[2].sentinel or -1) >= 0:
