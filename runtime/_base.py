@@ -7,10 +7,10 @@ descriptor the node's loop polls.
 
 from __future__ import annotations
 
+import _socket
 import logging
 import select
 import signal
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -100,7 +100,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "peer", "inbuf", "outbuf")
 
-    def __init__(self, sock: socket.socket, peer: Pid | None) -> None:
+    def __init__(self, sock: _socket.socket, peer: Pid | None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
@@ -159,7 +159,7 @@ class NodeState:
     me: Pid
     is_main: bool
     table: Table
-    listen: socket.socket
+    listen: _socket.socket
     epoll: select.epoll
     lock: threading.Lock
     cond: threading.Condition
@@ -197,12 +197,12 @@ class NodeState:
         def _read(self, conn: Conn, drain: bool = False) -> None: ...
         def _close_conn(self, conn: Conn) -> None: ...
         def _conn_to(self, pid: Pid) -> Conn | None: ...
-        def adopt_conn(self, sock: socket.socket, peer: Pid) -> None: ...
+        def adopt_conn(self, sock: _socket.socket, peer: Pid) -> None: ...
         def _write(self, conn: Conn, data: bytes) -> bool: ...
         def _send(self, pid: Pid, obj: Any) -> bool: ...
         def _watch(self, pid: Pid) -> Watch | None: ...
         def _remove_watch(self, w: Watch) -> None: ...
-        def prepare_child(self, pid: Pid, sentinel: int, conn_sock: socket.socket,
+        def prepare_child(self, pid: Pid, sentinel: int, conn_sock: _socket.socket,
                           link: bool) -> Watch: ...
         def child_started(self, w: Watch, popen: Any) -> None: ...
         def _drain_peer(self, serial: int) -> None: ...

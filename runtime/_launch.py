@@ -24,6 +24,7 @@ socketpair to the child that needs no handshake.
 from __future__ import annotations
 
 import _signal
+import _socket
 import ctypes
 import gc
 import io
@@ -46,8 +47,8 @@ _SIGKILL = int(signal.SIGKILL)
 _SIGINT = int(signal.SIGINT)
 _SIGCHLD = int(signal.SIGCHLD)
 _SIG_EXIT = int(SIG_EXIT)
-_AF_UNIX = socket.AF_UNIX
-_SOCK_STREAM = socket.SOCK_STREAM
+_AF_UNIX = _socket.AF_UNIX
+_SOCK_STREAM = _socket.SOCK_STREAM
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 BACKLOG = 4096
@@ -366,8 +367,9 @@ def start_child(
     info = node.info
     serial, slot = table.allocate()
     path = info.sock_path(serial)
-    listen = socket.socket(_AF_UNIX, _SOCK_STREAM)
-    ours, theirs = socket.socketpair(_AF_UNIX, _SOCK_STREAM)
+    # The C socket type: the Python subclass costs more objects on both sides.
+    listen = _socket.socket(_AF_UNIX, _SOCK_STREAM)
+    ours, theirs = _socket.socketpair(_AF_UNIX, _SOCK_STREAM)
     sentinel = os.pipe()
     pid = Pid(node.node_id, serial, slot, 0)  # os_pid is set once the fork is done
     popen = watch = None

@@ -18,12 +18,12 @@ condition).
 
 from __future__ import annotations
 
+import _socket
 import itertools
 import mmap
 import os
 import pickle
 import select
-import socket
 import threading
 import time
 from collections import deque
@@ -70,7 +70,7 @@ class Node(Transport, Watches, Exits):
         self,
         info: NodeInfo,
         me: Pid,
-        listen: socket.socket,
+        listen: _socket.socket,
         table: _table.Table,
         *,
         is_main: bool,
@@ -134,7 +134,7 @@ class Node(Transport, Watches, Exits):
         self.parent: Pid | None = None
         self.wakefd = -1
 
-    def _bind(self, me: Pid, listen: socket.socket) -> None:
+    def _bind(self, me: Pid, listen: _socket.socket) -> None:
         """Make the node this process's: its pid, listening socket and epoll."""
         self.me = me
         self.from_ = (me.node, me.serial, me.slot, me.os_pid)
@@ -151,8 +151,8 @@ class Node(Transport, Watches, Exits):
             self.handlers[self.wakefd] = Reader(self.wakefd, self._drain_wake)
             self.epoll.register(self.wakefd, EPOLLIN)
 
-    def bind_child(self, me: Pid, listen: socket.socket, parent: Pid, parent_os_pid: int,
-                   conn: socket.socket, link: bool, link_to: Pid | None, trap: bool) -> None:
+    def bind_child(self, me: Pid, listen: _socket.socket, parent: Pid, parent_os_pid: int,
+                   conn: _socket.socket, link: bool, link_to: Pid | None, trap: bool) -> None:
         """In a forked child, make the parent's template (``template``) its node."""
         self.trap = trap
         self.parent = parent

@@ -9,9 +9,9 @@ cannot deadlock.
 
 from __future__ import annotations
 
+import _socket
 import mmap
 import select
-import socket
 import time
 from typing import Any
 
@@ -24,6 +24,9 @@ from ._base import (
 )
 from .pid import Pid
 
+_AF_UNIX = _socket.AF_UNIX
+_SOCK_STREAM = _socket.SOCK_STREAM
+
 
 class Transport(NodeState):
     """Part of Node (see ``_node``); a mixin, it uses the node's state."""
@@ -32,11 +35,12 @@ class Transport(NodeState):
         new: list[Conn] = []
         while True:
             try:
-                sock, _ = self.listen.accept()
+                fd, _ = self.listen._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return new
             except OSError:
                 return new
+            sock = _socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
             sock.setblocking(False)
             conn = Conn(sock, None)
             self.handlers[conn.fd] = conn
@@ -126,7 +130,7 @@ class Transport(NodeState):
             return conn
         if pid.node != self.node_id:
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_AF_UNIX, _SOCK_STREAM)
         try:
             sock.connect(self.info.sock_path(pid.serial))
         except OSError:
@@ -141,7 +145,7 @@ class Transport(NodeState):
         self._write(conn, _wire.hello_frame(self.key, self.me.serial, self.me.slot, pid.serial))
         return conn
 
-    def adopt_conn(self, sock: socket.socket, peer: Pid) -> None:
+    def adopt_conn(self, sock: _socket.socket, peer: Pid) -> None:
         """Use an already connected socket (a socketpair made at spawn) for ``peer``."""
         sock.setblocking(False)
         conn = Conn(sock, peer)

@@ -10,9 +10,9 @@ Exit (or death) for a link. A dead child is reaped after its Down is out.
 
 from __future__ import annotations
 
+import _socket
 import os
 import signal
-import socket
 from typing import Any
 
 from . import _base, _table
@@ -73,12 +73,12 @@ class Watches(NodeState):
         if w.owns_fd:
             os.close(w.fd)
 
-    def add_child(self, pid: Pid, popen: Any, conn_sock: socket.socket, link: bool) -> None:
+    def add_child(self, pid: Pid, popen: Any, conn_sock: _socket.socket, link: bool) -> None:
         """Record a child that has been started: watch its sentinel, adopt its socketpair."""
         w = self.prepare_child(pid, popen.sentinel, conn_sock, link)
         self.child_started(w, popen)
 
-    def prepare_child(self, pid: Pid, sentinel: int, conn_sock: socket.socket,
+    def prepare_child(self, pid: Pid, sentinel: int, conn_sock: _socket.socket,
                       link: bool) -> Watch:
         """Record a child about to be forked (``pid.os_pid`` is set once it is). Done
         before the fork because after it every page the parent writes is copied."""

@@ -19,6 +19,7 @@ travels.
 
 from __future__ import annotations
 
+import _socket
 import hmac
 import os
 import pickle
@@ -94,7 +95,7 @@ def hello_frame(key: bytes, serial: int, slot: int, target_serial: int) -> bytes
     return HEADER.pack(len(body)) + body
 
 
-def check_hello(key: bytes, sock: socket.socket, my_serial: int,
+def check_hello(key: bytes, sock: _socket.socket, my_serial: int,
                 payload: memoryview) -> tuple[int, int, int] | None:
     """(serial, slot, os_pid) of the peer if ``payload`` is a valid HELLO from the process
     at the other end of ``sock``, else None."""

@@ -17,6 +17,7 @@ When a process exits, the processes it started die too.
 
 from __future__ import annotations
 
+import _thread
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
 
 _START_METHODS = ("fork", "spawn")
 _config: dict[str, Any] = {"start_method": None}
+_MAIN_THREAD = threading.main_thread().ident  # the same in a forked child
 
 
 def configure(*, start_method: str | None = None) -> None:
@@ -115,7 +117,7 @@ def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *
             with node.lock:
                 node._add_link(pid, requested=False)
         return pid
-    if threading.current_thread() is not threading.main_thread():
+    if _thread.get_ident() != _MAIN_THREAD:
         raise ProcessError(
             "spawn from a runtime process must run on its main thread "
             "(a fork from another thread would not be safe)"
