@@ -32,6 +32,7 @@ _PENDING = object()
 _LISTEN = object()
 
 EPOLLIN = select.EPOLLIN
+POLL_MAX = 1024  # events one epoll.poll returns at most
 # The signal that makes a runtime process run its exit path (see Node.kill), and
 # how long a process gets to do so before the root SIGKILLs it.
 SIG_EXIT = signal.SIGRTMIN + 1
@@ -185,6 +186,7 @@ class NodeState:
     unproven: set[Conn]
     rbuf: mmap.mmap | None
     reading: int
+    batch_whole: bool
     suspects: list[int]
     internal: dict[Ref, Down | None]
     extra_fds: list[int]

@@ -392,26 +392,31 @@ def start_child(
             watch = node.prepare_child(pid, sentinel[0], ours, link)
             popen = proc.start_with("fork")
             node.child_started(watch, popen)
+        table.set_os_pid(slot, popen.pid)
     finally:
-        listen.close()
-        theirs.close()
-        if popen is None:
-            if watch is not None:
-                with node.lock:
-                    node.child_failed(watch)
-            else:
-                ours.close()
-            for fd in sentinel:
+        try:
+            listen.close()
+            theirs.close()
+            if popen is None:
+                if watch is not None:
+                    with node.lock:
+                        node.child_failed(watch)
+                else:
+                    ours.close()
+                for fd in sentinel:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                table.free(slot)
                 try:
-                    os.close(fd)
+                    os.unlink(path)
                 except OSError:
                     pass
-            table.free(slot)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-    table.set_os_pid(slot, popen.pid)
+        finally:
+            # Signals stay blocked from the fork until the child is recorded: a
+            # handler that raises does so here, and no child goes untracked.
+            _fork.parent_done()
     return pid
 
 

@@ -37,6 +37,7 @@ from ._base import (
     _PENDING,
     DEFERRED_MAX,
     EPOLLIN,
+    POLL_MAX,
     Conn,
     Handlers,
     NodeInfo,
@@ -130,6 +131,7 @@ class Node(Transport, Watches, Exits):
         self.internal: dict[Ref, Down | None] = {}  # the runtime's own monitors
         self.extra_fds: list[int] = []  # owned but not polled: our sentinel's write end
         self.reading = 0
+        self.batch_whole = False  # see _process
         self.root: Pid | None = None
         self.parent: Pid | None = None
         self.wakefd = -1
@@ -210,7 +212,7 @@ class Node(Transport, Watches, Exits):
                 self.polling = True
                 lock.release()
                 try:
-                    events = self.epoll.poll(remaining)
+                    events = self.epoll.poll(remaining, POLL_MAX)
                 except BaseException:
                     lock.acquire()
                     self.polling = False
@@ -234,6 +236,9 @@ class Node(Transport, Watches, Exits):
         # can close a descriptor and open another under the same number (an unlink
         # closes a pidfd, a link opens one), and the old event must not hit the new one.
         batch: list[tuple[int, Any]] = [(fd, handlers.get(fd)) for fd, _ in events]
+        # A batch shorter than the most one poll returns holds every event that was
+        # ready: a connection a dead peer made is then accepted already (_drain_peer).
+        self.batch_whole = len(batch) < POLL_MAX
         for fd, owner in batch:
             h: Any = handlers.get(fd)
             if h is None or h is not owner:
@@ -264,6 +269,7 @@ class Node(Transport, Watches, Exits):
             for w in deaths:
                 if self.watches.get(w.pid.serial) is w:
                     self._on_death(w)
+        self.batch_whole = False
 
     def fileno(self) -> int:
         """The epoll descriptor this process waits on: readable when the runtime has
@@ -277,7 +283,7 @@ class Node(Transport, Watches, Exits):
                 return  # another thread is waiting: it processes what arrives
             if self.deferred:
                 self._run_deferred()
-            events = self.epoll.poll(0)
+            events = self.epoll.poll(0, POLL_MAX)
             if events:
                 self._process(events)
                 self._notify()
@@ -451,7 +457,7 @@ class Node(Transport, Watches, Exits):
                 with lock:
                     self._deliver_or_clean_up()
                 continue
-            events = epoll.poll(remaining)
+            events = epoll.poll(remaining, POLL_MAX)
             if events:
                 with lock:
                     self._process(events)
@@ -459,7 +465,7 @@ class Node(Transport, Watches, Exits):
     def _deliver_or_clean_up(self) -> None:
         """Cleanup jobs wait (lock held): deliver what is ready first; clean up only at
         an idle moment, or once the jobs pile up (a busy process must still reap)."""
-        events = self.epoll.poll(0) if len(self.deferred) < DEFERRED_MAX else None
+        events = self.epoll.poll(0, POLL_MAX) if len(self.deferred) < DEFERRED_MAX else None
         if events:
             self._process(events)
             self._notify()

@@ -209,7 +209,7 @@ def shutdown_node(timeout: float) -> None:
 
 
 def _root_main() -> None:
-    _fork.watch_hooks()
+    _fork.prepare()
     _Root().run()
 
 

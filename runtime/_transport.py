@@ -18,6 +18,7 @@ from typing import Any
 from . import _wire
 from ._base import (
     EPOLLIN,
+    POLL_MAX,
     READ_SIZE,
     Conn,
     NodeState,
@@ -194,7 +195,7 @@ class Transport(NodeState):
             if not conn.outbuf:
                 return True
             if not self.polling:
-                events = self.epoll.poll(0)
+                events = self.epoll.poll(0, POLL_MAX)
                 if events:
                     self._process(events)
                     if self.is_main:

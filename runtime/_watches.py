@@ -116,8 +116,8 @@ class Watches(NodeState):
         its death, so _process has usually accepted it (it handles the rest of a
         wake-up's events before deaths), unless the wake-up held more events than one
         poll returns: accept again to be sure."""
-        if _readable(self.listen.fileno(), 0):  # a poll is cheaper than a failed accept
-            self._accept_all()
+        if not self.batch_whole and _readable(self.listen.fileno(), 0):
+            self._accept_all()  # (a poll is cheaper than a failed accept)
         if self.unproven:
             for conn in list(self.unproven):
                 self._read(conn, drain=True)

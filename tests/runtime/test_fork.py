@@ -1,13 +1,18 @@
 """How runtime processes fork their children (runtime._fork): the direct fork keeps the
 behaviour of os.fork that a single-threaded process can observe, and os.fork is used
-whenever the direct one would skip something."""
+whenever the direct one would skip something (a thread, a hook it does not know)."""
 
 from __future__ import annotations
 
+import _thread
+import ctypes
 import os
+import posix
 import random
 import signal
+import sys
 import threading
+import time
 
 import pytest
 
@@ -19,84 +24,175 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("RUNTIME_START_METHOD") == "spawn", reason="about the fork start method"
 )
 
-HOOK_RAN = False
+MARK = threading.Event()  # set by hooks in children
+LOCK = threading.Lock()
 
 
-def _report(parent, tag):
-    """Sent from a new process: what a fork should have given it."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    runtime.send(parent, (tag, {
-        "random": random.random(),
-        "blocked": sorted(int(s) for s in blocked),
-        "native_id": threading.current_thread().native_id,
-        "os_pid": os.getpid(),
-        "threads": len(threading.enumerate()),
-        "hook_ran": HOOK_RAN,
-    }))
+def _in_runtime(fn, *args, timeout=15):
+    """Run ``fn(*args)`` in a runtime process (a child of the root); its return value."""
+    me = runtime.self()
+
+    def body():
+        runtime.send(me, ("result", fn(*args)))
+
+    _, ref = runtime.spawn_monitor(body)
+    msg = assert_receive(lambda m: isinstance(m, tuple) and m[0] == "result", timeout=timeout)
+    assert_receive(lambda m: isinstance(m, runtime.Down) and m.ref == ref, timeout=timeout)
+    return msg[1]
 
 
-def _forker(parent, n, setup):
-    """A runtime process that forks ``n`` children, after ``setup`` (a name)."""
-    stop = threading.Event()
-    if setup == "thread":
-        thread = threading.Thread(target=stop.wait)
-        thread.start()
-    elif setup == "hook":
-        os.register_at_fork(after_in_child=_note_hook)
-    refs = [runtime.spawn_monitor(_report, parent, ("child", i))[1] for i in range(n)]
+def _children(n, probe):
+    """From a runtime process: start ``n`` children; what ``probe()`` returns in each."""
+    me = runtime.self()
+
+    def child():
+        runtime.send(me, ("child", probe()))
+
+    refs = [runtime.spawn_monitor(child)[1] for _ in range(n)]
+    out = [runtime.receive(timeout=10, match=lambda m: isinstance(m, tuple)
+                           and m[0] == "child")[1] for _ in range(n)]
     for ref in refs:  # our children would be stopped when we exit
         runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
                         and m.ref == ref)
-    runtime.send(parent, ("parent", random.random(), _fork.foreign_hooks))
-    stop.set()
-    if setup == "thread":
-        thread.join()
+    return out
 
 
-def _note_hook():
-    global HOOK_RAN
-    HOOK_RAN = True
-
-
-def _collect(n, setup="none"):
-    me = runtime.self()
-    pid, ref = runtime.spawn_monitor(_forker, me, n, setup)
-    reports = [assert_receive(lambda m, i=i: m[0] == ("child", i), timeout=10)[1]
-               for i in range(n)]
-    parent = assert_receive(lambda m: m[0] == "parent", timeout=10)
-    assert_receive(lambda m: isinstance(m, runtime.Down) and m.ref == ref, timeout=10)
-    return reports, parent
+def _fresh_fork_state():
+    return {
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "native_id": threading.current_thread().native_id,
+        "os_pid": os.getpid(),
+        "threads": len(threading.enumerate()),
+    }
 
 
 def test_siblings_draw_different_random_numbers():
-    reports, (_, parent_draw, _) = _collect(4)
-    draws = [r["random"] for r in reports] + [parent_draw]
-    assert len(set(draws)) == len(draws)
+    def draws():
+        random.gauss(0.0, 1.0)  # leaves a second gauss value cached in the parent
+        kids = _children(4, lambda: (random.random(), random.gauss(0.0, 1.0)))
+        return kids + [(random.random(), random.gauss(0.0, 1.0))]
+
+    got = _in_runtime(draws)
+    assert len({r for r, _ in got}) == len(got)
+    assert len({g for _, g in got}) == len(got)
 
 
 def test_child_gets_the_signal_mask_and_thread_id_of_a_fresh_fork():
-    reports, _ = _collect(2)
-    for r in reports:
+    for r in _in_runtime(_children, 2, _fresh_fork_state):
         assert r["blocked"] == []  # nothing left blocked by the fork
         assert r["native_id"] == r["os_pid"]
         assert r["threads"] == 1
 
 
-def test_a_registered_at_fork_hook_runs_in_the_children():
-    reports, (_, _, foreign) = _collect(2, setup="hook")
-    assert foreign
-    assert all(r["hook_ran"] for r in reports)
+def test_the_os_fork_audit_event_is_raised():
+    def forks_seen():
+        seen = []
+        sys.addaudithook(lambda event, args: seen.append(event) if event == "os.fork" else None)
+        _children(1, lambda: 0)
+        return seen
+
+    assert _in_runtime(forks_seen) == ["os.fork"]
+
+
+def _lock_taken():
+    return LOCK.acquire(timeout=5)
+
+
+def _hooked(register):
+    if register == "os":
+        os.register_at_fork(after_in_child=MARK.set)
+    elif register == "posix":  # not through os: the interpreter's own lists tell
+        posix.register_at_fork(after_in_child=MARK.set)
+    elif register == "event":  # a method defined in threading, not a thread hook
+        os.register_at_fork(after_in_child=threading.Event().set)
+        os.register_at_fork(after_in_child=MARK.set)
+    else:  # a lock the forking thread holds, made usable again in the child
+        os.register_at_fork(after_in_child=LOCK._at_fork_reinit)
+        with LOCK:
+            return _children(1, _lock_taken)
+    return _children(2, MARK.is_set)
+
+
+@pytest.mark.parametrize("register", ["os", "posix", "event", "lock"])
+def test_an_at_fork_hook_of_the_users_runs_in_the_children(register):
+    assert all(_in_runtime(_hooked, register))
+
+
+def _with_thread():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        return _children(2, _fresh_fork_state)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_a_process_with_threads_forks_through_os_fork():
-    reports, _ = _collect(2, setup="thread")
-    for r in reports:
+    for r in _in_runtime(_with_thread):
         assert r["threads"] == 1  # threading's own after-fork bookkeeping ran
         assert r["blocked"] == []
 
 
-def test_standard_library_thread_hooks_do_not_count_as_foreign():
-    assert _fork._thread_only(threading.Lock().acquire)
-    assert _fork._thread_only(random.Random().seed)
-    assert not _fork._thread_only(_note_hook)
-    assert not _fork._thread_only(print)
+def _thread_states():
+    return len(sys._current_frames())
+
+
+def _with_c_thread():
+    libc = ctypes.CDLL(None)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def body(_):  # runs Python through PyGILState_Ensure: _thread does not count it
+        inside.set()
+        release.wait(10)
+        return None
+
+    callback = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(body)
+    tid = ctypes.c_ulong()
+    assert libc.pthread_create(ctypes.byref(tid), None, callback, None) == 0
+    try:
+        inside.wait(5)
+        assert _thread._count() == 0
+        return _children(1, _thread_states)
+    finally:
+        release.set()
+        libc.pthread_join(tid, None)
+
+
+def test_a_thread_the_interpreter_did_not_start_counts():
+    assert _in_runtime(_with_c_thread) == [1]  # os.fork dropped the C thread's state
+
+
+def test_a_handler_that_raises_at_spawn_leaves_signals_and_children_as_they_were():
+    class Interrupted(Exception):
+        pass
+
+    def interrupted():
+        def handler(signo, frame):
+            raise Interrupted
+
+        signal.signal(signal.SIGUSR1, handler)
+        sys.addaudithook(lambda event, args: os.kill(os.getpid(), signal.SIGUSR1)
+                         if event == "os.fork" else None)
+        before = len(runtime._node.current().children)
+        try:
+            runtime.spawn(time.sleep, 0)
+        except Interrupted:
+            pass
+        return (sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                len(runtime._node.current().children) - before)
+
+    blocked, new_children = _in_runtime(interrupted)
+    assert blocked == []
+    assert new_children in (0, 1)  # forked and recorded, or never forked
+
+
+def test_the_standard_library_thread_hooks_are_known():
+    _fork.prepare()  # here in the embedding process, which never forks itself
+    assert _fork._hook_lists is not None
+    known = _fork._thread_only_hooks()
+    assert threading._after_fork in known  # type: ignore[attr-defined]
+    assert random._inst.seed in known  # type: ignore[attr-defined]
+    assert MARK.set not in known
