@@ -8,7 +8,9 @@ machine, by the same process:
 
 - spawn to ready: ``spawn`` of a function that sends one message back, until that
   message is received; floor: ``os.fork`` + a one-byte pipe handshake. Both new
-  processes then wait (as a new server would) until the round is over.
+  processes then wait (as a new server would) until the round is over. Also
+  against the C library's ``fork()`` + the same handshake: ``os.fork`` without
+  the interpreter's at-fork machinery, which runtime processes skip.
 - call round trip: ``call`` to a GenServer that replies at once; floor: a
   ``multiprocessing.Pipe`` round trip of a pickled tuple to an echo process.
 - SIGKILL to Down: SIGKILL of a started, idle, monitored process until its ``Down``
@@ -26,6 +28,7 @@ run.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import select
@@ -97,6 +100,38 @@ def floor_fork(n):
         if pid == 0:
             os.write(w, b"x")
             for _, other in children:  # inherited from the parent: would keep siblings up
+                os.close(other)
+            os.close(stop_w)
+            os.read(stop_r, 1)
+            os._exit(0)
+        os.read(r, 1)
+        samples.append(time.perf_counter() - t0)
+        os.close(r)
+        os.close(w)
+        os.close(stop_r)
+        children.append((pid, stop_w))
+    for pid, stop_w in children:
+        os.close(stop_w)
+        os.waitpid(pid, 0)
+    return samples
+
+
+def floor_libc_fork(n):
+    """As floor_fork, with the C library's fork() called directly: without the
+    interpreter's at-fork machinery (hooks, thread state), which os.fork runs and a
+    single-threaded runtime process skips (see runtime/_fork.py). The kernel's floor."""
+    libc_fork = ctypes.PyDLL(None).fork  # PyDLL: the GIL stays held across the call
+    libc_fork.restype = ctypes.c_int
+    samples = []
+    children = []
+    for _ in range(n):
+        r, w = os.pipe()
+        stop_r, stop_w = os.pipe()
+        t0 = time.perf_counter()
+        pid = libc_fork()
+        if pid == 0:
+            os.write(w, b"x")
+            for _, other in children:
                 os.close(other)
             os.close(stop_w)
             os.read(stop_r, 1)
@@ -263,6 +298,8 @@ def driver(parent, quick):
     results = {}
     results["spawn"] = interleaved(rounds, lambda: floor_fork(n_spawn),
                                    lambda: ours_spawn(n_spawn))
+    results["spawn_libc"] = interleaved(rounds, lambda: floor_libc_fork(n_spawn),
+                                        lambda: ours_spawn(n_spawn))
     server = Echo.start_link()
     ctx = multiprocessing.get_context("fork")
     results["call"] = interleaved(rounds, lambda: floor_pipe_rtt(n_call, ctx),
@@ -316,6 +353,7 @@ def measure(quick):
     main_spawn()  # the root imports what the target needs, once
     spawn_floor = results["spawn"][1]
     figure("spawn to ready", results["spawn"], "target <= 1.3x")
+    figure("  same, against the C library's fork() + handshake", results["spawn_libc"])
     main = main_spawn()
     out(row("spawn to ready from the embedding process (p50)", p50(main), p50(spawn_floor),
             "(one more hop: via the root)"))

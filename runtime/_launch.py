@@ -365,15 +365,19 @@ def start_child(
         target = (run_payload, (payload,))
     table = node.table
     info = node.info
-    serial, slot = table.allocate()
-    path = info.sock_path(serial)
-    # The C socket type: the Python subclass costs more objects on both sides.
-    listen = _socket.socket(_AF_UNIX, _SOCK_STREAM)
-    ours, theirs = _socket.socketpair(_AF_UNIX, _SOCK_STREAM)
-    sentinel = os.pipe()
-    pid = Pid(node.node_id, serial, slot, 0)  # os_pid is set once the fork is done
-    popen = watch = None
+    listen, ours, theirs = _sockets(_socket.socket)
     try:
+        sentinel = os.pipe()
+    except BaseException:
+        _close_all(listen, ours, theirs)
+        raise
+    popen = watch = None
+    slot = -1
+    path = ""
+    try:
+        serial, slot = table.allocate()
+        path = info.sock_path(serial)
+        pid = Pid(node.node_id, serial, slot, 0)  # os_pid is set once the fork is done
         listen.bind(path)
         listen.listen(BACKLOG)
         if trap:  # before anyone can send it an exit signal
@@ -408,16 +412,43 @@ def start_child(
                         os.close(fd)
                     except OSError:
                         pass
-                table.free(slot)
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                _give_back(table, slot, path)
         finally:
             # Signals stay blocked from the fork until the child is recorded: a
             # handler that raises does so here, and no child goes untracked.
             _fork.parent_done()
     return pid
+
+
+def _sockets(kind: Any) -> tuple[Any, Any, Any]:
+    """A new child's listening socket and socketpair (``kind``: the C socket type under
+    fork, where the Python subclass costs more objects on both sides; the Python one
+    under spawn, whose sockets are pickled). Made before the child's table slot is
+    taken: when descriptors run out, nothing is left behind."""
+    pair = _socket.socketpair if kind is _socket.socket else socket.socketpair
+    listen = kind(_AF_UNIX, _SOCK_STREAM)
+    try:
+        a, b = pair(_AF_UNIX, _SOCK_STREAM)
+    except BaseException:
+        listen.close()
+        raise
+    return listen, a, b
+
+
+def _close_all(*socks: Any) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def _give_back(table: _table.Table, slot: int, path: str) -> None:
+    """Undo a start that failed: free the slot, remove the socket file."""
+    if slot >= 0:
+        table.free(slot)
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _start_spawned(node: _node.Node, target: Any, payload: bytes | None, link: bool,
@@ -429,12 +460,13 @@ def _start_spawned(node: _node.Node, target: Any, payload: bytes | None, link: b
     if method == "spawn" and target is not None:
         payload, target = _wire.dumps_code(target), None
     table = node.table
-    serial, slot = table.allocate()
-    path = info.sock_path(serial)
-    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    listen, ours, theirs = _sockets(socket.socket)
     popen = None
+    slot = -1
+    path = ""
     try:
+        serial, slot = table.allocate()
+        path = info.sock_path(serial)
         listen.bind(path)
         listen.listen(BACKLOG)
         links = [node.me] if link else []
@@ -451,12 +483,8 @@ def _start_spawned(node: _node.Node, target: Any, payload: bytes | None, link: b
         listen.close()
         theirs.close()
         if popen is None:
-            table.free(slot)
             ours.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _give_back(table, slot, path)
     table.set_os_pid(slot, popen.pid)
     pid = Pid(node.node_id, serial, slot, popen.pid)
     with node.lock:

@@ -231,7 +231,6 @@ class Node(Transport, Watches, Exits):
 
     def _process(self, events: list[tuple[int, int]]) -> None:
         handlers = self.handlers
-        deaths: list[Watch] | None = None
         # Who each descriptor belonged to when the batch was read: handling one event
         # can close a descriptor and open another under the same number (an unlink
         # closes a pidfd, a link opens one), and the old event must not hit the new one.
@@ -239,6 +238,14 @@ class Node(Transport, Watches, Exits):
         # A batch shorter than the most one poll returns holds every event that was
         # ready: a connection a dead peer made is then accepted already (_drain_peer).
         self.batch_whole = len(batch) < POLL_MAX
+        try:
+            self._handle(batch)
+        finally:
+            self.batch_whole = False
+
+    def _handle(self, batch: list[tuple[int, Any]]) -> None:
+        handlers = self.handlers
+        deaths: list[Watch] | None = None
         for fd, owner in batch:
             h: Any = handlers.get(fd)
             if h is None or h is not owner:
@@ -269,7 +276,6 @@ class Node(Transport, Watches, Exits):
             for w in deaths:
                 if self.watches.get(w.pid.serial) is w:
                     self._on_death(w)
-        self.batch_whole = False
 
     def fileno(self) -> int:
         """The epoll descriptor this process waits on: readable when the runtime has

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import threading
 import time
 
@@ -330,3 +331,78 @@ def test_a_process_killed_in_its_exit_path_leaves_no_socket_file():
     socket_files = {str(parent.serial), str(child.serial)}
     wait_until(lambda: not socket_files & set(os.listdir(node.info.dir)),
                what="the socket files of the dead to be removed")
+
+
+def _send_when_told(to, fifo):
+    with open(fifo, "rb") as f:  # blocks until the test opens the other end
+        f.read(1)
+    runtime.send(to, "before-death")  # over a new connection: the test never sent to us
+
+
+def test_what_a_process_sent_comes_before_its_down_after_a_wait_that_raised(tmp_path):
+    node = _node.current()
+    me = runtime.self()
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    r, w = os.pipe()
+
+    def interrupt():
+        os.read(r, 1)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, anywhere
+
+    node.add_reader(r, interrupt)
+    try:
+        pid = runtime.spawn(_send_when_told, me, fifo)
+        os.write(w, b"x")
+        with pytest.raises(KeyboardInterrupt):
+            runtime.receive(timeout=5, match=lambda m: False)
+        with open(fifo, "wb") as f:
+            f.write(b"x")
+        pidfd = os.pidfd_open(pid.os_pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            assert poller.poll(10_000), "the sender did not exit"
+        finally:
+            os.close(pidfd)
+        ref = runtime.monitor(pid)  # of a dead process: its messages come first
+        assert runtime.receive(timeout=5) == "before-death"
+        down = runtime.receive(timeout=5)
+        assert isinstance(down, runtime.Down) and down.ref == ref
+    finally:
+        node.remove_reader(r)
+        os.close(r)
+        os.close(w)
+
+
+def _spawn_until_out_of_descriptors(main, spare):
+    node = _node.current()
+
+    def unstarted():
+        return sum(1 for _, _, os_pid in node.table.live_slots() if os_pid == 0)
+
+    before = unstarted()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    failed = None
+    pids = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + spare,
+                                                    hard))
+        for _ in range(40):  # bounded: a few descriptors per child run out long before
+            try:
+                pids.append(runtime.spawn(time.sleep, 0))
+            except OSError as exc:
+                failed = exc.errno
+                break
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    runtime.send(main, ("out", failed, unstarted() - before))
+
+
+@pytest.mark.parametrize("spare", [11, 12, 13, 14])
+def test_running_out_of_descriptors_at_spawn_leaves_no_table_slot_taken(spare):
+    pid, ref = runtime.spawn_monitor(_spawn_until_out_of_descriptors, runtime.self(), spare)
+    _, failed, leaked = assert_receive(tagged("out"), timeout=30)
+    wait_down(ref, timeout=30)
+    assert failed is not None
+    assert leaked == 0
