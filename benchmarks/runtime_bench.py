@@ -87,7 +87,7 @@ def _nursery(parent):
 
 # ---------------------------------------------------------------------------- floors
 
-def floor_fork(n):
+def floor_fork(n, fork=os.fork):
     """os.fork + a one-byte pipe handshake; the children stay alive (as ours do) until
     the round is measured, then go."""
     samples = []
@@ -96,7 +96,7 @@ def floor_fork(n):
         r, w = os.pipe()
         stop_r, stop_w = os.pipe()
         t0 = time.perf_counter()
-        pid = os.fork()
+        pid = fork()
         if pid == 0:
             os.write(w, b"x")
             for _, other in children:  # inherited from the parent: would keep siblings up
@@ -122,30 +122,7 @@ def floor_libc_fork(n):
     single-threaded runtime process skips (see runtime/_fork.py). The kernel's floor."""
     libc_fork = ctypes.PyDLL(None).fork  # PyDLL: the GIL stays held across the call
     libc_fork.restype = ctypes.c_int
-    samples = []
-    children = []
-    for _ in range(n):
-        r, w = os.pipe()
-        stop_r, stop_w = os.pipe()
-        t0 = time.perf_counter()
-        pid = libc_fork()
-        if pid == 0:
-            os.write(w, b"x")
-            for _, other in children:
-                os.close(other)
-            os.close(stop_w)
-            os.read(stop_r, 1)
-            os._exit(0)
-        os.read(r, 1)
-        samples.append(time.perf_counter() - t0)
-        os.close(r)
-        os.close(w)
-        os.close(stop_r)
-        children.append((pid, stop_w))
-    for pid, stop_w in children:
-        os.close(stop_w)
-        os.waitpid(pid, 0)
-    return samples
+    return floor_fork(n, libc_fork)
 
 
 def floor_pipe_rtt(n, ctx):
