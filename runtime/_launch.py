@@ -3,8 +3,9 @@
 A runtime process is a ``multiprocessing.process.BaseProcess`` whose ``Popen`` is
 one of two small subclasses of the standard ones:
 
-- ``fork`` (default): the parent, a single-threaded runtime process, forks. The
-  child inherits the target function, so nothing is pickled. The embedding
+- ``fork`` (default): the parent, a single-threaded runtime process, forks
+  (``_fork``: without the interpreter's at-fork machinery when nothing needs it).
+  The child inherits the target function, so nothing is pickled. The embedding
   process never forks: it asks the node's root process to fork for it.
 - ``spawn``: a fresh interpreter (the macOS default). The target travels
   cloudpickled. The child does *not* re-import the user's ``__main__`` (the
@@ -13,12 +14,15 @@ one of two small subclasses of the standard ones:
 
 Before the child runs any user code it: asks the kernel to SIGKILL it when its
 parent dies (``PR_SET_PDEATHSIG``; runtime processes are single-threaded, so the
-forking thread is the process), closes every inherited descriptor but its own,
-ignores SIGINT (Ctrl-C belongs to the embedding process), and builds its node.
+forking thread is the process), ignores SIGINT (Ctrl-C belongs to the embedding
+process), closes the runtime descriptors it inherited, and makes its node.
 
-The parent does the costly setup before the fork: the slot in the process
-table, the listening socket (so the new pid can be sent to at once), and a
-socketpair to the child that needs no handshake.
+After a fork every page either process writes is copied, so both sides do as
+little as possible. The parent makes what must exist before the child runs: the
+slot in the process table, the listening socket (so the new pid can be sent to
+at once) and a socketpair to the child that needs no handshake; it records the
+child before the fork. A forked child's node is its parent's template
+(``Node.template``), which the parent built once and never writes to.
 """
 
 from __future__ import annotations

@@ -139,6 +139,11 @@ class Watches(NodeState):
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
             status = os.waitid(os.P_PID, os_pid, flags)
+            if status is None:
+                # Its descriptors are closed: it is in its exit, a few microseconds from
+                # waitable. Where it waits for our CPU, let it finish first.
+                os.sched_yield()
+                status = os.waitid(os.P_PID, os_pid, flags)
         except ChildProcessError:
             return None
         if status is not None:
