@@ -246,6 +246,19 @@ class Node(Transport, Watches, Exits):
     def _handle(self, batch: list[tuple[int, Any]]) -> None:
         handlers = self.handlers
         deaths: list[Watch] | None = None
+        for _, owner in batch:
+            if owner.__class__ is Watch:
+                deaths = [w for _, w in batch if w.__class__ is Watch]
+                break
+        if deaths is not None:
+            # Deaths first. What a dead process sent comes before its Down all the same
+            # (_drain_peer reads it; connections it made are accepted just before), and
+            # a message another process sent once it saw the death comes after the Down:
+            # a supervisor asked about a child whose Down the asker has seen answers
+            # without it.
+            if any(owner is _LISTEN for _, owner in batch):
+                self._accept_all()
+            self._deaths(deaths)
         for fd, owner in batch:
             h: Any = handlers.get(fd)
             if h is None or h is not owner:
@@ -254,28 +267,25 @@ class Node(Transport, Watches, Exits):
             if cls is Conn:
                 self._read(h)
             elif cls is Watch:
-                if deaths is None:
-                    deaths = [h]
-                else:
-                    deaths.append(h)
+                pass  # handled above
             elif h is _LISTEN:
                 self._accept_all()
             else:
                 h.callback()
         if self.suspects:
+            more = []
             for serial in self.suspects:
                 w = self.watches.get(serial)
                 if w is not None and (deaths is None or w not in deaths) and (
                         w.child is not None or _readable(w.fd, 0)):
-                    if deaths is None:
-                        deaths = [w]
-                    else:
-                        deaths.append(w)
+                    more.append(w)
             self.suspects.clear()
-        if deaths:
-            for w in deaths:
-                if self.watches.get(w.pid.serial) is w:
-                    self._on_death(w)
+            self._deaths(more)
+
+    def _deaths(self, deaths: list[Watch]) -> None:
+        for w in deaths:
+            if self.watches.get(w.pid.serial) is w:
+                self._on_death(w)
 
     def fileno(self) -> int:
         """The epoll descriptor this process waits on: readable when the runtime has

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -126,3 +127,37 @@ def test_messages_sent_before_death_arrive_before_the_down():
         except TimeoutError:
             break
     assert words == list(range(100))
+
+
+def _observer(watcher, victim, fifo):
+    ref = runtime.monitor(victim)
+    runtime.send(watcher, "hello")  # the connection the next message will take
+    wait_down(ref)
+    runtime.send(watcher, "sent after the Down")
+    with open(fifo, "wb") as f:  # the watcher may go on
+        f.write(b"x")
+
+
+def _watcher(test, fifo):
+    victim = runtime.spawn(sleeper)
+    ref = runtime.monitor(victim)
+    runtime.spawn(_observer, runtime.self(), victim, fifo)
+    runtime.receive(timeout=10, match=lambda m: m == "hello")
+    runtime.send(test, ("victim", victim))
+    with open(fifo, "rb") as f:  # not waiting in the runtime: both events pile up
+        f.read(1)
+    first = runtime.receive(timeout=10)
+    second = runtime.receive(timeout=10)
+    runtime.send(test, ("order", first, second, ref))
+
+
+def test_a_message_sent_after_a_death_was_seen_comes_after_the_down(tmp_path):
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    pid, ref = runtime.spawn_monitor(_watcher, runtime.self(), fifo)
+    _, victim = assert_receive(tagged("victim"))
+    runtime.exit(victim, "kill")
+    _, first, second, victim_ref = assert_receive(tagged("order"))
+    assert isinstance(first, runtime.Down) and first.ref == victim_ref
+    assert second == "sent after the Down"
+    wait_down(ref)
