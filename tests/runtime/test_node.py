@@ -356,7 +356,14 @@ def test_an_outside_event_loop_can_wait_on_the_node():
 
     node = _node.current()
     me = runtime.self()
-    runtime.spawn(lambda: runtime.send(me, "for the event loop"))
+
+    def send_when_asked():
+        runtime.receive(timeout=10, match=lambda m: m == "go")
+        runtime.send(me, "for the event loop")
+
+    # Asked only now: had it sent at once, the message could have arrived while spawn
+    # waited for the root's answer, and nothing would be left for the event loop.
+    runtime.send(runtime.spawn(send_when_asked), "go")
     poller = sel.poll()
     poller.register(node.fileno(), sel.POLLIN)
     assert poller.poll(10_000)
