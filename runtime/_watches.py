@@ -71,6 +71,7 @@ class Watches(NodeState):
             except (OSError, ValueError):
                 pass
         if w.owns_fd:
+            w.owns_fd = False  # closed once: the number may be reused at once
             os.close(w.fd)
 
     def add_child(self, pid: Pid, popen: Any, conn_sock: _socket.socket, link: bool) -> None:
@@ -113,9 +114,9 @@ class Watches(NodeState):
         """Read everything ``serial`` sent before it died, so it is queued before its Down.
 
         A connection it made before dying was already pending when the wait returned
-        its death, so _process has usually accepted it (it handles the rest of a
-        wake-up's events before deaths), unless the wake-up held more events than one
-        poll returns: accept again to be sure."""
+        its death, so _process has accepted it (it accepts before it handles deaths),
+        unless the wake-up held more events than one poll returns: accept again then.
+        Connections not past their handshake are read too: one may be its."""
         if not self.batch_whole and _readable(self.listen.fileno(), 0):
             self._accept_all()  # (a poll is cheaper than a failed accept)
         if self.unproven:
@@ -228,6 +229,8 @@ class Watches(NodeState):
             if status is False:
                 return
         self._drain_peer(serial)
+        if self.watches.get(serial) is not w:
+            return  # what it sent undid the watch (an unlink): no one left to tell
         self._remove_watch(w)
         if popen is not None:
             reason = self._child_reason(pid, status)

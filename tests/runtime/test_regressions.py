@@ -408,3 +408,38 @@ def test_running_out_of_descriptors_at_spawn_leaves_no_table_slot_taken(spare):
     wait_down(ref, timeout=30)
     assert failed is not None
     assert leaked == 0
+
+
+def _unlink_then_crash(w):
+    runtime.link(w)
+    runtime.send(w, "linked")
+    runtime.receive(timeout=10, match=lambda m: m == "go")
+    runtime.unlink(w)
+    raise RuntimeError("dies abnormally after unlinking")
+
+
+def _linked_and_busy(test, fifo):
+    d = runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Pid))
+    runtime.receive(timeout=10, match=lambda m: m == "linked")  # the link is in by now
+    runtime.send(test, ("linked", d))
+    with open(fifo, "rb") as f:  # not waiting in the runtime: the unlink and death pile up
+        f.read(1)
+    with pytest.raises(runtime.ReceiveTimeout):
+        runtime.receive(timeout=0.5, match=lambda m: False)
+    runtime.send(test, ("survived",))
+
+
+def test_an_unlink_read_while_its_senders_death_is_handled_is_not_undone_twice(tmp_path):
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    me = runtime.self()
+    w, wref = runtime.spawn_monitor(_linked_and_busy, me, fifo)
+    d, dref = runtime.spawn_monitor(_unlink_then_crash, w)
+    runtime.send(w, d)
+    assert_receive(tagged("linked"))
+    runtime.send(d, "go")
+    assert isinstance(wait_down(dref).reason, runtime.Crash)
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+    assert_receive(tagged("survived"))
+    assert wait_down(wref).reason == "normal"
