@@ -253,10 +253,9 @@ class Node(Transport, Watches, Exits):
         if deaths is not None:
             # Deaths first. What a dead process sent comes before its Down all the same
             # (_drain_peer reads it; connections it made are accepted just before), and
-            # a message another process sent once it saw the death, on a connection it
-            # had, comes after the Down: a supervisor asked about a child whose Down the
-            # asker has seen answers without it. (A new connection is read through with
-            # the dead process's, which may be one of them.)
+            # a message another process sent once it saw the death comes after the Down:
+            # a supervisor asked about a child whose Down the asker has seen answers
+            # without it.
             if any(owner is _LISTEN for _, owner in batch):
                 self._accept_all()
             self._deaths(deaths)

@@ -15,7 +15,7 @@ import os
 import signal
 from typing import Any
 
-from . import _base, _table
+from . import _base, _table, _wire
 from ._base import (
     _PENDING,
     EPOLLIN,
@@ -110,17 +110,25 @@ class Watches(NodeState):
         for conn in list(self.conns_of.get(serial, ())):
             self._close_conn(conn)
 
-    def _drain_peer(self, serial: int) -> None:
+    def _drain_peer(self, serial: int, os_pid: int = 0) -> None:
         """Read everything ``serial`` sent before it died, so it is queued before its Down.
 
         A connection it made before dying was already pending when the wait returned
         its death, so _process has accepted it (it accepts before it handles deaths),
         unless the wake-up held more events than one poll returns: accept again then.
-        Connections not past their handshake are read too: one may be its."""
+        Connections not past their handshake are read too if they may be its (from
+        ``os_pid``, when known): another process's new connection is read in its turn,
+        after the Down, as that process may have sent once it saw the death."""
         if not self.batch_whole and _readable(self.listen.fileno(), 0):
             self._accept_all()  # (a poll is cheaper than a failed accept)
         if self.unproven:
             for conn in list(self.unproven):
+                if os_pid:
+                    try:
+                        if _wire.peer_os_pid(conn.sock) != os_pid:
+                            continue
+                    except OSError:
+                        pass
                 self._read(conn, drain=True)
         for conn in list(self.conns_of.get(serial, ())):
             self._read(conn, drain=True)
@@ -228,7 +236,7 @@ class Watches(NodeState):
             status = self._child_exited(w)
             if status is False:
                 return
-        self._drain_peer(serial)
+        self._drain_peer(serial, pid.os_pid)
         if self.watches.get(serial) is not w:
             return  # what it sent undid the watch (an unlink): no one left to tell
         self._remove_watch(w)

@@ -104,12 +104,18 @@ def check_hello(key: bytes, sock: _socket.socket, my_serial: int,
     magic, serial, slot, os_pid, given = _HELLO.unpack(payload)
     if magic != _MAGIC:
         return None
-    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    if _PEERCRED.unpack(cred)[0] != os_pid:
+    if peer_os_pid(sock) != os_pid:
         return None
     if not hmac.compare_digest(proof(key, serial, os_pid, my_serial), given):
         return None
     return serial, slot, os_pid
+
+
+def peer_os_pid(sock: _socket.socket) -> int:
+    """The OS pid of the process at the other end of ``sock``, as the kernel reports it."""
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid: int = _PEERCRED.unpack(cred)[0]
+    return pid
 
 
 def split_frames(buf: bytearray) -> list[memoryview] | None:

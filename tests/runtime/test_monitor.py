@@ -161,3 +161,37 @@ def test_a_message_sent_after_a_death_was_seen_comes_after_the_down(tmp_path):
     assert isinstance(first, runtime.Down) and first.ref == victim_ref
     assert second == "sent after the Down"
     wait_down(ref)
+
+
+def _observer_not_child(test, watcher, victim, fifo):
+    ref = runtime.monitor(victim)
+    runtime.send(test, ("watching",))
+    wait_down(ref)
+    runtime.send(watcher, "sent after the Down")  # its first message: a new connection
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+
+
+def _watcher_of_a_child(test, fifo):
+    victim = runtime.spawn(sleeper)
+    ref = runtime.monitor(victim)
+    runtime.send(test, ("victim", victim))
+    with open(fifo, "rb") as f:
+        f.read(1)
+    first = runtime.receive(timeout=10)
+    second = runtime.receive(timeout=10)
+    runtime.send(test, ("order", first, second, ref))
+
+
+def test_the_same_holds_for_the_first_message_of_a_new_connection(tmp_path):
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    pid, ref = runtime.spawn_monitor(_watcher_of_a_child, runtime.self(), fifo)
+    _, victim = assert_receive(tagged("victim"))
+    runtime.spawn(_observer_not_child, runtime.self(), pid, victim, fifo)
+    assert_receive(tagged("watching"))
+    runtime.exit(victim, "kill")
+    _, first, second, victim_ref = assert_receive(tagged("order"))
+    assert isinstance(first, runtime.Down) and first.ref == victim_ref
+    assert second == "sent after the Down"
+    wait_down(ref)
