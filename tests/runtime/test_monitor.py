@@ -129,20 +129,20 @@ def test_messages_sent_before_death_arrive_before_the_down():
     assert words == list(range(100))
 
 
-def _observer(watcher, victim, fifo):
+def _observer(test, watcher, victim, fifo):
     ref = runtime.monitor(victim)
-    runtime.send(watcher, "hello")  # the connection the next message will take
+    runtime.send(test, ("watching",))
     wait_down(ref)
     runtime.send(watcher, "sent after the Down")
     with open(fifo, "wb") as f:  # the watcher may go on
         f.write(b"x")
 
 
-def _watcher(test, fifo):
+def _watcher(test, fifo, observer_is_ours):
     victim = runtime.spawn(sleeper)
     ref = runtime.monitor(victim)
-    runtime.spawn(_observer, runtime.self(), victim, fifo)
-    runtime.receive(timeout=10, match=lambda m: m == "hello")
+    if observer_is_ours:  # its message comes over the socketpair made at spawn
+        runtime.spawn(_observer, test, runtime.self(), victim, fifo)
     runtime.send(test, ("victim", victim))
     with open(fifo, "rb") as f:  # not waiting in the runtime: both events pile up
         f.read(1)
@@ -151,44 +151,14 @@ def _watcher(test, fifo):
     runtime.send(test, ("order", first, second, ref))
 
 
-def test_a_message_sent_after_a_death_was_seen_comes_after_the_down(tmp_path):
+@pytest.mark.parametrize("observer", ["child", "stranger"])
+def test_a_message_sent_after_a_death_was_seen_comes_after_the_down(tmp_path, observer):
     fifo = str(tmp_path / "go")
     os.mkfifo(fifo)
-    pid, ref = runtime.spawn_monitor(_watcher, runtime.self(), fifo)
+    pid, ref = runtime.spawn_monitor(_watcher, runtime.self(), fifo, observer == "child")
     _, victim = assert_receive(tagged("victim"))
-    runtime.exit(victim, "kill")
-    _, first, second, victim_ref = assert_receive(tagged("order"))
-    assert isinstance(first, runtime.Down) and first.ref == victim_ref
-    assert second == "sent after the Down"
-    wait_down(ref)
-
-
-def _observer_not_child(test, watcher, victim, fifo):
-    ref = runtime.monitor(victim)
-    runtime.send(test, ("watching",))
-    wait_down(ref)
-    runtime.send(watcher, "sent after the Down")  # its first message: a new connection
-    with open(fifo, "wb") as f:
-        f.write(b"x")
-
-
-def _watcher_of_a_child(test, fifo):
-    victim = runtime.spawn(sleeper)
-    ref = runtime.monitor(victim)
-    runtime.send(test, ("victim", victim))
-    with open(fifo, "rb") as f:
-        f.read(1)
-    first = runtime.receive(timeout=10)
-    second = runtime.receive(timeout=10)
-    runtime.send(test, ("order", first, second, ref))
-
-
-def test_the_same_holds_for_the_first_message_of_a_new_connection(tmp_path):
-    fifo = str(tmp_path / "go")
-    os.mkfifo(fifo)
-    pid, ref = runtime.spawn_monitor(_watcher_of_a_child, runtime.self(), fifo)
-    _, victim = assert_receive(tagged("victim"))
-    runtime.spawn(_observer_not_child, runtime.self(), pid, victim, fifo)
+    if observer == "stranger":  # its first message to the watcher: a new connection
+        runtime.spawn(_observer, runtime.self(), pid, victim, fifo)
     assert_receive(tagged("watching"))
     runtime.exit(victim, "kill")
     _, first, second, victim_ref = assert_receive(tagged("order"))
