@@ -373,7 +373,8 @@ def start_child(
     try:
         sentinel = os.pipe()
     except BaseException:
-        _close_all(listen, ours, theirs)
+        for sock in (listen, ours, theirs):
+            sock.close()
         raise
     popen = watch = None
     slot = -1
@@ -437,11 +438,6 @@ def _sockets(kind: Any) -> tuple[Any, Any, Any]:
         listen.close()
         raise
     return listen, a, b
-
-
-def _close_all(*socks: Any) -> None:
-    for sock in socks:
-        sock.close()
 
 
 def _give_back(table: _table.Table, slot: int, path: str) -> None:
