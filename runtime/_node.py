@@ -60,6 +60,16 @@ from .errors import (
 from .messages import Down, Exit
 from .pid import Pid, Ref
 
+
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds an epoll wait for ``deadline`` (monotonic; None = forever) may take:
+    -1.0 for ever, None once the deadline has passed."""
+    if deadline is None:
+        return -1.0
+    left = deadline - time.monotonic()
+    return left if left > 0 else None
+
+
 # Runtime processes are single-threaded: their nodes never wait on the condition.
 _UNUSED_COND = threading.Condition()
 
@@ -195,12 +205,9 @@ class Node(Transport, Watches, Exits):
                 r = check()
                 if r is not _NONE:
                     return r
-                if deadline is None:
-                    remaining = -1.0
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return _NONE
+                remaining = _time_left(deadline)
+                if remaining is None:
+                    return _NONE
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
                 if self.deferred and not self.polling:
@@ -269,7 +276,8 @@ class Node(Transport, Watches, Exits):
             elif cls is Watch:
                 pass  # handled above
             elif h is _LISTEN:
-                self._accept_all()
+                if deaths is None:  # else accepted above
+                    self._accept_all()
             else:
                 h.callback()
         if self.suspects:
@@ -463,12 +471,9 @@ class Node(Transport, Watches, Exits):
             r = check()
             if r is not _NONE:
                 return r
-            if deadline is None:
-                remaining = -1.0
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return _NONE
+            remaining = _time_left(deadline)
+            if remaining is None:
+                return _NONE
             if self.deferred:
                 with lock:
                     self._deliver_or_clean_up()

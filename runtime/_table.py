@@ -240,10 +240,7 @@ class Table:
                 return self._decode(serial, self.mm[off + 15], self.mm[off + 16], "d")
             if state == EXITED:
                 return self._decode(serial, self.mm[off + 13], self.mm[off + 14], "x")
-            code, sig = self._encode(serial, reason, "x")
-            self.mm[off + 13] = code
-            self.mm[off + 14] = sig
-            self.mm[off + _STATE_OFF] = EXITED
+            self._mark(off, EXITED, *self._encode(serial, reason, "x"))
             return reason
         finally:
             self._unlock()
@@ -263,10 +260,7 @@ class Table:
             os_pid = struct.unpack_from("<I", self.mm, off + 8)[0]
             if os_pid and zombie_status(os_pid) is not None:
                 return False  # already dead: watchers may have seen its true reason
-            code, sig = self._encode(serial, reason, "d")
-            self.mm[off + 15] = code
-            self.mm[off + 16] = sig
-            self.mm[off + _STATE_OFF] = DOOMED
+            self._mark(off, DOOMED, *self._encode(serial, reason, "d"))
             return True
         finally:
             self._unlock()
@@ -275,9 +269,16 @@ class Table:
         """Make the doomed reason the exit reason (lock held). A blob stays in its ".d"
         file (a watcher may be reading it right now); sig 1 on a blob code says so."""
         code = self.mm[off + 15]
-        self.mm[off + 13] = code
-        self.mm[off + 14] = 1 if code == _BLOB else self.mm[off + 16]
-        self.mm[off + _STATE_OFF] = EXITED
+        self._mark(off, EXITED, code, 1 if code == _BLOB else self.mm[off + 16])
+
+    def _mark(self, off: int, state: int, code: int, sig: int) -> None:
+        """Write a reason and the state it belongs to (lock held): EXITED keeps its reason
+        in bytes 13-14 of the slot, DOOMED in bytes 15-16."""
+        mm = self.mm
+        at = off + (13 if state == EXITED else 15)
+        mm[at] = code
+        mm[at + 1] = sig
+        mm[off + _STATE_OFF] = state
 
     def publish(self, serial: int, slot: int, si_code: int, si_status: int) -> None:
         """Called by whoever reaps a dead process, before reaping it: make its state EXITED,
@@ -293,10 +294,8 @@ class Table:
             if state == DOOMED:
                 self._settle_doom(off)
                 return
-            code, sig = self._encode(serial, status_reason(si_code, si_status), "x")
-            self.mm[off + 13] = code
-            self.mm[off + 14] = sig
-            self.mm[off + _STATE_OFF] = EXITED
+            self._mark(off, EXITED,
+                       *self._encode(serial, status_reason(si_code, si_status), "x"))
         finally:
             self._unlock()
 

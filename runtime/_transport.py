@@ -108,12 +108,7 @@ class Transport(NodeState):
 
     def _close_conn(self, conn: Conn) -> None:
         self.unproven.discard(conn)
-        if self.handlers.get(conn.fd) is conn:
-            del self.handlers[conn.fd]
-            try:
-                self.epoll.unregister(conn.fd)
-            except (OSError, ValueError):
-                pass
+        self.handlers.drop(conn.fd, conn, self.epoll)
         if conn.peer is not None:
             serial = conn.peer.serial
             if self.out.get(serial) is conn:
@@ -137,23 +132,20 @@ class Transport(NodeState):
         except OSError:
             sock.close()
             return None
-        sock.setblocking(False)
-        conn = Conn(sock, pid)
-        self.handlers[conn.fd] = conn
-        self.epoll.register(conn.fd, EPOLLIN)
-        self.out[pid.serial] = conn
-        self.conns_of.setdefault(pid.serial, set()).add(conn)
+        conn = self.adopt_conn(sock, pid)
         self._write(conn, _wire.hello_frame(self.key, self.me.serial, self.me.slot, pid.serial))
         return conn
 
-    def adopt_conn(self, sock: _socket.socket, peer: Pid) -> None:
-        """Use an already connected socket (a socketpair made at spawn) for ``peer``."""
+    def adopt_conn(self, sock: _socket.socket, peer: Pid) -> Conn:
+        """Use a connected socket (one we connected, or a socketpair made at spawn) for
+        ``peer``: poll it, and send to ``peer`` through it."""
         sock.setblocking(False)
         conn = Conn(sock, peer)
         self.handlers[conn.fd] = conn
         self.epoll.register(conn.fd, EPOLLIN)
         self.out[peer.serial] = conn
         self.conns_of.setdefault(peer.serial, set()).add(conn)
+        return conn
 
     def _write(self, conn: Conn, data: bytes) -> bool:
         if conn.outbuf:

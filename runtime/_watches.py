@@ -64,12 +64,7 @@ class Watches(NodeState):
     def _remove_watch(self, w: Watch) -> None:
         if self.watches.get(w.pid.serial) is w:
             del self.watches[w.pid.serial]
-        if self.handlers.get(w.fd) is w:
-            del self.handlers[w.fd]
-            try:
-                self.epoll.unregister(w.fd)
-            except (OSError, ValueError):
-                pass
+        self.handlers.drop(w.fd, w, self.epoll)
         if w.owns_fd:
             w.owns_fd = False  # closed once: the number may be reused at once
             os.close(w.fd)
@@ -167,9 +162,7 @@ class Watches(NodeState):
             fd = os.pidfd_open(os_pid)
         except ProcessLookupError:
             return None
-        if self.handlers.get(w.fd) is w:
-            del self.handlers[w.fd]
-            self.epoll.unregister(w.fd)
+        self.handlers.drop(w.fd, w, self.epoll)
         if not w.owns_fd:
             w.child.close()  # the sentinel; poll() and the pid stay usable
             w.child.sentinel = -1
