@@ -41,7 +41,9 @@ EXIT_GRACE = 0.25
 # do not read, and waiting for its children to finish their own exits.
 CHILD_EXIT_GRACE = 1.0
 READ_SIZE = 65536
-# Cleanup jobs (reaping, closing) wait for an idle moment, but never pile up beyond this.
+# Cleanup jobs (reaping a dead child, removing its socket file) wait for an idle
+# moment: this long without events. They never pile up beyond DEFERRED_MAX.
+IDLE_CLEANUP = 0.001
 DEFERRED_MAX = 32
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.

@@ -36,6 +36,7 @@ from ._base import (
     _NONE,
     _PENDING,
     DEFERRED_MAX,
+    IDLE_CLEANUP,
     EPOLLIN,
     POLL_MAX,
     Conn,
@@ -210,16 +211,17 @@ class Node(Transport, Watches, Exits):
                     return _NONE
                 if self.closed:
                     raise ProcessError("the runtime node has been shut down")
-                if self.deferred and not self.polling:
-                    self._deliver_or_clean_up()
-                    continue
                 if self.polling:
                     cond.wait(None if remaining < 0 else remaining)
+                    continue
+                timeout = self._poll_timeout(remaining)
+                if timeout is None:
+                    self._run_oldest_job()
                     continue
                 self.polling = True
                 lock.release()
                 try:
-                    events = self.epoll.poll(remaining, POLL_MAX)
+                    events = self.epoll.poll(timeout, POLL_MAX)
                 except BaseException:
                     lock.acquire()
                     self.polling = False
@@ -233,6 +235,8 @@ class Node(Transport, Watches, Exits):
                         raise ProcessError("the runtime node has been shut down")
                     if events:
                         self._process(events)
+                    elif self.deferred:
+                        self._clean_up_idle()
                 finally:
                     cond.notify_all()  # wake the followers, even if processing raised
 
@@ -474,24 +478,47 @@ class Node(Transport, Watches, Exits):
             remaining = _time_left(deadline)
             if remaining is None:
                 return _NONE
-            if self.deferred:
+            timeout = remaining if not self.deferred else self._poll_timeout(remaining)
+            if timeout is None:
                 with lock:
-                    self._deliver_or_clean_up()
+                    self._run_oldest_job()
                 continue
-            events = epoll.poll(remaining, POLL_MAX)
+            events = epoll.poll(timeout, POLL_MAX)
             if events:
                 with lock:
                     self._process(events)
+            elif self.deferred:
+                with lock:
+                    self._clean_up_idle()
 
-    def _deliver_or_clean_up(self) -> None:
-        """Cleanup jobs wait (lock held): deliver what is ready first; clean up only at
-        an idle moment, or once the jobs pile up (a busy process must still reap)."""
-        events = self.epoll.poll(0, POLL_MAX) if len(self.deferred) < DEFERRED_MAX else None
-        if events:
-            self._process(events)
-            self._notify()
-        else:
-            self._run_deferred()
+    def _poll_timeout(self, remaining: float) -> float | None:
+        """How long a wait may block before it runs the cleanup jobs: they wait for an
+        idle moment (IDLE_CLEANUP without events), so that they do not hold up what is
+        on its way (on one CPU, the Down of a process that is dying right now). None:
+        they have piled up, run the oldest now: a process that is never idle still
+        reaps, one child per wait, as many as die, and keeps DEFERRED_MAX pending."""
+        deferred = len(self.deferred)
+        if not deferred:
+            return remaining
+        if deferred >= DEFERRED_MAX:
+            return None
+        return IDLE_CLEANUP if remaining < 0 or remaining > IDLE_CLEANUP else remaining
+
+    def _run_oldest_job(self) -> None:
+        job = self.deferred.pop(0)
+        job[0](*job[1:])
+
+    def _clean_up_idle(self) -> None:
+        """Run the cleanup jobs (lock held), one at a time, while nothing arrives."""
+        deferred = self.deferred
+        while deferred:
+            self._run_oldest_job()
+            if deferred:
+                events = self.epoll.poll(0, POLL_MAX)
+                if events:
+                    self._process(events)
+                    self._notify()
+                    return
 
     def _pop_first(self) -> Any:
         mailbox = self.mailbox

@@ -5,7 +5,8 @@ dies: the ``multiprocessing`` sentinel for a child, a pidfd for anything else.
 Monitors, links and pending calls on the same process share it. On a death the
 node drains what the process sent first (its messages come before its Down),
 reads the true reason (see ``_table``), and delivers Down, call errors, and
-Exit (or death) for a link. A dead child is reaped after its Down is out.
+Exit (or death) for a link. A dead child is reaped after its Down is out, once
+its parent is idle.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ class Watches(NodeState):
             w.child = None
             del self.children[serial]
             self.child_by_os_pid.pop(pid.os_pid, None)
-            # Reaping waits until the Down is out (the next wait, or our exit).
+            # Reaping waits until the Down is out, for an idle moment (see _poll_timeout).
             self.deferred.append((self._reap_child, pid, popen, status))
         else:
             reason = self.table.reason(serial, pid.slot, pid.os_pid)

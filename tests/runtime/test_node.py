@@ -391,3 +391,32 @@ def test_the_descriptor_bitmap_follows_the_handlers():
     assert list(_node.runs(h.bits)) == [(3, 4), (5, 6), (9, 10), (301, 302)]
     h.clear()
     assert list(_node.runs(h.bits)) == [] and not h
+
+
+def _kills_its_child_then_idles(main):
+    child = runtime.spawn(time.sleep, 3600)
+    ref = runtime.monitor(child)
+    os.kill(child.os_pid, signal.SIGKILL)
+    assert runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Down)).ref == ref
+    path = _node.current().info.sock_path(child.serial)
+    runtime.send(main, ("dead child", child.os_pid, path))
+    runtime.receive(timeout=10, match=lambda m: m == "done")  # idle: no event to handle
+
+
+def _is_zombie(os_pid):
+    try:
+        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_dead_child_is_cleaned_up_while_its_parent_idles_in_receive():
+    # The cleanup of a child killed by a signal (reaping it, removing its socket file)
+    # waits for an idle moment of its parent, which then is inside a receive that is
+    # never satisfied: cleanup must not wait for that receive to return.
+    parent, ref = runtime.spawn_monitor(_kills_its_child_then_idles, runtime.self())
+    _, os_pid, path = assert_receive(tagged("dead child"))
+    wait_until(lambda: not _is_zombie(os_pid) and not os.path.exists(path),
+               what="the killed child to be reaped and its socket file removed")
+    runtime.send(parent, "done")
+    assert wait_down(ref).reason == "normal"
