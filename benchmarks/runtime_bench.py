@@ -15,7 +15,11 @@ machine, by the same process:
   ``multiprocessing.Pipe`` round trip of a pickled tuple to an echo process.
 - SIGKILL to Down: SIGKILL of a started, idle, monitored process until its ``Down``
   is received, while N other monitored processes are alive; floor: SIGKILL of a
-  started, idle forked child until its sentinel pipe reads EOF.
+  started, idle forked child until its sentinel pipe reads EOF. Each death is
+  cleaned up between samples, as the floor reaps its child right after its
+  sample: the runtime, which reaps at an idle moment, is made to clean up before
+  the next kill. Also back to back, with no idle moment: each ``Down`` then pays
+  for cleaning up an earlier death.
 
 The measurements run in a runtime process (a small process, like the floors'),
 except the figures marked "from the embedding process". Floor and figure are
@@ -204,9 +208,10 @@ class KillRig:
     """``others`` started, idle, monitored processes; rounds of SIGKILL to Down of more
     such processes: our children (sentinels), or a nursery's (pidfds)."""
 
-    def __init__(self, others, child=True):
+    def __init__(self, others, child=True, clean_between=True):
         self.me = runtime.self()
         self.child = child
+        self.clean_between = clean_between
         self.pids = [runtime.spawn(_started_sleeper, self.me) for _ in range(others)]
         self.wait_up(others)
         if not child:
@@ -246,6 +251,8 @@ class KillRig:
             runtime.receive(match=lambda m, ref=ref: isinstance(m, runtime.Down) and m.ref == ref)
             if poller is None:
                 samples.append(time.perf_counter() - t0)
+            if self.clean_between:
+                clean_up_now()
         return samples, raw
 
     def close(self):
@@ -253,6 +260,17 @@ class KillRig:
             runtime.exit(p, "kill")
         for ref in self.refs:
             runtime.receive(match=lambda m, ref=ref: isinstance(m, runtime.Down) and m.ref == ref)
+
+
+def clean_up_now():
+    """Run the runtime's cleanup of dead children now (reaping, removing socket files),
+    which it otherwise leaves for an idle moment (runtime._base.IDLE_CLEANUP): between
+    samples, as the floor reaps its child right after its sample. (Waiting for the
+    idle moment instead would let the CPU go idle, which makes the next sample slow
+    on this VM for reasons of its own.)"""
+    node = runtime._node.current()
+    with node.lock:
+        node._clean_up_idle()
 
 
 def interleaved(rounds, floor_fn, ours_fn):
@@ -298,6 +316,9 @@ def driver(parent, quick):
 
     rig = KillRig(10)
     results["kill10"] = interleaved(rounds, lambda: floor_sentinel(n_kill), kills(rig, "10"))
+    rig.clean_between = False
+    results["kill10_b2b"] = interleaved(rounds, lambda: floor_sentinel(n_kill),
+                                        kills(rig, "b2b"))
     rig.close()
     fit, note = affordable_processes(big + n_kill * rounds + 10)
     big = min(big, max(0, fit - n_kill * rounds - 10))
@@ -348,6 +369,8 @@ def measure(quick):
     figure("SIGKILL to Down, 10 others monitored", results["kill10"], "target <= 1.2x")
     out(row("  victims like these, their sentinel alone (p50)", p50(raws["10"]),
             p50(results["kill10"][1]), "(a runtime process takes longer to die)"))
+    figure("  same, back to back (each Down pays an earlier death's cleanup)",
+           results["kill10_b2b"])
     figure(f"SIGKILL to Down, {big} others monitored", results["killbig"], "target <= 1.2x",
            (" " + note) if note else "")
     out(row("  victims like these, their sentinel alone (p50)", p50(raws["big"]),
