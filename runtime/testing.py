@@ -19,7 +19,10 @@ from typing import Any
 from . import _node
 from .messages import Down
 
-__all__ = ["TIMEOUT", "assert_receive", "node_processes", "tagged", "wait_down", "wait_until"]
+__all__ = [
+    "TIMEOUT", "assert_receive", "is_zombie", "node_processes", "tagged", "wait_down",
+    "wait_until",
+]
 
 TIMEOUT = 10.0
 
@@ -96,3 +99,13 @@ def pid_exists(os_pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_zombie(os_pid: int) -> bool:
+    """Whether ``os_pid`` is a process that has died and is not reaped yet."""
+    try:
+        with open(f"/proc/{os_pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"Z"

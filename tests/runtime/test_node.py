@@ -18,7 +18,7 @@ import psutil
 
 import runtime
 from runtime import _node
-from runtime.testing import assert_receive, tagged, wait_down, wait_until
+from runtime.testing import assert_receive, is_zombie, tagged, wait_down, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -403,20 +403,13 @@ def _kills_its_child_then_idles(main):
     runtime.receive(timeout=10, match=lambda m: m == "done")  # idle: no event to handle
 
 
-def _is_zombie(os_pid):
-    try:
-        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_a_dead_child_is_cleaned_up_while_its_parent_idles_in_receive():
     # The cleanup of a child killed by a signal (reaping it, removing its socket file)
     # waits for an idle moment of its parent, which then is inside a receive that is
     # never satisfied: cleanup must not wait for that receive to return.
     parent, ref = runtime.spawn_monitor(_kills_its_child_then_idles, runtime.self())
     _, os_pid, path = assert_receive(tagged("dead child"))
-    wait_until(lambda: not _is_zombie(os_pid) and not os.path.exists(path),
+    wait_until(lambda: not is_zombie(os_pid) and not os.path.exists(path),
                what="the killed child to be reaped and its socket file removed")
     runtime.send(parent, "done")
     assert wait_down(ref).reason == "normal"

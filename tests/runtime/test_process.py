@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 
-import psutil
 import pytest
 
 import runtime
@@ -354,16 +353,9 @@ def test_a_dead_process_leaves_no_zombie():
     pid, ref = monitored(sleeper)
     runtime.exit(pid, "kill")
     wait_down(ref)
-    from runtime.testing import wait_until
+    from runtime.testing import is_zombie, wait_until
 
-    wait_until(lambda: not _is_zombie(pid.os_pid), what="the dead process to be reaped")
-
-
-def _is_zombie(os_pid):
-    try:
-        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, ValueError):
-        return False
+    wait_until(lambda: not is_zombie(pid.os_pid), what="the dead process to be reaped")
 
 
 def _fork_then_crash(parent):
