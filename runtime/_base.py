@@ -42,8 +42,10 @@ EXIT_GRACE = 0.25
 CHILD_EXIT_GRACE = 1.0
 READ_SIZE = 65536
 # Cleanup jobs (reaping a dead child, removing its socket file) wait for an idle
-# moment: this long without events. They never pile up beyond DEFERRED_MAX.
+# moment: this long without events. Once the oldest has waited CLEANUP_DUE, or
+# DEFERRED_MAX are pending, each wait runs one whether idle or not.
 IDLE_CLEANUP = 0.001
+CLEANUP_DUE = 0.01
 DEFERRED_MAX = 32
 # In the embedding process, Exit messages nobody receives are capped at this many;
 # the oldest is dropped (with a warning) to make room.
@@ -195,6 +197,7 @@ class NodeState:
     exiting: bool
     exit_deadline: float
     deferred: list[tuple[Any, ...]]
+    cleanup_due: float
     unproven: set[Conn]
     rbuf: mmap.mmap | None
     reading: int

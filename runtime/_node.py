@@ -135,7 +135,8 @@ class Node(Transport, Watches, Exits):
         self.exiting = False
         self.exit_deadline = 0.0
         self.child_template: Node | None = None  # see template
-        self.deferred: list[tuple[Any, ...]] = []  # work done before the next wait
+        self.deferred: list[tuple[Any, ...]] = []  # cleanup jobs, see _poll_timeout
+        self.cleanup_due = 0.0  # when the oldest of them must run, idle or not
         self.unproven: set[Conn] = set()  # accepted connections not past their HELLO yet
         self.rbuf: mmap.mmap | None = None
         self.suspects: list[int] = []  # peers whose connection closed: dying
@@ -215,9 +216,6 @@ class Node(Transport, Watches, Exits):
                     cond.wait(None if remaining < 0 else remaining)
                     continue
                 timeout = self._poll_timeout(remaining)
-                if timeout is None:
-                    self._run_oldest_job()
-                    continue
                 self.polling = True
                 lock.release()
                 try:
@@ -478,11 +476,10 @@ class Node(Transport, Watches, Exits):
             remaining = _time_left(deadline)
             if remaining is None:
                 return _NONE
-            timeout = remaining if not self.deferred else self._poll_timeout(remaining)
-            if timeout is None:
+            timeout = remaining
+            if self.deferred:
                 with lock:
-                    self._run_oldest_job()
-                continue
+                    timeout = self._poll_timeout(remaining)
             events = epoll.poll(timeout, POLL_MAX)
             if events:
                 with lock:
@@ -491,17 +488,18 @@ class Node(Transport, Watches, Exits):
                 with lock:
                     self._clean_up_idle()
 
-    def _poll_timeout(self, remaining: float) -> float | None:
-        """How long a wait may block before it runs the cleanup jobs: they wait for an
-        idle moment (IDLE_CLEANUP without events), so that they do not hold up what is
-        on its way (on one CPU, the Down of a process that is dying right now). None:
-        they have piled up, run the oldest now: a process that is never idle still
-        reaps, one child per wait, as many as die, and keeps DEFERRED_MAX pending."""
-        deferred = len(self.deferred)
+    def _poll_timeout(self, remaining: float) -> float:
+        """How long a wait may block (lock held) before it runs the cleanup jobs: they
+        wait for an idle moment (IDLE_CLEANUP without events), so that they do not hold
+        up what is on its way (on one CPU, the Down of a process that is dying right
+        now). A process that is never idle still cleans up: once the oldest job has
+        waited CLEANUP_DUE, or DEFERRED_MAX are pending, each wait runs one first."""
+        deferred = self.deferred
+        if deferred and (len(deferred) >= DEFERRED_MAX or
+                         time.monotonic() >= self.cleanup_due):
+            self._run_oldest_job()
         if not deferred:
             return remaining
-        if deferred >= DEFERRED_MAX:
-            return None
         return IDLE_CLEANUP if remaining < 0 or remaining > IDLE_CLEANUP else remaining
 
     def _run_oldest_job(self) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import _socket
 import os
 import signal
+import time
 from typing import Any
 
 from . import _base, _table, _wire
 from ._base import (
     _PENDING,
+    CLEANUP_DUE,
     EPOLLIN,
     NodeState,
     Reader,
@@ -240,6 +242,8 @@ class Watches(NodeState):
             del self.children[serial]
             self.child_by_os_pid.pop(pid.os_pid, None)
             # Reaping waits until the Down is out, for an idle moment (see _poll_timeout).
+            if not self.deferred:
+                self.cleanup_due = time.monotonic() + CLEANUP_DUE
             self.deferred.append((self._reap_child, pid, popen, status))
         else:
             reason = self.table.reason(serial, pid.slot, pid.os_pid)

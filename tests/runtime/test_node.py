@@ -413,3 +413,35 @@ def test_a_dead_child_is_cleaned_up_while_its_parent_idles_in_receive():
                what="the killed child to be reaped and its socket file removed")
     runtime.send(parent, "done")
     assert wait_down(ref).reason == "normal"
+
+
+def _ticker(dest):
+    for _ in range(50_000):  # at most ~15-30 s; stopped long before
+        runtime.send(dest, "tick")
+        time.sleep(0.0003)  # sleep-ok: a steady stream of messages, never 1 ms apart
+
+
+def _kills_its_children_then_serves(main):
+    children = [runtime.spawn(time.sleep, 3600) for _ in range(3)]
+    refs = [runtime.monitor(c) for c in children]
+    for c in children:
+        os.kill(c.os_pid, signal.SIGKILL)
+    for ref in refs:
+        runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
+                        and m.ref == ref)
+    info = _node.current().info
+    runtime.send(main, ("dead children", [(c.os_pid, info.sock_path(c.serial))
+                                          for c in children]))
+    while runtime.receive(timeout=10) != "done":
+        pass  # a tick: never idle for a millisecond
+
+
+def test_dead_children_are_cleaned_up_while_their_parent_is_never_idle():
+    parent, ref = runtime.spawn_monitor(_kills_its_children_then_serves, runtime.self())
+    ticker = runtime.spawn(_ticker, parent)
+    _, dead = assert_receive(tagged("dead children"))
+    wait_until(lambda: not any(is_zombie(p) or os.path.exists(path) for p, path in dead),
+               what="the killed children to be cleaned up under a stream of messages")
+    runtime.exit(ticker, "kill")
+    runtime.send(parent, "done")
+    assert wait_down(ref).reason == "normal"
