@@ -132,8 +132,9 @@ class Exits(NodeState):
                 return not _readable(w.fd, 0)
         if self.table.state(pid.serial, pid.slot) == _table.EXITED:
             return False
-        # The slot says alive: the OS process is ours (not reaped), maybe a zombie.
-        return _table.zombie_status(pid.os_pid) is None
+        # The slot says alive: the OS process is ours (not reaped), maybe a zombie, or
+        # in its exit (its parent may have delivered its Down already).
+        return _table.zombie_status(pid.os_pid, exiting=True) is None
 
     def exit_process(self, reason: Any, log_crash: bool = True) -> NoReturn:
         """End this runtime process with ``reason``: never returns.

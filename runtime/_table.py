@@ -76,19 +76,24 @@ def status_reason(si_code: int, si_status: int) -> Any:
 def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
     """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
 
-    With ``exiting`` (the caller knows the process is in its exit: its sentinel
-    closed), a process not yet a zombie counts too if the kernel has already set a
-    non-zero exit status (it does so first thing in ``do_exit``)."""
-    try:
-        with open(f"/proc/{os_pid}/stat", "rb") as f:
-            data = f.read()
+    With ``exiting``, a process that is not a zombie yet counts too if it is in its
+    exit: the kernel sets a non-zero exit status first thing in ``do_exit`` (a
+    stopped process keeps its stop signal in the same field: it does not count)."""
+    try:  # os-level calls: three system calls, where open() makes seven
+        fd = os.open(f"/proc/{os_pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)  # the kernel makes the whole line in one read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     fields = data[data.rindex(b")") + 2 :].split()
     if len(fields) < 50:
         return None
     wstatus = int(fields[49])
-    if fields[0] != b"Z" and not (exiting and wstatus):
+    if fields[0] != b"Z" and not (exiting and wstatus and fields[0] not in (b"T", b"t")):
         return None
     if os.WIFSIGNALED(wstatus):
         return os.CLD_KILLED, os.WTERMSIG(wstatus)
@@ -258,7 +263,7 @@ class Table:
             if self.mm[off + _STATE_OFF] != ALIVE:
                 return False
             os_pid = struct.unpack_from("<I", self.mm, off + 8)[0]
-            if os_pid and zombie_status(os_pid) is not None:
+            if os_pid and zombie_status(os_pid, exiting=True) is not None:
                 return False  # already dead: watchers may have seen its true reason
             self._mark(off, DOOMED, *self._encode(serial, reason, "d"))
             return True

@@ -139,18 +139,15 @@ class Watches(NodeState):
         The sentinel reaches EOF when the child's descriptors close, a little before
         the kernel makes it waitable (much longer when thousands exit at once). The
         status is known before that: in the table if the child wrote it or was
-        killed by the runtime, else in /proc (the kernel sets it first). Only when
-        neither has it yet, or the child closed its sentinel and runs on, is its
+        killed by the runtime, else in /proc (the kernel sets it first thing in the
+        exit). Reading it there lets the Down go out at once; on one CPU, the rest of
+        the child's exit then runs after it, not before. Failing that, the child gets
+        the CPU (it may be waiting for ours) and is asked again; only then is its
         pidfd watched instead: it fires once the child is waitable."""
         os_pid = w.pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
             status = os.waitid(os.P_PID, os_pid, flags)
-            if status is None:
-                # Its descriptors are closed: it is in its exit, a few microseconds from
-                # waitable. Where it waits for our CPU, let it finish first.
-                os.sched_yield()
-                status = os.waitid(os.P_PID, os_pid, flags)
         except ChildProcessError:
             return None
         if status is not None:
@@ -161,6 +158,13 @@ class Watches(NodeState):
         early = _table.zombie_status(os_pid, exiting=True)
         if early is not None:
             return early
+        os.sched_yield()
+        try:
+            status = os.waitid(os.P_PID, os_pid, flags)
+        except ChildProcessError:
+            return None
+        if status is not None:
+            return status
         try:
             fd = os.pidfd_open(os_pid)
         except ProcessLookupError:

@@ -443,3 +443,17 @@ def test_an_unlink_read_while_its_senders_death_is_handled_is_not_undone_twice(t
         f.write(b"x")
     assert_receive(tagged("survived"))
     assert wait_down(wref).reason == "normal"
+
+
+def test_a_stopped_process_is_alive_and_can_be_killed_with_a_reason():
+    # A stopped process shows its stop signal where /proc shows an exiting process's
+    # exit status: it must not pass for one that is in its exit.
+    import signal
+
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
+    os.kill(pid.os_pid, signal.SIGSTOP)
+    wait_until(lambda: psutil.Process(pid.os_pid).status() == psutil.STATUS_STOPPED,
+               what="the process to stop")
+    assert runtime.is_alive(pid)
+    runtime.exit(pid, "shutdown")  # doomed with this reason, then SIGKILLed
+    assert wait_down(ref).reason == "shutdown"
