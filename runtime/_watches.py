@@ -144,27 +144,24 @@ class Watches(NodeState):
         the child's exit then runs after it, not before. Failing that, the child gets
         the CPU (it may be waiting for ours) and is asked again; only then is its
         pidfd watched instead: it fires once the child is waitable."""
-        os_pid = w.pid.os_pid
+        pid = w.pid
+        os_pid = pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
             status = os.waitid(os.P_PID, os_pid, flags)
-        except ChildProcessError:
-            return None
-        if status is not None:
-            return status
-        pid = w.pid
-        if self.table.state(pid.serial, pid.slot) != _table.ALIVE:
-            return (os.CLD_KILLED, signal.SIGKILL)  # the table has the reason
-        early = _table.zombie_status(os_pid, exiting=True)
-        if early is not None:
-            return early
-        os.sched_yield()
-        try:
+            if status is not None:
+                return status
+            if self.table.state(pid.serial, pid.slot) != _table.ALIVE:
+                return (os.CLD_KILLED, signal.SIGKILL)  # the table has the reason
+            early = _table.zombie_status(os_pid, exiting=True)
+            if early is not None:
+                return early
+            os.sched_yield()
             status = os.waitid(os.P_PID, os_pid, flags)
+            if status is not None:
+                return status
         except ChildProcessError:
             return None
-        if status is not None:
-            return status
         try:
             fd = os.pidfd_open(os_pid)
         except ProcessLookupError:
