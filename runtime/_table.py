@@ -51,6 +51,7 @@ _SLOT = struct.Struct("<QIBBBBBB")
 _HDR = struct.Struct("<QQI")  # magic, next serial, cursor
 _MAGIC = 0x52554E54494D4531  # "RUNTIME1"
 _STATE_OFF = 12
+_PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
 _TRAP_OFF = 17
 
 
@@ -77,8 +78,9 @@ def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
     """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
 
     With ``exiting``, a process that is not a zombie yet counts too if it is in its
-    exit: the kernel sets a non-zero exit status first thing in ``do_exit`` (a
-    stopped process keeps its stop signal in the same field: it does not count)."""
+    exit (the kernel's PF_EXITING flag) and its exit status is set (non-zero). The
+    flag matters: a stopped process keeps its stop signal in the same field, and a
+    traced one resumed with a signal holds that signal there until it runs."""
     try:  # os-level calls: three system calls, where open() makes seven
         fd = os.open(f"/proc/{os_pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -93,7 +95,7 @@ def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
     if len(fields) < 50:
         return None
     wstatus = int(fields[49])
-    if fields[0] != b"Z" and not (exiting and wstatus and fields[0] not in (b"T", b"t")):
+    if fields[0] != b"Z" and not (exiting and wstatus and int(fields[6]) & _PF_EXITING):
         return None
     if os.WIFSIGNALED(wstatus):
         return os.CLD_KILLED, os.WTERMSIG(wstatus)

@@ -457,3 +457,52 @@ def test_a_stopped_process_is_alive_and_can_be_killed_with_a_reason():
     assert runtime.is_alive(pid)
     runtime.exit(pid, "shutdown")  # doomed with this reason, then SIGKILLed
     assert wait_down(ref).reason == "shutdown"
+
+
+def _spins_on_cpu_0(main):
+    os.sched_setaffinity(0, {0})
+    os.nice(19)  # so that its tracer, on the same CPU, runs first
+    runtime.send(main, ("spinning", runtime.self()))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pass
+
+
+def _traces_then_stops(main, target):
+    # A debugger (strace, gdb) resumes a stopped tracee with the signal it stopped
+    # for: until the tracee runs, /proc shows that signal where an exiting process
+    # shows its exit status.
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    ptrace_cont, ptrace_attach, ptrace_detach, wall = 7, 16, 17, 0x40000000
+    os.sched_setaffinity(0, {0})
+    os_pid = target.os_pid
+    if libc.ptrace(ptrace_attach, os_pid, None, None) != 0:
+        runtime.send(main, ("traced", None))
+        return
+    os.waitpid(os_pid, os.WUNTRACED | wall)
+    libc.ptrace(ptrace_cont, os_pid, None, ctypes.c_void_p(int(signal.SIGWINCH)))
+    alive = runtime.is_alive(target)
+    runtime.exit(target, "shutdown")
+    os.kill(os_pid, signal.SIGSTOP)  # detaching needs a stop
+    os.waitpid(os_pid, os.WUNTRACED | wall)
+    libc.ptrace(ptrace_detach, os_pid, None, None)
+    os.kill(os_pid, signal.SIGCONT)
+    runtime.send(main, ("traced", alive))
+
+
+def test_a_traced_process_resumed_with_a_signal_is_alive_and_can_be_stopped():
+    for _ in range(3):
+        _, ref = runtime.spawn_monitor(_spins_on_cpu_0, runtime.self())
+        _, target = assert_receive(tagged("spinning"))
+        runtime.spawn(_traces_then_stops, runtime.self(), target)
+        _, alive = assert_receive(tagged("traced"))
+        if alive is None:
+            runtime.exit(target, "kill")
+            wait_down(ref)
+            pytest.skip("ptrace is not allowed here")
+        assert alive
+        assert wait_down(ref).reason == "shutdown"
