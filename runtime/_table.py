@@ -74,13 +74,9 @@ def status_reason(si_code: int, si_status: int) -> Any:
     return ("exit_code", si_status)
 
 
-def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
-    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
-
-    With ``exiting``, a process that is not a zombie yet counts too if it is in its
-    exit (the kernel's PF_EXITING flag) and its exit status is set (non-zero). The
-    flag matters: a stopped process keeps its stop signal in the same field, and a
-    traced one resumed with a signal holds that signal there until it runs."""
+def proc_stat(os_pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<os_pid>/stat`` from the state on (field 3 is item 0);
+    None if there is no such process."""
     try:  # os-level calls: three system calls, where open() makes seven
         fd = os.open(f"/proc/{os_pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -91,8 +87,18 @@ def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
         return None
     finally:
         os.close(fd)
-    fields = data[data.rindex(b")") + 2 :].split()
-    if len(fields) < 50:
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
+    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
+
+    With ``exiting``, a process that is not a zombie yet counts too if it is in its
+    exit (the kernel's PF_EXITING flag) and its exit status is set (non-zero). The
+    flag matters: a stopped process keeps its stop signal in the same field, and a
+    traced one resumed with a signal holds that signal there until it runs."""
+    fields = proc_stat(os_pid)
+    if fields is None or len(fields) < 50:
         return None
     wstatus = int(fields[49])
     if fields[0] != b"Z" and not (exiting and wstatus and int(fields[6]) & _PF_EXITING):

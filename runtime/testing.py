@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _node
+from . import _node, _table
 from .messages import Down
 
 __all__ = [
@@ -81,12 +81,8 @@ def node_processes() -> list[int]:
     for serial, _slot, os_pid in node.table.live_slots():
         if serial in skip or os_pid == 0:
             continue
-        try:
-            with open(f"/proc/{os_pid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z":
+        fields = _table.proc_stat(os_pid)
+        if fields is not None and fields[0] != b"Z":
             out.append(os_pid)
     return out
 
@@ -103,9 +99,5 @@ def pid_exists(os_pid: int) -> bool:
 
 def is_zombie(os_pid: int) -> bool:
     """Whether ``os_pid`` is a process that has died and is not reaped yet."""
-    try:
-        with open(f"/proc/{os_pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"Z"
+    fields = _table.proc_stat(os_pid)
+    return fields is not None and fields[0] == b"Z"
