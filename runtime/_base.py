@@ -103,7 +103,8 @@ class Handlers(dict[int, Any]):
         """Stop polling ``fd`` if ``owner`` still handles it (once closed, its number
         may belong to another)."""
         if dict.get(self, fd) is owner:
-            self.__delitem__(fd)
+            dict.__delitem__(self, fd)
+            self.bits[fd] = 0
             try:
                 epoll.unregister(fd)
             except (OSError, ValueError):

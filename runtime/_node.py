@@ -253,6 +253,14 @@ class Node(Transport, Watches, Exits):
             self.batch_whole = False
 
     def _handle(self, batch: list[tuple[int, Any]]) -> None:
+        if len(batch) == 1:
+            owner = batch[0][1]
+            if owner.__class__ is Watch:  # one death alone: the common case, kept short
+                if self.watches.get(owner.pid.serial) is owner:
+                    self._on_death(owner)
+                if self.suspects:
+                    self._check_suspects([owner])
+                return
         handlers = self.handlers
         deaths: list[Watch] | None = None
         for _, owner in batch:
@@ -283,14 +291,18 @@ class Node(Transport, Watches, Exits):
             else:
                 h.callback()
         if self.suspects:
-            more = []
-            for serial in self.suspects:
-                w = self.watches.get(serial)
-                if w is not None and (deaths is None or w not in deaths) and (
-                        w.child is not None or _readable(w.fd, 0)):
-                    more.append(w)
-            self.suspects.clear()
-            self._deaths(more)
+            self._check_suspects(deaths)
+
+    def _check_suspects(self, deaths: list[Watch] | None) -> None:
+        """Peers whose connection closed are dying: handle the deaths that are ready."""
+        more = []
+        for serial in self.suspects:
+            w = self.watches.get(serial)
+            if w is not None and (deaths is None or w not in deaths) and (
+                    w.child is not None or _readable(w.fd, 0)):
+                more.append(w)
+        self.suspects.clear()
+        self._deaths(more)
 
     def _deaths(self, deaths: list[Watch]) -> None:
         for w in deaths:

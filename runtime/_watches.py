@@ -178,12 +178,6 @@ class Watches(NodeState):
         self.epoll.register(fd, EPOLLIN)
         return False
 
-    def _child_reason(self, pid: Pid, status: Any) -> Any:
-        state = self.table.state(pid.serial, pid.slot)
-        if state == _table.EXITED or state == _table.DOOMED or status is None:
-            return self.table.reason(pid.serial, pid.slot, pid.os_pid)
-        return _table.status_reason(*_code_and_status(status))
-
     def _reap_child(self, pid: Pid, popen: Any, status: Any) -> None:
         """After the Down of our dead child is out: if it could not record its exit in
         the table (a signal), do so and remove its socket file; then reap it (in that
@@ -226,6 +220,9 @@ class Watches(NodeState):
             job[0](*job[1:])
 
     def _on_death(self, w: Watch) -> None:
+        """``w``'s process died: tell everyone who cares. On one CPU the Down's latency
+        is this method's own running time, with caches the dying process just
+        emptied: it is kept short."""
         pid = w.pid
         serial = pid.serial
         popen = w.child
@@ -238,29 +235,38 @@ class Watches(NodeState):
             return  # what it sent undid the watch (an unlink): no one left to tell
         self._remove_watch(w)
         if popen is not None:
-            reason = self._child_reason(pid, status)
+            state = self.table.state(serial, pid.slot)
+            if state == _table.EXITED or state == _table.DOOMED or status is None:
+                reason = self.table.reason(serial, pid.slot, pid.os_pid)
+            else:
+                reason = _table.status_reason(*_code_and_status(status))
             w.child = None
             del self.children[serial]
             self.child_by_os_pid.pop(pid.os_pid, None)
             # Reaping waits until the Down is out, for an idle moment (see _poll_timeout).
-            if not self.deferred:
+            deferred = self.deferred
+            if not deferred:
                 self.cleanup_due = time.monotonic() + CLEANUP_DUE
-            self.deferred.append((self._reap_child, pid, popen, status))
+            deferred.append((self._reap_child, pid, popen, status))
         else:
             reason = self.table.reason(serial, pid.slot, pid.os_pid)
         dead = self.dead
         dead[serial] = None
         if len(dead) > 4096:
             del dead[next(iter(dead))]
-        for conn in list(self.conns_of.get(serial, ())):
-            self._close_conn(conn)
-        replies = self.replies
-        for call_ref in w.calls:
-            if replies.get(call_ref) is _PENDING:
-                replies[call_ref] = (False, reason)
+        conns = self.conns_of.get(serial)
+        if conns:
+            for conn in list(conns):
+                self._close_conn(conn)
+        if w.calls:
+            replies = self.replies
+            for call_ref in w.calls:
+                if replies.get(call_ref) is _PENDING:
+                    replies[call_ref] = (False, reason)
         internal = self.internal
+        monitor_refs = self.monitor_refs
         for ref in w.monitors:
-            self.monitor_refs.pop(ref, None)
+            monitor_refs.pop(ref, None)
             if ref in internal:
                 internal[ref] = Down(ref, pid, reason)
             else:

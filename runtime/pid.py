@@ -31,7 +31,7 @@ class Pid:
         self._hash = hash((node, serial))
 
     def __eq__(self, other: object) -> bool:
-        return (
+        return other is self or (
             isinstance(other, Pid) and other.serial == self.serial and other.node == self.node
         )
 
@@ -48,15 +48,16 @@ class Pid:
 class Ref:
     """A unique reference (a monitor's ref, for instance)."""
 
-    __slots__ = ("node", "owner", "n")
+    __slots__ = ("node", "owner", "n", "_hash")
 
     def __init__(self, node: int, owner: int, n: int) -> None:
         self.node = node
         self.owner = owner
         self.n = n
+        self._hash = hash((node, owner, n))
 
     def __eq__(self, other: object) -> bool:
-        return (
+        return other is self or (
             isinstance(other, Ref)
             and other.n == self.n
             and other.owner == self.owner
@@ -64,7 +65,7 @@ class Ref:
         )
 
     def __hash__(self) -> int:
-        return hash((self.node, self.owner, self.n))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"<Ref {self.owner}.{self.n}>"
