@@ -220,9 +220,9 @@ class Watches(NodeState):
             job[0](*job[1:])
 
     def _on_death(self, w: Watch) -> None:
-        """``w``'s process died: tell everyone who cares. On one CPU the Down's latency
-        is this method's own running time, with caches the dying process just
-        emptied: it is kept short."""
+        """``w``'s process died: tell everyone who cares. On one CPU, most of what a
+        Down takes beyond the death itself is this method's running time, with the
+        caches the dying process just emptied: it is kept short."""
         pid = w.pid
         serial = pid.serial
         popen = w.child
