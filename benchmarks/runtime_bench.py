@@ -30,10 +30,9 @@ The measurements run in a runtime process (a small process, like the floors'),
 except the figures marked "from the embedding process". Floor and figure are
 measured in alternating rounds, kills in alternating kills (the machine is shared
 and noisy: both see the same moments), and the ratio quoted is the median of the
-per-round ratios. The
-whole run happens twice: pinned to one CPU (a wake-up across CPUs costs ~50 us
-here and makes round trips bimodal) and unpinned; the targets are for the pinned
-run.
+per-round ratios. The whole run happens twice: pinned to one CPU (a wake-up
+across CPUs costs ~50 us here and makes round trips bimodal) and unpinned; the
+targets are for the pinned run.
 """
 
 from __future__ import annotations
@@ -309,7 +308,7 @@ def interleaved(rounds, floor_fn, ours_fn):
 
 
 def paired(rounds, rig, n, raws):
-    """Rounds of ``rig.round`` with a floor kill before each of ours: (ours samples,
+    """Rounds of ``rig.round`` with a floor kill beside each of ours: (ours samples,
     floor samples, per-round ratios); the bare sentinels of our victims go to ``raws``."""
     ours, floor, ratios = [], [], []
     for _ in range(rounds):
