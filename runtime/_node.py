@@ -256,10 +256,10 @@ class Node(Transport, Watches, Exits):
         if len(batch) == 1:
             owner = batch[0][1]
             if owner.__class__ is Watch:  # one death alone: the common case, kept short
-                if self.watches.get(owner.pid.serial) is owner:
-                    self._on_death(owner)
+                alone = [owner]
+                self._deaths(alone)
                 if self.suspects:
-                    self._check_suspects([owner])
+                    self._check_suspects(alone)
                 return
         handlers = self.handlers
         deaths: list[Watch] | None = None

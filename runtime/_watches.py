@@ -103,8 +103,7 @@ class Watches(NodeState):
         self.watches.pop(serial, None)
         self.children.pop(serial, None)
         self.links.pop(serial, None)
-        if self.handlers.pop(w.fd, None) is not None:
-            self.epoll.unregister(w.fd)
+        self.handlers.drop(w.fd, w, self.epoll)
         for conn in list(self.conns_of.get(serial, ())):
             self._close_conn(conn)
 
