@@ -41,6 +41,11 @@ EXIT_GRACE = 0.25
 # do not read, and waiting for its children to finish their own exits.
 CHILD_EXIT_GRACE = 1.0
 READ_SIZE = 65536
+# A parent woken by a child's death yields the CPU once for the child to finish
+# its exit (see Watches._child_exited); a yield slower than YIELD_SLOW means other
+# tasks wanted the CPU, and pauses yielding for YIELD_PAUSE.
+YIELD_SLOW = 0.0005
+YIELD_PAUSE = 1.0
 # Cleanup jobs (reaping a dead child, removing its socket file) wait for an idle
 # moment: this long without events. Once the oldest has waited CLEANUP_DUE, or
 # DEFERRED_MAX are pending, each wait runs one whether idle or not.
@@ -199,6 +204,7 @@ class NodeState:
     exit_deadline: float
     deferred: list[tuple[Any, ...]]
     cleanup_due: float
+    yield_from: float
     unproven: set[Conn]
     rbuf: mmap.mmap | None
     reading: int

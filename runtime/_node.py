@@ -144,6 +144,7 @@ class Node(Transport, Watches, Exits):
         self.extra_fds: list[int] = []  # owned but not polled: our sentinel's write end
         self.reading = 0
         self.batch_whole = False  # see _process
+        self.yield_from = 0.0  # see _child_exited
         self.root: Pid | None = None
         self.parent: Pid | None = None
         self.wakefd = -1

@@ -22,6 +22,8 @@ from ._base import (
     _PENDING,
     CLEANUP_DUE,
     EPOLLIN,
+    YIELD_PAUSE,
+    YIELD_SLOW,
     NodeState,
     Reader,
     Watch,
@@ -133,16 +135,20 @@ class Watches(NodeState):
     def _child_exited(self, w: Watch) -> Any:
         """The sentinel of child ``w`` fired: its exit status (a ``waitid`` result or an
         ``(si_code, si_status)`` pair; the child is not reaped), None if it is gone
-        already, or False if it is not done yet. Never blocks.
+        already, or False if it is not done yet. Never blocks for long: at most one
+        ``sched_yield``.
 
         The sentinel reaches EOF when the child's descriptors close, a little before
-        the kernel makes it waitable (much longer when thousands exit at once). The
-        status is known before that: in the table if the child wrote it or was
-        killed by the runtime, else in /proc (the kernel sets it first thing in the
-        exit). Reading it there lets the Down go out at once; on one CPU, the rest of
-        the child's exit then runs after it, not before. Failing that, the child gets
-        the CPU (it may be waiting for ours) and is asked again; only then is its
-        pidfd watched instead: it fires once the child is waitable."""
+        the kernel makes it waitable (much longer when thousands exit at once). If the
+        child wrote its status in the table, or the runtime killed it, that is the
+        answer. Else, on one CPU, the wake-up has most likely put this process ahead
+        of the child in the middle of its exit: it gets the CPU back (``sched_yield``)
+        to finish, after which it is waitable. That costs less than reading /proc,
+        unless other tasks are waiting for the CPU too: a yield that took longer than
+        YIELD_SLOW pauses yielding for YIELD_PAUSE. Failing that, the status is read
+        from /proc (the kernel sets it first thing in the exit); failing that too,
+        the child's pidfd is watched instead of its sentinel: it fires once the
+        child is waitable."""
         pid = w.pid
         os_pid = pid.os_pid
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
@@ -152,13 +158,17 @@ class Watches(NodeState):
                 return status
             if self.table.state(pid.serial, pid.slot) != _table.ALIVE:
                 return (os.CLD_KILLED, signal.SIGKILL)  # the table has the reason
+            now = time.monotonic()
+            if now >= self.yield_from:
+                os.sched_yield()
+                if time.monotonic() - now > YIELD_SLOW:
+                    self.yield_from = now + YIELD_PAUSE
+                status = os.waitid(os.P_PID, os_pid, flags)
+                if status is not None:
+                    return status
             early = _table.zombie_status(os_pid, exiting=True)
             if early is not None:
                 return early
-            os.sched_yield()
-            status = os.waitid(os.P_PID, os_pid, flags)
-            if status is not None:
-                return status
         except ChildProcessError:
             return None
         try:

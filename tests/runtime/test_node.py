@@ -15,9 +15,10 @@ import textwrap
 import time
 
 import psutil
+import pytest
 
 import runtime
-from runtime import _node
+from runtime import _base, _node
 from runtime.testing import assert_receive, is_zombie, tagged, wait_down, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -412,6 +413,57 @@ def test_a_dead_child_is_cleaned_up_while_its_parent_idles_in_receive():
     wait_until(lambda: not is_zombie(os_pid) and not os.path.exists(path),
                what="the killed child to be reaped and its socket file removed")
     runtime.send(parent, "done")
+    assert wait_down(ref).reason == "normal"
+
+
+def _kills_its_children_by_signal(main, pause_yield):
+    # On one CPU (children inherit it) the parent wakes while the child is still exiting.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if pause_yield:  # as after a slow yield: the status comes from waitid or /proc
+        _node.current().yield_from = float("inf")
+    reasons = []
+    for signo in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        child = runtime.spawn(time.sleep, 3600)
+        ref = runtime.monitor(child)
+        os.kill(child.os_pid, signo)
+        down = runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
+                               and m.ref == ref)
+        reasons.append(down.reason)
+    runtime.send(main, ("reasons", reasons))
+
+
+@pytest.mark.parametrize("pause_yield", [False, True], ids=["yielding", "yield paused"])
+def test_a_parent_reads_the_true_signal_of_a_dying_child(pause_yield):
+    # A parent woken by its child's sentinel usually finds it in the middle of its
+    # exit: it yields the CPU for the child to finish, or, while yielding is paused
+    # (it was slow: other tasks wanted the CPU), reads the status from /proc.
+    parent, ref = runtime.spawn_monitor(_kills_its_children_by_signal, runtime.self(),
+                                        pause_yield)
+    assert assert_receive(tagged("reasons"))[1] == ["killed", "SIGTERM", "killed"]
+    assert wait_down(ref).reason == "normal"
+
+
+def _finds_every_yield_slow(main):
+    from runtime import _watches
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    _watches.YIELD_SLOW = -1.0  # as if other tasks had taken the CPU at each yield
+    node = _node.current()
+    kills = 0
+    while node.yield_from == 0.0 and kills < 20:  # a child not waitable yet at its wake-up
+        child = runtime.spawn(time.sleep, 3600)
+        ref = runtime.monitor(child)
+        os.kill(child.os_pid, signal.SIGKILL)
+        runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
+                        and m.ref == ref)
+        kills += 1
+    runtime.send(main, ("paused for", node.yield_from - time.monotonic()))
+
+
+def test_a_slow_yield_pauses_yielding():
+    parent, ref = runtime.spawn_monitor(_finds_every_yield_slow, runtime.self())
+    _, paused_for = assert_receive(tagged("paused for"))
+    assert 0 < paused_for <= _base.YIELD_PAUSE
     assert wait_down(ref).reason == "normal"
 
 
