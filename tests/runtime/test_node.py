@@ -416,19 +416,20 @@ def test_a_dead_child_is_cleaned_up_while_its_parent_idles_in_receive():
     assert wait_down(ref).reason == "normal"
 
 
+def _signal_a_child(signo):
+    """In a runtime process on one CPU (where the parent wakes while its child is
+    still exiting): start a child, send it ``signo``, return its Down's reason."""
+    child = runtime.spawn(time.sleep, 3600)
+    ref = runtime.monitor(child)
+    os.kill(child.os_pid, signo)
+    return wait_down(ref).reason
+
+
 def _kills_its_children_by_signal(main, pause_yield):
-    # On one CPU (children inherit it) the parent wakes while the child is still exiting.
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # children inherit it
     if pause_yield:  # as after a slow yield: the status comes from waitid or /proc
         _node.current().yield_from = float("inf")
-    reasons = []
-    for signo in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-        child = runtime.spawn(time.sleep, 3600)
-        ref = runtime.monitor(child)
-        os.kill(child.os_pid, signo)
-        down = runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
-                               and m.ref == ref)
-        reasons.append(down.reason)
+    reasons = [_signal_a_child(s) for s in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)]
     runtime.send(main, ("reasons", reasons))
 
 
@@ -451,11 +452,7 @@ def _finds_every_yield_slow(main):
     node = _node.current()
     kills = 0
     while node.yield_from == 0.0 and kills < 20:  # a child not waitable yet at its wake-up
-        child = runtime.spawn(time.sleep, 3600)
-        ref = runtime.monitor(child)
-        os.kill(child.os_pid, signal.SIGKILL)
-        runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
-                        and m.ref == ref)
+        _signal_a_child(signal.SIGKILL)
         kills += 1
     runtime.send(main, ("paused for", node.yield_from - time.monotonic()))
 
