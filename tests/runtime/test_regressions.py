@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import select
+import signal
 import threading
 import time
 
@@ -448,8 +449,6 @@ def test_an_unlink_read_while_its_senders_death_is_handled_is_not_undone_twice(t
 def test_a_stopped_process_is_alive_and_can_be_killed_with_a_reason():
     # A stopped process shows its stop signal where /proc shows an exiting process's
     # exit status: it must not pass for one that is in its exit.
-    import signal
-
     pid, ref = runtime.spawn_monitor(time.sleep, 60)
     os.kill(pid.os_pid, signal.SIGSTOP)
     wait_until(lambda: psutil.Process(pid.os_pid).status() == psutil.STATUS_STOPPED,
@@ -473,8 +472,6 @@ def _traces_then_stops(main, target):
     # for: until the tracee runs, /proc shows that signal where an exiting process
     # shows its exit status.
     import ctypes
-    import signal
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     ptrace_cont, ptrace_attach, ptrace_detach, wall = 7, 16, 17, 0x40000000
