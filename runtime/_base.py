@@ -211,6 +211,7 @@ class NodeState:
     batch_whole: bool
     suspects: list[int]
     internal: dict[Ref, Down | None]
+    late_downs: list[tuple[Down, bool]]
     extra_fds: list[int]
 
     if TYPE_CHECKING:

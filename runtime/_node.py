@@ -141,6 +141,9 @@ class Node(Transport, Watches, Exits):
         self.rbuf: mmap.mmap | None = None
         self.suspects: list[int] = []  # peers whose connection closed: dying
         self.internal: dict[Ref, Down | None] = {}  # the runtime's own monitors
+        # Downs of processes found dead by monitor() while another thread polls: that
+        # thread queues them (see monitor).
+        self.late_downs: list[tuple[Down, bool]] = []
         self.extra_fds: list[int] = []  # owned but not polled: our sentinel's write end
         self.reading = 0
         self.batch_whole = False  # see _process
@@ -183,6 +186,12 @@ class Node(Transport, Watches, Exits):
             os.eventfd_read(self.wakefd)
         except OSError:
             pass
+        late, self.late_downs = self.late_downs, []
+        for down, internal in late:  # see monitor
+            if internal and down.ref not in self.internal:
+                continue  # demonitored meanwhile
+            self._drain_peer(down.pid.serial)
+            self._queue_down(down, internal)
 
     def _notify(self) -> None:
         """Wake every thread waiting on this node: followers and the polling leader."""
@@ -580,20 +589,30 @@ class Node(Transport, Watches, Exits):
                 self.internal[ref] = None
             w = self._watch(pid)
             if w is None:
-                if not self.polling:  # what it sent before dying comes before its Down
-                    self._drain_peer(pid.serial)
                 reason = "noproc"
                 if fresh and pid.node == self.node_id:
                     reason = self.table.reason(pid.serial, pid.slot, pid.os_pid)
-                if internal:
-                    self.internal[ref] = Down(ref, pid, reason)
+                down = Down(ref, pid, reason)
+                if self.polling and self.wakefd >= 0:
+                    # What it sent before dying comes before its Down, and another
+                    # thread is in the wait, the one that may read: that thread drains
+                    # it, then queues the Down (_drain_wake).
+                    self.late_downs.append((down, internal))
+                    os.eventfd_write(self.wakefd, 1)
                 else:
-                    self.mailbox.append(Down(ref, pid, reason))
-                self._notify()
+                    self._drain_peer(pid.serial)
+                    self._queue_down(down, internal)
             else:
                 w.monitors.add(ref)
                 self.monitor_refs[ref] = pid.serial
         return ref
+
+    def _queue_down(self, down: Down, internal: bool) -> None:
+        if internal:
+            self.internal[down.ref] = down
+        else:
+            self.mailbox.append(down)
+        self._notify()
 
     def wait_down(self, refs: Any, timeout: float | None) -> Down | None:
         """Wait for the Down of any of the internal monitors ``refs`` (a container);
@@ -628,6 +647,7 @@ class Node(Transport, Watches, Exits):
                         del self.mailbox[i]
                         self.removed += 1
                         break
+                self.late_downs = [late for late in self.late_downs if late[0].ref != ref]
             return False
 
     # ---------------------------------------------------------------- links

@@ -158,7 +158,9 @@ def receive(timeout: float | None = None, match: Callable[[Any], bool] | None = 
 def monitor(pid: Any) -> Ref:
     """Watch ``pid`` (a Pid or registered name): when it exits, the caller receives
     ``Down(ref, pid, reason)``. Returns at once. If it is already dead, the Down
-    (reason ``"noproc"``) is queued at once."""
+    (reason ``"noproc"``) is queued at once, after the messages it sent before dying
+    (in an embedding process where another thread is waiting on the runtime, that
+    thread queues both, as soon as it wakes)."""
     try:
         target = resolve(pid)
     except NoProcError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import select
@@ -503,3 +504,54 @@ def test_a_traced_process_resumed_with_a_signal_is_alive_and_can_be_stopped():
             pytest.skip("ptrace is not allowed here")
         assert alive
         assert wait_down(ref).reason == "shutdown"
+
+
+def _sends_then_exits(main, n):
+    for i in range(n):
+        runtime.send(main, ("sent before dying", i))
+
+
+@contextlib.contextmanager
+def _as_if_another_thread_polls():
+    node = _node.current()
+    with node.lock:
+        node.polling = True
+    try:
+        yield
+    finally:
+        with node.lock:
+            node.polling = False
+
+
+def _dead_sender(n):
+    pid = runtime.spawn(_sends_then_exits, runtime.self(), n)
+    wait_until(lambda: not runtime.is_alive(pid), what="the sender's exit")
+    return pid
+
+
+def test_a_dead_process_s_messages_come_before_its_noproc_down_while_another_thread_polls():
+    """monitor() of a process that is already dead drains what it sent before queueing
+    the Down; while another thread of the embedding process is in the wait, that
+    thread does both, in that order."""
+    pid = _dead_sender(3)
+    with _as_if_another_thread_polls():
+        ref = runtime.monitor(pid)
+
+    def ours(m):
+        return (isinstance(m, tuple) and m[0] == "sent before dying") or (
+            isinstance(m, runtime.Down) and m.ref == ref)
+
+    got = [runtime.receive(timeout=5, match=ours) for _ in range(4)]
+    assert got[:3] == [("sent before dying", i) for i in range(3)]
+    assert got[3].reason == "noproc"
+
+
+def test_demonitor_with_flush_drops_a_noproc_down_left_to_the_polling_thread():
+    pid = _dead_sender(1)
+    with _as_if_another_thread_polls():
+        ref = runtime.monitor(pid)
+        assert runtime.demonitor(ref, flush=True) is False
+    _node.current().pump()  # what the polling thread would do next
+    assert_receive(("sent before dying", 0))
+    with pytest.raises(runtime.ReceiveTimeout):
+        runtime.receive(timeout=0, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
