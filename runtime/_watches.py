@@ -239,6 +239,10 @@ class Watches(NodeState):
             status = self._child_exited(w)
             if status is False:
                 return
+        elif self.is_main and not _readable(w.fd, 0):
+            # Another thread closed a pidfd and opened this one under its number while
+            # the polling thread held the old one's event: not this process's death.
+            return
         self._drain_peer(serial, pid.os_pid)
         if self.watches.get(serial) is not w:
             return  # what it sent undid the watch (an unlink): no one left to tell
