@@ -182,12 +182,14 @@ class Node(Transport, Watches, Exits):
             self.prelink(link_to, -1)
 
     def _drain_wake(self) -> None:
+        """The eventfd woke the polling thread: reset it, and queue the Downs that
+        monitor() left to this thread, each after what its process sent."""
         try:
             os.eventfd_read(self.wakefd)
         except OSError:
             pass
         late, self.late_downs = self.late_downs, []
-        for down, internal in late:  # see monitor
+        for down, internal in late:
             if internal and down.ref not in self.internal:
                 continue  # demonitored meanwhile
             self._drain_peer(down.pid.serial)
