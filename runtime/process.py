@@ -169,8 +169,7 @@ def monitor(pid: Any) -> Ref:
         from .messages import Down
 
         with node.lock:
-            node.mailbox.append(Down(ref, pid, "noproc"))
-            node._notify()
+            node._queue_down(Down(ref, pid, "noproc"), internal=False)
         return ref
     return _node.current().monitor(target)
 

@@ -557,17 +557,12 @@ def test_demonitor_with_flush_drops_a_noproc_down_left_to_the_polling_thread():
         runtime.receive(timeout=0, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
 
 
-def _waits_forever():
-    runtime.receive()
-
-
 def test_an_event_of_a_reused_descriptor_number_is_not_taken_for_a_death():
     """In the embedding process another thread may close a watch's pidfd and open a
     new one under its number while the polling thread holds the old one's event: that
     event must not end the new watch with a false Down."""
     node = _node.current()
-    pid = runtime.spawn(_waits_forever)
-    ref = runtime.monitor(pid)
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
     w = node.watches[pid.serial]
     assert w.child is None  # a pidfd: the embedding process's processes are the root's
     try:
