@@ -8,9 +8,7 @@ machine, by the same process:
 
 - spawn to ready: ``spawn`` of a function that sends one message back, until that
   message is received; floor: ``os.fork`` + a one-byte pipe handshake. Both new
-  processes then wait (as a new server would) until the round is over. Also
-  against the C library's ``fork()`` + the same handshake: ``os.fork`` without
-  the interpreter's at-fork machinery, which runtime processes skip.
+  processes then wait (as a new server would) until the round is over.
 - call round trip: ``call`` to a GenServer that replies at once; floor: a
   ``multiprocessing.Pipe`` round trip of a pickled tuple to an echo process.
 - SIGKILL to Down: SIGKILL of a started, idle, monitored process until its ``Down``
@@ -37,7 +35,6 @@ targets are for the pinned run.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import select
@@ -123,15 +120,6 @@ def floor_fork(n, fork=os.fork):
         os.close(stop_w)
         os.waitpid(pid, 0)
     return samples
-
-
-def floor_libc_fork(n):
-    """As floor_fork, with the C library's fork() called directly: without the
-    interpreter's at-fork machinery (hooks, thread state), which os.fork runs and a
-    single-threaded runtime process skips (see runtime/_fork.py). The kernel's floor."""
-    libc_fork = ctypes.PyDLL(None).fork  # PyDLL: the GIL stays held across the call
-    libc_fork.restype = ctypes.c_int
-    return floor_fork(n, libc_fork)
 
 
 def floor_pipe_rtt(n, ctx):
@@ -250,7 +238,7 @@ class KillRig:
                                       and m[0] == "nursery")[1]
         floor_children = [sentinel_child() for _ in range(n)] if paired else []
         refs = [runtime.monitor(v) for v in victims]
-        node = runtime._node.current()
+        node = runtime._embed.current()
         samples, raw, floor = [], [], []
         for i, (victim, ref) in enumerate(zip(victims, refs, strict=True)):
             # Half of each kind of sample comes first in its pair, half second: the
@@ -261,7 +249,7 @@ class KillRig:
             poller = None
             if self.child and i % 2:
                 poller = select.poll()
-                poller.register(node.watches[victim.serial].fd, select.POLLIN)
+                poller.register(node.watches.get(victim.serial).fd, select.POLLIN)
             t0 = time.perf_counter()
             os.kill(victim.os_pid, signal.SIGKILL)
             if poller is not None:
@@ -285,13 +273,13 @@ class KillRig:
 
 def clean_up_now():
     """Run the runtime's cleanup of dead children now (reaping, removing socket files),
-    which it otherwise leaves for an idle moment (runtime._base.IDLE_CLEANUP): between
+    which it otherwise leaves for an idle moment (runtime._poller.IDLE_CLEANUP): between
     samples, as the floor reaps its child right after its sample. (Waiting for the
     idle moment instead would let the CPU go idle, which makes the next sample slow
     on this VM for reasons of its own.)"""
-    node = runtime._node.current()
-    with node.lock:
-        node._clean_up_idle()
+    node = runtime._embed.current()
+    with node.poller.lock:
+        node.poller.run_jobs()
 
 
 def interleaved(rounds, floor_fn, ours_fn):
@@ -332,8 +320,6 @@ def driver(parent, quick):
     results = {}
     results["spawn"] = interleaved(rounds, lambda: floor_fork(n_spawn),
                                    lambda: ours_spawn(n_spawn))
-    results["spawn_libc"] = interleaved(rounds, lambda: floor_libc_fork(n_spawn),
-                                        lambda: ours_spawn(n_spawn))
     server = Echo.start_link()
     ctx = multiprocessing.get_context("fork")
     results["call"] = interleaved(rounds, lambda: floor_pipe_rtt(n_call, ctx),
@@ -387,7 +373,6 @@ def measure(quick):
     main_spawn()  # the root imports what the target needs, once
     spawn_floor = results["spawn"][1]
     figure("spawn to ready", results["spawn"], "target <= 1.3x")
-    figure("  same, against the C library's fork() + handshake", results["spawn_libc"])
     main = main_spawn()
     out(row("spawn to ready from the embedding process (p50)", p50(main), p50(spawn_floor),
             "(one more hop: via the root)"))

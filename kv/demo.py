@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import runtime
-from runtime import Agent, Down, Supervisor, _node
+from runtime import Agent, Down, Supervisor, testing
 
 from . import bucket, registry
 from .supervisor import BUCKET_SUPERVISOR, REGISTRY, SUPERVISOR, start, stop
@@ -68,9 +68,9 @@ class Demo:
         sup = start()
         took = time.perf_counter() - t0
         self.names[os.getpid()] = "embedding process (this script)"
-        node = _node.current()
-        if node.root is not None:
-            self.names[node.root.os_pid] = "runtime root"
+        root = testing.root()
+        if root is not None:
+            self.names[root.os_pid] = "runtime root"
         say(f"   {self.label(sup, SUPERVISOR)} started in {ms(took)}, with children:")
         for child in Supervisor.which_children(sup):
             say(f"     - {self.label(child.pid, child.id)}, a {child.type}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import runtime
-from runtime import Down, DynamicSupervisor, NoReply, Pid, Reply, _node
+from runtime import Down, DynamicSupervisor, NoReply, Pid, Reply
 
 from . import bucket
 
@@ -94,7 +94,7 @@ class Registry(runtime.GenServer):
         if entry is None:
             return None
         pid, ref = entry
-        if _node.current().is_alive(pid):
+        if runtime.is_alive(pid):
             return pid
         # Dead, and its Down not processed yet: forget it now.
         del self.names[name]

@@ -1,269 +1,141 @@
-"""Internal: starting and stopping a node, and its root process.
+"""Internal: the node's root process.
 
-The embedding process starts the node on first use: it makes the node's
-directory (mode 0700, under /dev/shm when possible), the process table and a
-random key, joins the node as a process itself, and starts the *root* with
-``multiprocessing``'s spawn method, the one start method that is safe in a
-process that may run threads.
-
-The root is a small GenServer that
+The embedding process starts the root with ``multiprocessing``'s spawn method
+(see ``_embed``). The root is a small runtime process that
 
 - forks the processes the embedding process spawns (the embedding process must
-  never fork), so it is their parent and reaps them;
+  never fork), so it is their parent and reaps them; it runs no user code: the
+  targets it is given stay pickled until the new process unpickles them;
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
-- watches the embedding process with a pidfd: if it dies, even by SIGKILL, the
-  root kills every process of the node, removes the node's directory, and exits;
+- SIGKILLs a process that was sent an exit signal and has not exited
+  ``EXIT_GRACE`` seconds later (a long C call never runs the exit signal's
+  handler);
+- watches the embedding process: if it dies, even by SIGKILL, the root kills
+  every process of the node, removes the node's directory, and exits. So it does
+  on SIGTERM, SIGHUP or SIGQUIT (what ``timeout``, a terminal or a service
+  manager send to the whole process group);
 - on ``shutdown``, stops its children in reverse start order, kills stragglers,
   and removes the directory.
 """
 
 from __future__ import annotations
 
-import atexit
+import fcntl
 import heapq
 import os
-import pickle
 import select
 import shutil
 import signal
-import socket
-import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import _fork, _launch, _node, _table
-from ._base import EXIT_GRACE, NodeInfo
-from .errors import ProcessError
+from . import _current, _launch, _table
+from ._exits import EXIT_GRACE
+from ._node import Node
+from .errors import ReceiveTimeout
 from .messages import Down
 from .pid import Pid
 
-
-def _base_dir() -> str:
-    for candidate in ("/dev/shm", tempfile.gettempdir()):
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
-    return tempfile.gettempdir()
+# Signals that end the whole node when the root gets them.
+ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def _remove_stale_nodes(base: str) -> None:
-    """Remove the directories of nodes whose embedding process is gone (both it and
-    its root were killed at once, so nobody could clean up)."""
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return
-    uid = os.getuid()
-    for entry in entries:
-        if not entry.startswith("rt-"):
-            continue
-        parts = entry.split("-")
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        path = os.path.join(base, entry)
-        try:
-            if os.lstat(path).st_uid != uid:
-                continue
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue
+class Escalation(NamedTuple):
+    """A doomed process to SIGKILL at ``due`` if it has not exited."""
+
+    due: float
+    serial: int
+    pid: Pid
 
 
-def _raise_nofile() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+def hold_node_lock(node_dir: str) -> int:
+    """Open the node's lock file and hold it (shared) as long as the descriptor stays
+    open: the node is alive (see ``_embed``)."""
+    fd = os.open(os.path.join(node_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
-def _listen_at(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(_launch.BACKLOG)
-    return sock
+def main() -> None:
+    """The root's process function (its target)."""
+    Root().run()
 
 
-def start_node() -> _node.Node:
-    """Start a node with the calling (embedding) process as its main process."""
-    from .process import _config
-
-    method = _config["start_method"] or os.environ.get("RUNTIME_START_METHOD") or "fork"
-    if method not in ("fork", "spawn"):
-        raise ValueError(f"RUNTIME_START_METHOD must be fork or spawn, got {method!r}")
-    _raise_nofile()
-    base = _base_dir()
-    _remove_stale_nodes(base)
-    directory = tempfile.mkdtemp(prefix=f"rt-{os.getpid()}-", dir=base)
-    try:
-        os.mkdir(os.path.join(directory, "names"), 0o700)
-        table = _table.Table(os.path.join(directory, "table"), create=True)
-        node_id = int.from_bytes(os.urandom(4), "big") | 1
-        serial, slot = table.allocate()
-        table.set_os_pid(slot, os.getpid())
-        me = Pid(node_id, serial, slot, os.getpid())
-        root_serial, root_slot = table.allocate()
-        root = Pid(node_id, root_serial, root_slot, 0)  # os_pid known once started
-        info = NodeInfo(directory, os.urandom(32), node_id, me, root, method)
-        node = _node.Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
-        _start_root(node)
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    atexit.register(_shutdown_at_exit)
-    return node
-
-
-def _start_root(node: _node.Node) -> None:
-    table = node.table
-    assert node.info.root is not None
-    serial, slot = node.info.root.serial, node.info.root.slot
-    listen = _listen_at(node.info.sock_path(serial))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    boot = _launch.Boot(
-        node.info, serial, slot, node.me, os.getpid(), [],
-        _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
-        target=(_root_main, ()), trap=True, pdeathsig=False,
-    )
-    try:
-        popen = _launch.RuntimeProcess(boot, "runtime-root").start_with("spawn")
-    finally:
-        listen.close()
-        theirs.close()
-    table.set_os_pid(slot, popen.pid)
-    root = Pid(node.node_id, serial, slot, popen.pid)
-    with node.lock:
-        node.add_child(root, popen, ours, link=False)
-    node.root = root
-    try:
-        node.call(root, ("$ping",), 60.0)
-    except ProcessError as exc:
-        raise ProcessError(
-            f"the runtime's root process failed to start ({exc}); if this program starts "
-            "processes at import time, put that code under `if __name__ == \"__main__\":`"
-        ) from exc
-
-
-def _wait_gone(popen: Any, timeout: float) -> bool:
-    """Wait (at most ``timeout`` s) until the process of ``popen`` is gone, and reap it
-    if nobody has; True if it is gone."""
-    if popen.returncode is not None:
-        return True
-    try:
-        fd = os.pidfd_open(popen.pid)
-    except ProcessLookupError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(timeout * 1000):
-            return False
-    finally:
-        os.close(fd)
-    try:
-        popen.poll(0)
-    except OSError:
-        pass
-    return True
-
-
-def _shutdown_at_exit() -> None:
-    try:
-        shutdown_node(5.0)
-    except Exception:
-        pass
-
-
-def shutdown_node(timeout: float) -> None:
-    node = _node.current_or_none()
-    if node is None:
-        return
-    if not node.is_main:
-        raise ProcessError("shutdown() stops the whole node: call it from the embedding process")
-    with _node._start_lock:
-        if _node.current_or_none() is not node:
-            return
-        root = node.root
-        watch = node.children.get(root.serial) if root is not None else None
-        if root is not None and watch is not None:
-            child = watch.child  # keep it: the call below may see the root exit and reap it
-            try:
-                node.call(root, ("$shutdown", timeout), timeout + 10.0)
-            except ProcessError:
-                pass
-            if not _wait_gone(child, timeout + 5.0):
-                child.kill()
-                _wait_gone(child, 5.0)
-        node.close()
-        node.table.close()
-        shutil.rmtree(node.info.dir, ignore_errors=True)
-        _node.set_current(None)
-
-
-# ----------------------------------------------------------------- the root process
-
-
-def _root_main() -> None:
-    _fork.prepare()
-    _Root().run()
-
-
-class _Root:
-    """The root's loop: spawn requests, kill escalations, orphans, the main's death."""
+class Root:
+    """The root's loop: spawn requests, escalations, orphans, the end of the node."""
 
     def __init__(self) -> None:
-        node = self.node = _node.current()
+        node = _current.get()
+        assert node is not None
+        self.node: Node = node
         _launch.prctl(_launch.PR_SET_CHILD_SUBREAPER, 1)
+        node.extra_fds.append(hold_node_lock(node.info.dir))
         self.main_ref = node.monitor(node.info.main)
+        # Signals reach the loop through a pipe (the interpreter writes their numbers).
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sigchld_r = r
-        signal.signal(signal.SIGCHLD, lambda signo, frame: None)
+        self._signals = r
+        for signo in (signal.SIGCHLD, *ENDING):
+            signal.signal(signo, _ignore)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         node.extra_fds.append(w)
-        node.add_reader(r, self._reap_orphans)
-        self.timers: list[tuple[float, int, Pid]] = []
+        node.add_reader(r, self._on_signals)
+        self.timers: list[Escalation] = []
 
     def run(self) -> None:
         node = self.node
         while True:
             timeout = None
             if self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                timeout = max(0.0, self.timers[0].due - time.monotonic())
             try:
                 msg = node.receive(timeout, None)
-            except TimeoutError:
+            except ReceiveTimeout:
                 msg = None
             if self.timers:
                 self._escalate_due()
             if msg.__class__ is tuple and msg:
                 if msg[0] == "$gen_call":
-                    request = msg[2]
+                    _, caller, request = msg
                     try:
                         result = self._handle_call(request)
                     except Exception as exc:  # a failed fork must not take the node down
                         result = ("$error", exc)
-                    node.reply(msg[1], result)
+                    node.reply(caller, result)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":
-                    heapq.heappush(
-                        self.timers, (time.monotonic() + EXIT_GRACE, msg[1].serial, msg[1])
-                    )
+                    pid = msg[1]
+                    heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
+                                                           pid.serial, pid))
+                elif msg[0] == "$end":
+                    self._teardown(graceful=False, timeout=0.0)
+                    node.exit_process("normal")
             elif msg.__class__ is Down and msg.ref == self.main_ref:
                 self._teardown(graceful=False, timeout=0.0)
                 node.exit_process("normal")
+
+    def _handle_call(self, request: Any) -> Any:
+        kind = request[0]
+        if kind == "$spawn":
+            _, payload, link, trap = request
+            node = self.node
+            return _launch.start_child(node, payload=payload, trap=trap,
+                                       link_to=node.info.main if link else None,
+                                       default_signals=(signal.SIGCHLD, *ENDING))
+        if kind == "$ping":
+            return "pong"
+        if kind == "$shutdown":
+            self._teardown(graceful=True, timeout=request[1])
+            return "ok"
+        return ("$error", ValueError(f"unknown request {request!r}"))
 
     def _escalate_due(self) -> None:
         """SIGKILL the doomed processes that did not run their exit path in time."""
         now = time.monotonic()
         table = self.node.table
-        while self.timers and self.timers[0][0] <= now:
-            _, _, pid = heapq.heappop(self.timers)
+        while self.timers and self.timers[0].due <= now:
+            pid = heapq.heappop(self.timers).pid
             if table.state(pid.serial, pid.slot) != _table.DOOMED:
                 continue
             try:
@@ -278,42 +150,20 @@ class _Root:
             finally:
                 os.close(fd)
 
-    def _handle_call(self, request: Any) -> Any:
-        node = self.node
-        kind = request[0]
-        if kind == "$spawn":
-            _, payload, link, trap = request
-            # Unpickle here rather than in each child: the modules the target needs are
-            # then imported once in the root and inherited by every later fork. If that
-            # fails, the child unpickles it and crashes with the true error.
-            target = None
-            if node.info.start_method == "fork":
-                try:
-                    target = pickle.loads(payload)
-                    payload = None
-                except Exception:
-                    target = (_launch.run_payload, (payload,))
-                    payload = None
-            return _launch.start_child(
-                node, target, payload=payload,
-                link_to=node.info.main if link else None, trap=trap,
-            )
-        if kind == "$ping":
-            return "pong"
-        if kind == "$shutdown":
-            self._teardown(graceful=True, timeout=request[1])
-            return "ok"
-        return ("error", f"unknown request {request!r}")
+    def _on_signals(self) -> None:
+        """The signal pipe is readable (lock held): orphans to reap, or the end."""
+        try:
+            got = os.read(self._signals, 4096)
+        except OSError:
+            got = b""
+        if any(signo in got for signo in ENDING):
+            self.node.mailbox.put(("$end",))
+        self._reap_orphans()
 
     def _reap_orphans(self) -> None:
-        """SIGCHLD: record and reap dead processes that were reparented to us."""
+        """Record and reap dead processes that were reparented to us (lock held)."""
         node = self.node
-        try:
-            while os.read(self.sigchld_r, 4096):
-                pass
-        except OSError:
-            pass
-        node._run_deferred()
+        node.poller.run_jobs()  # reap our own dead children whose Down is out
         index = None
         while True:
             try:
@@ -322,20 +172,20 @@ class _Root:
                 return
             if info is None:
                 return
-            serial = node.child_by_os_pid.get(info.si_pid)
-            if serial is not None:
-                w = node.watches.get(serial)
-                if w is not None:
-                    node._on_death(w)
-                    node._run_deferred()  # reaps it, or waitid would find it again
+            w = node.watches.child_of_os_pid(info.si_pid)
+            if w is not None:
+                node.handle_death(w)
+                node.poller.run_jobs()  # reaps it, or waitid would find it again
+                if node.watches.child_of_os_pid(info.si_pid) is None:
                     continue
+            table = node.table
             if index is None:  # one pass over the table for all orphans of this wake-up
-                index = {os_pid: (serial, slot) for serial, slot, os_pid in node.table.live_slots()}
+                index = {os_pid: (serial, slot) for serial, slot, os_pid in table.live_slots()}
             found = index.get(info.si_pid)
             if found is None:  # it began its exit (EXITED) but was killed before the end
-                found = node.table.exited_slot_of(info.si_pid)
+                found = table.exited_slot_of(info.si_pid)
             if found is not None:
-                node.table.publish(found[0], found[1], info.si_code, info.si_status)
+                table.publish(found[0], found[1], info.si_code, info.si_status)
                 try:
                     os.unlink(node.info.sock_path(found[0]))
                 except OSError:
@@ -369,16 +219,18 @@ class _Root:
     def _teardown(self, graceful: bool, timeout: float) -> None:
         node = self.node
         table = node.table
-        main = node.info.main
+        skip = {node.me.serial, node.info.main.serial}
         if graceful:
             # One at a time, last started first, each gone before the next is asked (as
             # OTP stops applications), each with up to ``timeout`` seconds.
-            for pid in reversed([w.pid for w in node.children.values()]):
+            with node.poller.lock:
+                children = [w.pid for w in node.watches.children()]
+            for pid in reversed(children):
                 self._stop_one(pid, timeout)
         # Kill whatever is left anywhere in the node, and wait until it is gone.
         pidfds = []
         for serial, slot, os_pid in table.live_slots():
-            if serial in (node.me.serial, main.serial) or os_pid == 0:
+            if serial in skip or os_pid == 0:
                 continue
             try:
                 fd = os.pidfd_open(os_pid)
@@ -387,25 +239,30 @@ class _Root:
             if table.state(serial, slot) == _table.EXITED:
                 os.close(fd)
                 continue
-            table.doom(serial, slot, "killed" if not graceful else "shutdown")
+            table.doom(serial, slot, "shutdown" if graceful else "killed")
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except OSError:
                 pass
             pidfds.append(fd)
-        poller = select.poll()
+        waiter = select.poll()
         for fd in pidfds:
-            poller.register(fd, select.POLLIN)
+            waiter.register(fd, select.POLLIN)
         waiting = len(pidfds)
         end = time.monotonic() + 5.0
         while waiting and time.monotonic() < end:
-            for fd, _ in poller.poll(100):
-                poller.unregister(fd)
+            for fd, _ in waiter.poll(100):
+                waiter.unregister(fd)
                 waiting -= 1
         for fd in pidfds:
             os.close(fd)
-        for w in list(node.children.values()):
-            node._on_death(w)
-        node._run_deferred()
-        self._reap_orphans()
+        with node.poller.lock:
+            for w in node.watches.children():
+                node.handle_death(w)
+            node.poller.run_jobs()
+            self._reap_orphans()
         shutil.rmtree(node.info.dir, ignore_errors=True)
+
+
+def _ignore(signo: int, frame: Any) -> None:
+    """A Python-level handler, so that the signal reaches the wakeup pipe."""

@@ -1,4 +1,4 @@
-"""The node's process table: one shared-memory file that every process maps.
+"""Internal: the node's process table, one shared-memory file every process maps.
 
 Why it exists: a process that watches another through a pidfd learns *that* it
 died, not *why*; only the parent can read an exit status, and a process killed
@@ -8,7 +8,7 @@ before anyone can observe it:
 - a process that exits on its own writes its reason first thing in its exit
   path (after which nobody can doom it), then exits;
 - a process that kills another (``exit(pid, reason)``, a link) writes the
-  victim's reason ("doomed") before it sends SIGKILL;
+  victim's reason ("doomed") before it signals it;
 - a parent that sees a child die by a signal peeks at the status with
   ``waitid(WNOWAIT)``, writes it, and only then reaps the child.
 
@@ -17,12 +17,14 @@ its ``os_pid`` cannot have been recycled, which makes pidfds and signals sent
 after a table check safe. A watcher that wakes before the parent has written
 the reason reads the zombie's exit status from ``/proc/<pid>/stat``.
 
-Layout: a 64-byte header (next serial, allocation cursor) and fixed 32-byte
-slots. Slots are reused round-robin, so a dead process's reason stays readable
-until about ``NSLOTS`` later spawns. Reasons other than the common strings are
-pickled into small files next to the table and removed when the slot is reused.
-Allocation and dooming take an ``fcntl`` lock, which the kernel releases if its
-holder dies.
+Layout: a 64-byte header, the sizes of the reason store's entries, then fixed
+32-byte slots, reused round-robin. A reason that is not one of the common ones
+(a crash, a value given to ``exit``) is pickled into the reason store: a ring of
+at most ``REASONS`` files holding at most ``REASON_BYTES`` in all, the oldest
+dropped first, so the node's directory does not grow with the number of dead
+processes. A reason dropped before a watcher read it reads as ``"reason_lost"``.
+Allocation and every change of state take an ``fcntl`` lock, which the kernel
+releases if its holder dies.
 """
 
 from __future__ import annotations
@@ -33,26 +35,47 @@ import os
 import pickle
 import signal
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 NSLOTS = 1 << 16
-HEADER = 64
-SLOT = 32
+REASONS = 4096
+REASON_BYTES = 64 << 20
 
 FREE, ALIVE, DOOMED, EXITED = 0, 1, 2, 3
 
-# Reason codes stored in a slot.
-_NONE, _NORMAL, _SHUTDOWN, _KILLED, _NOPROC, _SIGNAL, _BLOB = range(7)
+# Reason codes stored in a slot, each with a 32-bit argument.
+_NONE, _NORMAL, _SHUTDOWN, _KILLED, _NOPROC, _SIGNAL, _EXIT_CODE, _STORED = range(8)
 _SIMPLE = {"normal": _NORMAL, "shutdown": _SHUTDOWN, "killed": _KILLED, "noproc": _NOPROC}
 _SIMPLE_BACK = {v: k for k, v in _SIMPLE.items()}
+LOST = "reason_lost"
 
-# serial Q, os_pid I, state B, exit code B, exit sig B, doom code B, doom sig B, trap B
-_SLOT = struct.Struct("<QIBBBBBB")
-_HDR = struct.Struct("<QQI")  # magic, next serial, cursor
-_MAGIC = 0x52554E54494D4531  # "RUNTIME1"
+# magic, next serial, slot cursor, next reason, oldest reason kept, reason bytes kept
+_HDR = struct.Struct("<QQIQQQ")
+_MAGIC = 0x52554E54494D4532  # "RUNTIME2"
+_SIZES = 64  # REASONS u32 sizes of the store's entries
+_SLOTS = _SIZES + 4 * REASONS
+_SLOT_SIZE = 32
+# serial, OS pid, state, trap, exit code, doom code, exit argument, doom argument
+_SLOT = struct.Struct("<QIBBBBII")
+_SERIAL = struct.Struct("<Q")
+_OS_PID_OFF = 8
 _STATE_OFF = 12
+_TRAP_OFF = 13
+_REASON_HEAD = struct.Struct("<Q")  # the entry's number, first in each reason file
 _PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
-_TRAP_OFF = 17
+
+
+class Slot(NamedTuple):
+    """One process's entry, as read."""
+
+    serial: int
+    os_pid: int
+    state: int
+    trap: int
+    exit_code: int
+    doom_code: int
+    exit_arg: int
+    doom_arg: int
 
 
 def signal_reason(signo: int) -> str:
@@ -66,7 +89,7 @@ def signal_reason(signo: int) -> str:
 
 
 def status_reason(si_code: int, si_status: int) -> Any:
-    """The exit reason for a ``waitid`` result that the process did not write itself."""
+    """The exit reason for a ``waitid`` status that the process did not write itself."""
     if si_code in (os.CLD_KILLED, os.CLD_DUMPED):
         return signal_reason(si_status)
     if si_status == 0:
@@ -91,7 +114,8 @@ def proc_stat(os_pid: int) -> list[bytes] | None:
 
 
 def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
-    """(si_code, si_status) of an unreaped dead process, read from /proc; None if gone.
+    """(si_code, si_status) of an unreaped dead process, read from /proc; None if it is
+    not dead (or gone).
 
     With ``exiting``, a process that is not a zombie yet counts too if it is in its
     exit (the kernel's PF_EXITING flag) and its exit status is set (non-zero). The
@@ -109,20 +133,21 @@ def zombie_status(os_pid: int, exiting: bool = False) -> tuple[int, int] | None:
 
 
 class Table:
-    """A mapping of the node's table file. One per OS process; not thread-safe for writes
-    of the same slot, which never happens (each slot has one writer at a time)."""
+    """A mapping of the node's table file. One per OS process. Each slot has one
+    writer at a time; every change of state is made under the file lock."""
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
-        self.blob_dir = os.path.join(os.path.dirname(path), "reasons")
+        self.reason_dir = os.path.join(os.path.dirname(path), "reasons")
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(path, flags, 0o600)
+        size = _SLOTS + _SLOT_SIZE * NSLOTS
         if create:
-            os.ftruncate(self.fd, HEADER + SLOT * NSLOTS)
-            os.mkdir(self.blob_dir, 0o700)
-        self.mm = mmap.mmap(self.fd, HEADER + SLOT * NSLOTS)
+            os.ftruncate(self.fd, size)
+            os.mkdir(self.reason_dir, 0o700)
+        self.mm = mmap.mmap(self.fd, size)
         if create:
-            _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0)
+            _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0, 0, 0, 0)
 
     def close(self) -> None:
         try:
@@ -150,185 +175,221 @@ class Table:
         mm = self.mm
         self._lock()
         try:
-            _, serial, cursor = _HDR.unpack_from(mm, 0)
+            magic, serial, cursor, *reasons = _HDR.unpack_from(mm, 0)
             for step in range(NSLOTS):
                 slot = (cursor + step) % NSLOTS
-                off = HEADER + SLOT * slot
-                state = mm[off + _STATE_OFF]
+                state = mm[_SLOTS + _SLOT_SIZE * slot + _STATE_OFF]
                 if state == FREE or state == EXITED:
                     break
             else:
-                raise RuntimeError("runtime process table is full")
-            old_serial, _, _, ecode, _, dcode, _, _ = _SLOT.unpack_from(mm, off)
-            if ecode == _BLOB or dcode == _BLOB:
-                self._drop_blobs(old_serial)
-            _SLOT.pack_into(mm, off, serial, 0, ALIVE, 0, 0, 0, 0, 0)
-            _HDR.pack_into(mm, 0, _MAGIC, serial + 1, (slot + 1) % NSLOTS)
+                raise RuntimeError("the node's process table is full")
+            _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
+            _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, *reasons)
             return serial, slot
         finally:
             self._unlock()
 
     def set_os_pid(self, slot: int, os_pid: int) -> None:
-        struct.pack_into("<I", self.mm, HEADER + SLOT * slot + 8, os_pid)
+        struct.pack_into("<I", self.mm, _SLOTS + _SLOT_SIZE * slot + _OS_PID_OFF, os_pid)
 
     def free(self, slot: int) -> None:
         """Give back a slot whose process never started."""
-        self.mm[HEADER + SLOT * slot + _STATE_OFF] = FREE
+        self.mm[_SLOTS + _SLOT_SIZE * slot + _STATE_OFF] = FREE
 
-    def read(self, slot: int) -> tuple[int, int, int, int, int, int, int, int]:
-        return _SLOT.unpack_from(self.mm, HEADER + SLOT * slot)
+    def read(self, slot: int) -> Slot:
+        return Slot._make(_SLOT.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot))
 
     def state(self, serial: int, slot: int) -> int:
         """ALIVE, DOOMED or EXITED for this process; EXITED if the slot was reused."""
-        off = HEADER + SLOT * slot
-        if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+        off = _SLOTS + _SLOT_SIZE * slot
+        if _SERIAL.unpack_from(self.mm, off)[0] != serial:
             return EXITED
         st = self.mm[off + _STATE_OFF]
         return EXITED if st == FREE else st
 
     def is_trapping(self, serial: int, slot: int) -> bool:
-        off = HEADER + SLOT * slot
-        return struct.unpack_from("<Q", self.mm, off)[0] == serial and bool(
-            self.mm[off + _TRAP_OFF]
-        )
+        off = _SLOTS + _SLOT_SIZE * slot
+        return _SERIAL.unpack_from(self.mm, off)[0] == serial and bool(self.mm[off + _TRAP_OFF])
 
     def set_trap(self, slot: int, flag: bool) -> None:
-        self.mm[HEADER + SLOT * slot + _TRAP_OFF] = 1 if flag else 0
+        self.mm[_SLOTS + _SLOT_SIZE * slot + _TRAP_OFF] = 1 if flag else 0
 
     # -- reasons ---------------------------------------------------------------
 
-    def _encode(self, serial: int, reason: Any, suffix: str) -> tuple[int, int]:
-        code = _SIMPLE.get(reason) if isinstance(reason, str) else None
-        if code is not None:
-            return code, 0
-        if isinstance(reason, str) and reason.startswith("SIG"):
-            try:
-                return _SIGNAL, int(signal.Signals[reason])
-            except KeyError:
-                pass
+    def _encode(self, reason: Any) -> tuple[int, int]:
+        """(code, argument) for ``reason``, storing it if it is not a common one (lock
+        held)."""
+        if reason.__class__ is str:
+            code = _SIMPLE.get(reason)
+            if code is not None:
+                return code, 0
+            if reason.startswith("SIG"):
+                try:
+                    return _SIGNAL, int(signal.Signals[reason])
+                except KeyError:
+                    pass
+        elif (reason.__class__ is tuple and len(reason) == 2 and reason[0] == "exit_code"
+              and reason[1].__class__ is int and 0 <= reason[1] < 256):
+            return _EXIT_CODE, reason[1]
+        return _STORED, self._store(reason)
+
+    def _decode(self, code: int, arg: int) -> Any:
+        if code == _SIGNAL:
+            return signal_reason(arg)
+        if code == _EXIT_CODE:
+            return ("exit_code", arg)
+        if code == _STORED:
+            return self._load(arg)
+        return _SIMPLE_BACK.get(code, "killed")
+
+    def _store(self, reason: Any) -> int:
+        """Put ``reason`` in the reason store (lock held); its entry number, mod 2**32.
+
+        The store is a ring of REASONS files named by entry number mod REASONS; each
+        starts with its full entry number, so a reader can tell a file that has been
+        reused. Once the files hold more than REASON_BYTES, the oldest are removed."""
         try:
             data = pickle.dumps(reason, protocol=5)
         except Exception:
             data = pickle.dumps(repr(reason), protocol=5)
-        path = os.path.join(self.blob_dir, f"{serial}.{suffix}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        mm = self.mm
+        magic, serial, cursor, number, oldest, used = _HDR.unpack_from(mm, 0)
+        ring = number % REASONS
+        if number - oldest >= REASONS:  # the ring is full: this entry replaces the oldest
+            used -= self._size(ring)
+            oldest = number - REASONS + 1
+        path = os.path.join(self.reason_dir, str(ring))
+        tmp = f"{path}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            os.write(fd, _REASON_HEAD.pack(number))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        return _BLOB, 0
-
-    def _decode(self, serial: int, code: int, sig: int, suffix: str) -> Any:
-        if code == _SIGNAL:
-            return signal_reason(sig)
-        if code == _BLOB:
-            if sig == 1:
-                suffix = "d"
+        os.rename(tmp, path)  # a reader sees the old file or the new one, whole
+        struct.pack_into("<I", mm, _SIZES + 4 * ring, len(data))
+        used += len(data)
+        while used > REASON_BYTES and oldest < number:
+            used -= self._size(oldest % REASONS)
+            struct.pack_into("<I", mm, _SIZES + 4 * (oldest % REASONS), 0)
             try:
-                with open(os.path.join(self.blob_dir, f"{serial}.{suffix}"), "rb") as f:
-                    return pickle.loads(f.read())
-            except Exception:
-                return "killed"
-        return _SIMPLE_BACK.get(code, "killed")
-
-    def _drop_blobs(self, serial: int) -> None:
-        for suffix in ("x", "d"):
-            try:
-                os.unlink(os.path.join(self.blob_dir, f"{serial}.{suffix}"))
+                os.unlink(os.path.join(self.reason_dir, str(oldest % REASONS)))
             except OSError:
                 pass
+            oldest += 1
+        _HDR.pack_into(mm, 0, magic, serial, cursor, number + 1, oldest, used)
+        return number & 0xFFFFFFFF
+
+    def _size(self, ring: int) -> int:
+        size: int = struct.unpack_from("<I", self.mm, _SIZES + 4 * ring)[0]
+        return size
+
+    def _load(self, number: int) -> Any:
+        try:
+            with open(os.path.join(self.reason_dir, str(number % REASONS)), "rb") as f:
+                data = f.read()
+        except OSError:
+            return LOST
+        if len(data) < 8 or _REASON_HEAD.unpack_from(data)[0] & 0xFFFFFFFF != number:
+            return LOST
+        try:
+            return pickle.loads(memoryview(data)[8:])
+        except Exception:
+            return LOST
+
+    def stored_reasons(self) -> int:
+        """How many reason files the store holds now."""
+        number, oldest = _HDR.unpack_from(self.mm, 0)[3:5]
+        return int(number - oldest)
+
+    # -- deaths ----------------------------------------------------------------
 
     def begin_exit(self, serial: int, slot: int, reason: Any) -> Any:
         """A process starts its own exit: record ``reason`` (under the lock, so no killer
         can doom it from now on) and return the reason that stands, which is the
         killer's if one doomed it first."""
-        off = HEADER + SLOT * slot
+        off = _SLOTS + _SLOT_SIZE * slot
         self._lock()
         try:
-            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+            s = self.read(slot)
+            if s.serial != serial:
                 return reason
-            state = self.mm[off + _STATE_OFF]
-            if state == DOOMED:
-                self._settle_doom(off)
-                return self._decode(serial, self.mm[off + 15], self.mm[off + 16], "d")
-            if state == EXITED:
-                return self._decode(serial, self.mm[off + 13], self.mm[off + 14], "x")
-            self._mark(off, EXITED, *self._encode(serial, reason, "x"))
+            if s.state == DOOMED:
+                self._mark(off, EXITED, s.doom_code, s.doom_arg)
+                return self._decode(s.doom_code, s.doom_arg)
+            if s.state == EXITED:
+                return self._decode(s.exit_code, s.exit_arg)
+            self._mark(off, EXITED, *self._encode(reason))
             return reason
         finally:
             self._unlock()
 
     def doom(self, serial: int, slot: int, reason: Any) -> bool:
-        """Record ``reason`` for a process we are about to SIGKILL.
+        """Record ``reason`` for a process we are about to signal.
 
         Returns False if the process already exited or was doomed by someone else
         (then its reason stands and no signal should be sent by us)."""
-        off = HEADER + SLOT * slot
+        off = _SLOTS + _SLOT_SIZE * slot
         self._lock()
         try:
-            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+            s = self.read(slot)
+            if s.serial != serial or s.state != ALIVE:
                 return False
-            if self.mm[off + _STATE_OFF] != ALIVE:
-                return False
-            os_pid = struct.unpack_from("<I", self.mm, off + 8)[0]
-            if os_pid and zombie_status(os_pid, exiting=True) is not None:
+            if s.os_pid and zombie_status(s.os_pid, exiting=True) is not None:
                 return False  # already dead: watchers may have seen its true reason
-            self._mark(off, DOOMED, *self._encode(serial, reason, "d"))
+            self._mark(off, DOOMED, *self._encode(reason))
             return True
         finally:
             self._unlock()
 
-    def _settle_doom(self, off: int) -> None:
-        """Make the doomed reason the exit reason (lock held). A blob stays in its ".d"
-        file (a watcher may be reading it right now); sig 1 on a blob code says so."""
-        code = self.mm[off + 15]
-        self._mark(off, EXITED, code, 1 if code == _BLOB else self.mm[off + 16])
-
-    def _mark(self, off: int, state: int, code: int, sig: int) -> None:
-        """Write a reason and the state it belongs to (lock held): EXITED keeps its reason
-        in bytes 13-14 of the slot, DOOMED in bytes 15-16."""
+    def _mark(self, off: int, state: int, code: int, arg: int) -> None:
+        """Write a reason and the state it belongs to (lock held): EXITED keeps its
+        reason in the exit fields, DOOMED in the doom fields."""
         mm = self.mm
-        at = off + (13 if state == EXITED else 15)
-        mm[at] = code
-        mm[at + 1] = sig
+        if state == EXITED:
+            mm[off + 14] = code
+            struct.pack_into("<I", mm, off + 16, arg)
+        else:
+            mm[off + 15] = code
+            struct.pack_into("<I", mm, off + 20, arg)
         mm[off + _STATE_OFF] = state
 
     def publish(self, serial: int, slot: int, si_code: int, si_status: int) -> None:
-        """Called by whoever reaps a dead process, before reaping it: make its state EXITED,
-        with the doomed reason if there is one, else the reason its status gives."""
-        off = HEADER + SLOT * slot
+        """Called by whoever reaps a dead process, before reaping it: make its state
+        EXITED, with the doomed reason if there is one, else the reason its status
+        gives."""
+        off = _SLOTS + _SLOT_SIZE * slot
         self._lock()
         try:
-            if struct.unpack_from("<Q", self.mm, off)[0] != serial:
+            s = self.read(slot)
+            if s.serial != serial or s.state in (EXITED, FREE):
                 return
-            state = self.mm[off + _STATE_OFF]
-            if state == EXITED or state == FREE:
-                return
-            if state == DOOMED:
-                self._settle_doom(off)
-                return
-            self._mark(off, EXITED,
-                       *self._encode(serial, status_reason(si_code, si_status), "x"))
+            if s.state == DOOMED:
+                self._mark(off, EXITED, s.doom_code, s.doom_arg)
+            else:
+                self._mark(off, EXITED, *self._encode(status_reason(si_code, si_status)))
         finally:
             self._unlock()
 
     def doomed_reason(self, serial: int, slot: int) -> tuple[Any] | None:
         """(reason,) if a killer has doomed this process, else None."""
-        s, _, state, _, _, dcode, dsig, _ = self.read(slot)
-        if s != serial or state != DOOMED:
+        s = self.read(slot)
+        if s.serial != serial or s.state != DOOMED:
             return None
-        return (self._decode(serial, dcode, dsig, "d"),)
+        return (self._decode(s.doom_code, s.doom_arg),)
 
     def reason(self, serial: int, slot: int, os_pid: int) -> Any:
         """The exit reason of a process known to be dead (its pidfd or sentinel fired)."""
         for attempt in range(2):
-            s, _, state, ecode, esig, dcode, dsig, _ = self.read(slot)
-            if s != serial:
+            s = self.read(slot)
+            if s.serial != serial:
                 return "noproc"
-            if state == EXITED:
-                return self._decode(serial, ecode, esig, "x")
-            if state == DOOMED:
-                return self._decode(serial, dcode, dsig, "d")
+            if s.state == EXITED:
+                return self._decode(s.exit_code, s.exit_arg)
+            if s.state == DOOMED:
+                return self._decode(s.doom_code, s.doom_arg)
             if attempt == 0:
                 # Not published yet: the zombie still holds its status, unless the
                 # reaper published and reaped just now, which the second read sees.
@@ -341,10 +402,11 @@ class Table:
         """(serial, slot) of the EXITED entry with this OS pid, last written, if any (a
         slow scan: for an orphan that was killed while it exited)."""
         found = None
+        mm = self.mm
         for slot in range(NSLOTS):
-            off = HEADER + SLOT * slot
-            if self.mm[off + _STATE_OFF] == EXITED:
-                serial, pid = struct.unpack_from("<QI", self.mm, off)
+            off = _SLOTS + _SLOT_SIZE * slot
+            if mm[off + _STATE_OFF] == EXITED:
+                serial, pid = struct.unpack_from("<QI", mm, off)
                 if pid == os_pid and (found is None or serial > found[0]):
                     found = (serial, slot)
         return found
@@ -354,7 +416,7 @@ class Table:
         out = []
         mm = self.mm
         for slot in range(NSLOTS):
-            off = HEADER + SLOT * slot
+            off = _SLOTS + _SLOT_SIZE * slot
             st = mm[off + _STATE_OFF]
             if st == ALIVE or st == DOOMED:
                 serial, os_pid = struct.unpack_from("<QI", mm, off)

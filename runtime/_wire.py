@@ -1,47 +1,68 @@
-"""Internal: how messages travel between processes.
+"""Internal: what travels between processes, byte for byte.
 
-Every process owns a listening Unix stream socket in the node's directory (mode
-0700), named after its serial. A sender connects once and keeps the connection;
-frames are a 4-byte big-endian length and a pickle. A connection is used in both
-directions, but a sender sticks to the first connection it chose for a peer, so
-messages from one process to another stay in order.
+A connection carries frames: a 4-byte big-endian length, then the frame. Its
+first byte is a tag; then come the tag's fixed binary fields; then, for the
+tags that carry a user value, a pickle of that value:
 
-The first frame on a connection is a HELLO, in plain binary, that proves the
-node's random key: ``HMAC(key, connector serial | connector os pid | target
-serial)``. The acceptor checks it against the kernel-attested peer pid
+========== ======================== ==============================
+tag        fixed fields             pickle
+========== ======================== ==============================
+MSG        none                     the message
+REPLY      the call's ref (u64)     the reply
+LINK       none                     none: link to the sender
+UNLINK     none                     none: unlink from the sender
+EXIT       none                     the sender's exit signal reason
+========== ======================== ==============================
+
+The sender of a frame is the process at the other end of its connection.
+
+So a node routes every frame without unpickling it: the receiver unpickles a
+value when it takes it (``_mailbox``), outside the node's lock, where the user
+code that unpickling may run (``__setstate__``, an import) is free to use the
+runtime.
+
+The first frame of a connection is a HELLO, plain binary, which proves the
+node's random key: ``HMAC(key, connector serial | connector OS pid | target
+serial)``. The acceptor checks it against the peer pid the kernel reports
 (``SO_PEERCRED``) and closes the connection unless it holds; nothing from a
 connection is unpickled before that.
 
-Plain ``pickle`` carries messages; ``cloudpickle`` is used only when plain pickle
-cannot (lambdas, closures, classes defined in ``__main__``), that is where code
-travels.
+Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
+(lambdas, closures, classes defined in ``__main__``): that is where code travels.
 """
 
 from __future__ import annotations
 
-import _socket
 import hmac
 import os
 import pickle
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
-HEADER = struct.Struct("!I")
-MAX_FRAME = 1 << 31
+from .pid import Pid
 
-# Frame tags: the first element of every decoded frame tuple.
-T_MSG = 0  # (T_MSG, message)
-T_REPLY = 1  # (T_REPLY, ref, value)
-T_LINK = 2  # (T_LINK, from_pid)
-T_UNLINK = 3  # (T_UNLINK, from_pid)
-T_EXIT = 4  # (T_EXIT, from_pid, reason): an exit signal for a process that traps exits
+LENGTH = struct.Struct("!I")
+
+MSG, REPLY, LINK, UNLINK, EXIT = 0, 1, 2, 3, 4
+_REPLY = struct.Struct("!IBQ")  # length, tag, ref
+_TAGGED = struct.Struct("!IB")  # length, tag
+REF_FIELD = struct.Struct("!Q")
+
+# Above this size a payload is written from its own buffer, not copied behind its head.
+_JOIN_MAX = 1 << 16
 
 _PEERCRED = struct.Struct("3i")
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj``; fall back to cloudpickle for code (lambdas, closures, __main__)."""
+def dumps(obj: Any, shown: Any = None) -> bytes:
+    """Pickle ``obj``; cloudpickle where plain pickle cannot (see the module doc).
+
+    Raises:
+        TypeError: it cannot be pickled; the message names ``shown`` (default ``obj``),
+            the value as the user gave it.
+    """
     try:
         data = pickle.dumps(obj, protocol=5)
         # A reference to the sender's __main__ (a function or class of the user's
@@ -50,16 +71,10 @@ def dumps(obj: Any) -> bytes:
             return data
     except Exception:
         pass
-    import cloudpickle
-
-    try:
-        code: bytes = cloudpickle.dumps(obj, protocol=5)
-        return code
-    except Exception as exc:
-        raise TypeError(f"cannot send {obj!r}: it cannot be pickled ({exc})") from exc
+    return dumps_code(obj, shown)
 
 
-def dumps_code(obj: Any) -> bytes:
+def dumps_code(obj: Any, shown: Any = None) -> bytes:
     """Pickle something that carries code (a spawn target): cloudpickle directly."""
     import cloudpickle
 
@@ -67,73 +82,88 @@ def dumps_code(obj: Any) -> bytes:
         data: bytes = cloudpickle.dumps(obj, protocol=5)
         return data
     except Exception as exc:
-        raise TypeError(f"cannot send {obj!r} to another process: {exc}") from exc
+        value = obj if shown is None else shown
+        raise TypeError(f"cannot send {value!r} to another process: {exc}") from None
 
 
-def frame(payload: bytes) -> bytes:
-    return HEADER.pack(len(payload)) + payload
+def loads(data: bytes) -> Any:
+    """Unpickle what ``dumps`` made."""
+    return pickle.loads(data)
 
 
-def encode(obj: Any) -> bytes:
-    """A whole frame for ``obj``."""
-    payload = dumps(obj)
-    return HEADER.pack(len(payload)) + payload
+def _frame(head: bytes, payload: bytes) -> list[bytes]:
+    if len(payload) <= _JOIN_MAX:
+        return [head + payload]
+    return [head, payload]
 
 
-def proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
-    return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
+def message(payload: bytes) -> list[bytes]:
+    """A MSG frame around a pickled message (as buffers to write in order)."""
+    return _frame(LENGTH.pack(len(payload) + 1) + b"\x00", payload)
 
+
+def reply(ref: int, payload: bytes) -> list[bytes]:
+    """A REPLY frame: the pickled answer to the call ``ref``."""
+    return _frame(_REPLY.pack(len(payload) + 1 + REF_FIELD.size, REPLY, ref), payload)
+
+
+def control(tag: int, payload: bytes = b"") -> list[bytes]:
+    """A LINK, UNLINK or EXIT frame (EXIT with the pickled reason)."""
+    return _frame(_TAGGED.pack(len(payload) + 1, tag), payload)
+
+
+def frames(buf: bytes | bytearray | memoryview, end: int) -> Iterator[tuple[int, int]]:
+    """The complete frames in ``buf[:end]``: ``(start, stop)`` of each frame's body
+    (its tag byte first). Stops at the first incomplete one."""
+    pos = 0
+    while end - pos >= 4:
+        stop = pos + 4 + LENGTH.unpack_from(buf, pos)[0]
+        if stop > end:
+            return
+        yield pos + 4, stop
+        pos = stop
+
+
+# ------------------------------------------------------------------ the handshake
 
 # The HELLO is plain binary, not a pickle: nothing from an unproven peer is unpickled.
 _HELLO = struct.Struct("!4sQII32s")
 _MAGIC = b"RTH1"
 
 
-def hello_frame(key: bytes, serial: int, slot: int, target_serial: int) -> bytes:
+def _proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
+    return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
+
+
+def hello(key: bytes, me: Pid, target_serial: int) -> bytes:
+    """The first frame on a connection from ``me`` to the process ``target_serial``."""
     os_pid = os.getpid()
-    body = _HELLO.pack(_MAGIC, serial, slot, os_pid, proof(key, serial, os_pid, target_serial))
-    return HEADER.pack(len(body)) + body
+    body = _HELLO.pack(_MAGIC, me.serial, me.slot, os_pid,
+                       _proof(key, me.serial, os_pid, target_serial))
+    return LENGTH.pack(len(body)) + body
 
 
-def check_hello(key: bytes, sock: _socket.socket, my_serial: int,
-                payload: memoryview) -> tuple[int, int, int] | None:
-    """(serial, slot, os_pid) of the peer if ``payload`` is a valid HELLO from the process
+def check_hello(key: bytes, sock: socket.socket, my_serial: int,
+                body: memoryview) -> tuple[int, int, int] | None:
+    """(serial, slot, OS pid) of the peer if ``body`` is a valid HELLO from the process
     at the other end of ``sock``, else None."""
-    if len(payload) != _HELLO.size:
+    if len(body) != _HELLO.size:
         return None
-    magic, serial, slot, os_pid, given = _HELLO.unpack(payload)
+    magic, serial, slot, os_pid, given = _HELLO.unpack(body)
     if magic != _MAGIC:
         return None
-    if peer_os_pid(sock) != os_pid:
+    try:
+        if peer_os_pid(sock) != os_pid:
+            return None
+    except OSError:
         return None
-    if not hmac.compare_digest(proof(key, serial, os_pid, my_serial), given):
+    if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial), given):
         return None
     return serial, slot, os_pid
 
 
-def peer_os_pid(sock: _socket.socket) -> int:
+def peer_os_pid(sock: socket.socket) -> int:
     """The OS pid of the process at the other end of ``sock``, as the kernel reports it."""
     cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid: int = _PEERCRED.unpack(cred)[0]
     return pid
-
-
-def split_frames(buf: bytearray) -> list[memoryview] | None:
-    """Remove the complete frames at the start of ``buf``; return their payloads.
-
-    Returns None if no frame is complete yet. The payloads are copies, safe to keep.
-    """
-    n = len(buf)
-    pos = 0
-    out = []
-    while n - pos >= 4:
-        size = HEADER.unpack_from(buf, pos)[0]
-        end = pos + 4 + size
-        if end > n:
-            break
-        out.append(memoryview(bytes(buf[pos + 4 : end])))
-        pos = end
-    if not pos:
-        return None
-    del buf[:pos]
-    return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import _node
+from . import _embed
 from .errors import InvalidChildSpec
 from .pid import Pid
 
@@ -93,7 +93,7 @@ def terminate_children(children: list[tuple[Pid, Any]]) -> None:
     """Stop children as a supervisor does, all at once: each gets exit(pid, "shutdown")
     and its ``shutdown`` seconds (``"brutal_kill"``: killed at once; ``"infinity"``:
     waited for), then is killed. Returns when all are gone. Runs in the supervisor."""
-    node = _node.current()
+    node = _embed.current()
     now = time.monotonic()
     pending: dict[Any, tuple[Pid, float | None]] = {}
     for pid, shutdown in children:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import _node
+from . import _embed
 from . import child_spec as specs
 from .errors import InvalidChildSpec, NoProcError, StartError, is_clean_exit
 from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
@@ -138,13 +138,13 @@ class DynamicSupervisor(GenServer):
             while True:
                 if self.intensity.exceeded_after_one_more():
                     log.error("dynamic supervisor %r reached its restart intensity; "
-                              "shutting down", _node.current().me)
+                              "shutting down", _embed.current().me)
                     return Stop("shutdown", state)
                 try:
                     pid = specs.start(entry.spec)
                 except BaseException as exc:
                     log.error("dynamic supervisor %r could not restart a child: %r",
-                              _node.current().me, exc)
+                              _embed.current().me, exc)
                     continue
                 entry.pid = pid
                 entry.restarts += 1

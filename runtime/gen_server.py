@@ -61,8 +61,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _node
-from ._base import _NONE, _PENDING
+from . import _checks, _embed, _launch
 from .errors import (
     AlreadyRegisteredError,
     CallTimeout,
@@ -73,7 +72,8 @@ from .errors import (
     StartError,
 )
 from .messages import Exit
-from .pid import Pid
+from .pid import From, Pid
+from .registry import resolve
 
 __all__ = ["GenServer", "NoReply", "Reply", "Stop", "call", "cast", "reply", "stop"]
 
@@ -109,65 +109,65 @@ class Stop:
     reply: Any = _NO_REPLY
 
 
-def resolve(dest: Any) -> Pid:
-    """The Pid for a Pid or a registered name. Raises NoProcError for an unknown name."""
-    if isinstance(dest, Pid):
-        return dest
-    if isinstance(dest, str):
-        from .registry import whereis
-
-        pid = whereis(dest)
-        if pid is None:
-            raise NoProcError(dest, "no process is registered under this name")
-        return pid
-    raise TypeError(f"expected a Pid or a registered name, got {dest!r}")
-
-
 def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
     """Send ``request`` to the GenServer ``dest`` and wait for its reply.
 
     Blocks until the reply, the server's exit, or ``timeout`` seconds (None waits
-    forever). Safe from any thread of the embedding process.
+    forever; 0 takes only a reply that is already there, so it times out). Safe
+    from any thread.
 
     Raises:
         NoProcError: ``dest`` is dead, or no process has that name.
         ExitError: the server exited before replying (``.reason`` is its reason); this
             is raised as soon as it exits, not at the timeout.
         CallTimeout: no reply in time. A reply that comes later is discarded.
+        ProcessError: ``dest`` is the calling process (it would wait for itself).
+        TypeError, ValueError: ``timeout`` is not a non-negative number or None.
     """
-    pid = resolve(dest)
-    return _node.current().call(pid, request, timeout)
+    timeout = _checks.timeout(timeout)
+    return _embed.current().call(resolve(dest), request, timeout)
 
 
 def cast(dest: Any, request: Any) -> None:
-    """Send ``request`` to ``handle_cast`` of ``dest``; returns at once, never raises for
-    a dead process or an unregistered name (as in OTP, the request is then lost)."""
+    """Send ``request`` to ``handle_cast`` of ``dest``; returns once it is sent (see
+    ``send``), never raises for a dead process or an unregistered name (as in OTP,
+    the request is then lost)."""
     try:
         pid = resolve(dest)
     except NoProcError:
         return
-    _node.current().send(pid, ("$gen_cast", request))
+    _embed.current().send(pid, ("$gen_cast", request))
 
 
-def reply(from_: Any, value: Any) -> None:
+def reply(from_: From, value: Any) -> None:
     """Answer the call identified by ``from_`` (the argument ``handle_call`` got).
 
-    Returns at once. If the caller has gone or timed out, the reply is dropped."""
-    _node.current().reply(from_, value)
+    Returns once sent (see ``send``). If the caller has gone or timed out, the reply
+    is dropped."""
+    if not isinstance(from_, From):
+        raise TypeError(f"reply needs the from_ that handle_call received, got {from_!r}")
+    _embed.current().reply(from_, value)
 
 
 def stop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None:
     """Stop the GenServer ``dest``: it runs ``terminate(reason, state)`` and exits.
 
-    Blocks until the process has exited, or ``timeout`` seconds.
+    Blocks until the process has exited, or ``timeout`` seconds (None: forever).
 
     Raises:
         NoProcError: ``dest`` is not alive.
         ExitError: it exited with another reason (``terminate`` raised, for instance).
         CallTimeout: it did not exit in time (it is left running).
+        ProcessError: ``dest`` is the calling process: it cannot wait for its own
+            exit (return ``Stop`` from the callback instead).
+        TypeError, ValueError: ``timeout`` is not a non-negative number or None.
     """
+    timeout = _checks.timeout(timeout)
     pid = resolve(dest)
-    node = _node.current()
+    node = _embed.current()
+    if pid == node.me:
+        raise ProcessError(f"{pid!r} cannot stop itself and wait for it: return Stop "
+                           "from the callback instead")
     ref = node.monitor(pid, internal=True)
     node.send(pid, ("$gen_stop", reason))
     down = node.wait_down((ref,), timeout)
@@ -210,7 +210,7 @@ class GenServer:
         """Handle any other message (``Down``, ``Exit``, plain sends). The default logs and
         ignores it."""
         log.warning("%s %r received an unexpected message: %r",
-                    type(self).__name__, _node.current().me, msg)
+                    type(self).__name__, _embed.current().me, msg)
         return NoReply(state)
 
     def terminate(self, reason: Any, state: Any) -> None:
@@ -260,109 +260,72 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
         raise TypeError(f"{cls!r} is not a GenServer subclass")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"a registered name must be a str, got {name!r}")
-    from .process import spawn_for
-
-    node = _node.current()
-    ref = next(node.refs)
-    with node.lock:
-        node.replies[ref] = _PENDING
-    try:
-        pid = spawn_for(node, _server_main, (cls, arg, name, node.me, ref, link), trap=trap)
-    except BaseException:
-        with node.lock:
-            node.replies.pop(ref, None)
-        raise
+    timeout = _checks.timeout(timeout, none=False)  # type: ignore[assignment]
+    node = _embed.current()
+    ref, starter = node.start_ack()
+    pid = _launch.spawn(node, _server_main, (cls, arg, name, starter, link), trap=trap)
     mref = node.monitor(pid, fresh=True, internal=True)
-    replies = node.replies
-    internal = node.internal
-
-    def check() -> Any:
-        r = replies[ref]
-        if r is not _PENDING:
-            return r
-        down = internal.get(mref)
-        if down is not None:
-            return (False, down.reason)
-        return _NONE
-
-    try:
-        r = node._wait(check, time.monotonic() + timeout)
-    finally:
-        with node.lock:
-            replies.pop(ref, None)
-    if r is _NONE:
+    result = node.wait_ack(ref, mref, time.monotonic() + timeout)
+    if result is None:
         node.exit(pid, "kill")
         _wait_down(node, mref, pid)
         raise StartError(cls.__name__, "timeout")
-    ok, value = r
+    ok, value = result
     if ok and value[0] == "ok":
         node.demonitor(mref, True)
         if link:
-            with node.lock:
-                node._add_link(pid, requested=False)
+            node.linked_by(pid)
         return pid
     # init failed: wait until the process is gone, so nothing outlives the error.
-    _wait_down(node, mref, pid)
+    if ok:
+        _wait_down(node, mref, pid)
     if ok and value[0] == "already_started":
         raise AlreadyRegisteredError(name or "", value[1])
     raise StartError(cls.__name__, value[1] if ok else value)
 
 
-def _wait_down(node: _node.Node, mref: Any, pid: Pid) -> None:
+def _wait_down(node: Any, mref: Any, pid: Pid) -> None:
     if node.wait_down((mref,), 10.0) is None:
         node.demonitor(mref, True)
         log.error("%r did not exit after a failed start", pid)
 
 
-def _server_main(cls: type, arg: Any, name: str | None, starter: Pid, ref: int,
-                 link: bool) -> None:
-    node = _node.current()
+def _server_main(cls: type, arg: Any, name: str | None, starter: From, link: bool) -> None:
+    node = _embed.current()
     if name is not None:
-        from .registry import register, whereis
-
         try:
-            register(name, node.me)
+            node.names.register(name, node.me)
         except AlreadyRegisteredError as exc:
-            node.send_reply(starter, ref, ("already_started", exc.pid))
-            return
-        except ProcessError:
-            holder = whereis(name)
-            node.send_reply(starter, ref, ("already_started", holder))
+            node.reply(starter, ("already_started", exc.pid))
             return
     server = cls()
     try:
         state = server.init(arg)
     except BaseException as exc:
         reason = Crash.from_exception(exc)
-        node.send_reply(starter, ref, ("error", reason))
+        node.reply(starter, ("error", reason))
         node.exit_process(reason)
     if isinstance(state, Stop):
-        node.send_reply(starter, ref, ("error", state.reason))
+        node.reply(starter, ("error", state.reason))
         node.exit_process(state.reason)
     if link:
-        with node.lock:
-            node._add_link(starter, requested=False)
-    node.send_reply(starter, ref, ("ok",))
-    loop(server, state, starter)
+        node.linked_by(starter.caller)
+    node.reply(starter, ("ok",))
+    loop(server, state, starter.caller)
 
 
 def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
     """The one message loop of every GenServer (Agent and supervisors included).
 
     Runs in the server's process until it stops; never returns."""
-    node = _node.current()
-    mailbox = node.mailbox
+    node = _embed.current()
     next_message = node.next_message
     reply = node.reply
     handle_call = server.handle_call
     handle_cast = server.handle_cast
     handle_info = server.handle_info
     while True:
-        if mailbox:
-            msg = mailbox.popleft()
-            node.removed += 1
-        else:
-            msg = next_message()
+        msg = next_message()
         try:
             if msg.__class__ is tuple and msg:
                 tag = msg[0]
@@ -382,7 +345,7 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
                     continue
                 if tag == "$gen_stop":
                     _terminate(server, msg[1], state)
-            elif (msg.__class__ is Exit and node.trap
+            elif (msg.__class__ is Exit and node.traps_exits
                   and (msg.pid == parent or msg.pid == node.parent)):
                 # The parent's reason was logged where it arose: do not log it again.
                 _terminate(server, msg.reason, state, log_crash=False)
@@ -390,8 +353,7 @@ def loop(server: GenServer, state: Any, parent: Pid | None) -> None:
         except _Stopping as stopping:
             _terminate(server, stopping.reason, stopping.state)
         except BaseException as exc:
-            reason = Crash.from_exception(exc)
-            _terminate(server, reason, state, crashed=True)
+            _terminate(server, Crash.from_exception(exc), state)
 
 
 class _Stopping(Exception):
@@ -412,9 +374,8 @@ def _next_state(result: Any, callback: str, reply_ok: bool = True) -> Any:
     raise TypeError(f"{callback} returned {result!r}; expected {expected}")
 
 
-def _terminate(server: GenServer, reason: Any, state: Any, crashed: bool = False,
-               log_crash: bool = True) -> None:
-    node = _node.current()
+def _terminate(server: GenServer, reason: Any, state: Any, log_crash: bool = True) -> None:
+    node = _embed.current()
     try:
         server.terminate(reason, state)
     except BaseException as exc:

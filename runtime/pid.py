@@ -5,14 +5,15 @@ is the node's id plus a serial number that the node never hands out twice, so a
 recycled OS pid never matches an old ``Pid``. ``os_pid`` is the OS process id;
 ``slot`` is where the process's entry lives in the node's process table.
 
-A :class:`Ref` is a unique token, as returned by ``monitor``.
+A :class:`Ref` is a unique token, as returned by ``monitor``. A :class:`From`
+names a pending call (the ``from_`` that ``handle_call`` receives).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Pid", "Ref"]
+__all__ = ["From", "Pid", "Ref"]
 
 
 class Pid:
@@ -72,3 +73,19 @@ class Ref:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Ref, (self.node, self.owner, self.n))
+
+
+class From(NamedTuple):
+    """A pending call, as ``handle_call`` receives it: answer it with ``reply``.
+
+    The caller's process (``caller``) and the call's number in it (``ref``)."""
+
+    node: int
+    serial: int
+    slot: int
+    os_pid: int
+    ref: int
+
+    @property
+    def caller(self) -> Pid:
+        return Pid(self.node, self.serial, self.slot, self.os_pid)

@@ -1,4 +1,4 @@
-"""Processes: spawn, self, send, receive, exit, is_alive, and the node's lifetime.
+"""Processes: spawn, self, send, receive, monitors, links, exit, and the node's lifetime.
 
 Every runtime process is a real OS process. The process that imports the
 runtime (the embedding process, "main") joins the node on first use: it gets a
@@ -13,19 +13,21 @@ process started once with ``multiprocessing``'s spawn method.
 A process that returns exits with reason ``"normal"``; one that raises exits
 with a :class:`~runtime.Crash` carrying the traceback, which is logged.
 When a process exits, the processes it started die too.
+
+Threads: every function here may be called from any thread of the embedding
+process, and from any thread of a runtime process, except ``spawn`` (a runtime
+process forks from its main thread only).
 """
 
 from __future__ import annotations
 
-import _thread
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import _launch, _node, _wire
-from .errors import NoProcError, ProcessError
-from .gen_server import resolve
+from . import _checks, _embed, _launch
+from .errors import NoProcError
 from .pid import Pid, Ref
+from .registry import resolve
 
 __all__ = [
     "configure",
@@ -44,10 +46,6 @@ __all__ = [
     "unlink",
 ]
 
-_START_METHODS = ("fork", "spawn")
-_config: dict[str, Any] = {"start_method": None}
-_MAIN_THREAD = threading.main_thread().ident  # the same in a forked child
-
 
 def configure(*, start_method: str | None = None) -> None:
     """Set node options; call before the first use of the runtime in this program.
@@ -62,20 +60,17 @@ def configure(*, start_method: str | None = None) -> None:
         ValueError: unknown start method.
         ProcessError: the node has already started.
     """
-    if start_method is not None and start_method not in _START_METHODS:
-        raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
-    if _node.current_or_none() is not None:
-        raise ProcessError("configure() must be called before the runtime is first used")
-    _config["start_method"] = start_method
+    _embed.configure(start_method)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
     """Run ``fn(*args)`` in a new OS process and return its Pid.
 
     Returns as soon as the process exists (messages sent to it are queued); does
-    not wait for ``fn`` to start. From the embedding process ``fn`` and ``args``
-    are cloudpickled, so lambdas and closures work; from a runtime process
-    nothing is pickled (the child is forked), except under the spawn start method.
+    not wait for ``fn`` to start. From the embedding process, ``fn`` and ``args``
+    are cloudpickled (lambdas and closures work) and unpickled in the new
+    process, which imports the modules they need; from a runtime process nothing
+    is pickled (the child is forked), except under the spawn start method.
 
     Args:
         link: link the new process to the caller (atomically, before it runs).
@@ -86,7 +81,7 @@ def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
     """
     if not callable(fn):
         raise TypeError(f"spawn needs a callable, got {fn!r}")
-    return spawn_for(_node.current(), fn, args, link=link)
+    return _launch.spawn(_embed.current(), fn, args, link=link)
 
 
 def spawn_monitor(fn: Callable[..., Any], *args: Any) -> tuple[Pid, Ref]:
@@ -97,99 +92,78 @@ def spawn_monitor(fn: Callable[..., Any], *args: Any) -> tuple[Pid, Ref]:
     Blocks, raises and pickles as ``spawn``."""
     if not callable(fn):
         raise TypeError(f"spawn needs a callable, got {fn!r}")
-    node = _node.current()
-    pid = spawn_for(node, fn, args)
+    node = _embed.current()
+    pid = _launch.spawn(node, fn, args)
     return pid, node.monitor(pid, fresh=True)
-
-
-def spawn_for(node: _node.Node, fn: Callable[..., Any], args: tuple[Any, ...], *,
-              link: bool = False, trap: bool = False) -> Pid:
-    if node.is_main:
-        payload = _wire.dumps_code((fn, args))
-        root = node.root
-        assert root is not None
-        pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
-        if pid.__class__ is tuple and pid[0] == "$error":
-            raise pid[1]  # the root could not fork (out of descriptors or processes)
-        if not isinstance(pid, Pid):
-            raise ProcessError(f"the node's root answered a spawn with {pid!r}")
-        if link:
-            with node.lock:
-                node._add_link(pid, requested=False)
-        return pid
-    if _thread.get_ident() != _MAIN_THREAD:
-        raise ProcessError(
-            "spawn from a runtime process must run on its main thread "
-            "(a fork from another thread would not be safe)"
-        )
-    return _launch.start_child(node, (fn, args), link=link, trap=trap)
 
 
 def self() -> Pid:
     """The calling process's Pid. In the embedding process, joins the node on first use."""
-    return _node.current().me
+    return _embed.current().me
 
 
 def send(dest: Any, msg: Any) -> None:
-    """Send ``msg`` to ``dest`` (a Pid or a registered name). Returns at once.
+    """Send ``msg`` to ``dest`` (a Pid or a registered name).
 
-    A message to a dead Pid is dropped silently, as in OTP. Messages from one
-    process to another arrive in the order they were sent.
+    Returns once the message is in the kernel's socket buffer towards ``dest``:
+    at once, unless ``dest`` has left about 200 KB unread (the kernel's default
+    Unix socket buffer, ``net.core.wmem_default``); then it blocks until ``dest``
+    reads, serving the caller's own incoming messages meanwhile. A message to a
+    dead Pid is dropped silently, as in OTP. Messages from one process to another
+    arrive in the order they were sent.
 
     Raises:
         NoProcError: ``dest`` is a name that no live process has registered.
         TypeError: ``msg`` cannot be pickled.
     """
-    _node.current().send(resolve(dest), msg)
+    _embed.current().send(resolve(dest), msg)
 
 
 def receive(timeout: float | None = None, match: Callable[[Any], bool] | None = None) -> Any:
     """Take the first message in the mailbox for which ``match(msg)`` is true (any
     message if ``match`` is None); the others stay queued, in order.
 
-    Blocks until such a message arrives or ``timeout`` seconds pass (None: forever).
+    Blocks until such a message arrives or ``timeout`` seconds pass (None: forever;
+    0: only what has arrived, as OTP's ``after 0``). ``match`` runs in the calling
+    thread, outside the runtime's locks: it may call the runtime. If it raises,
+    ``receive`` raises that and the message stays queued.
 
     Raises:
         ReceiveTimeout: (a ``TimeoutError``) nothing matched in time.
+        TypeError, ValueError: ``timeout`` is not a non-negative number or None.
     """
-    return _node.current().receive(timeout, match)
+    return _embed.current().receive(_checks.timeout(timeout), match)
 
 
 def monitor(pid: Any) -> Ref:
     """Watch ``pid`` (a Pid or registered name): when it exits, the caller receives
     ``Down(ref, pid, reason)``. Returns at once. If it is already dead, the Down
-    (reason ``"noproc"``) is queued at once, after the messages it sent before dying
-    (in an embedding process where another thread is waiting on the runtime, that
-    thread queues both, as soon as it wakes)."""
+    (reason ``"noproc"``) is queued at once, after the messages it sent before
+    dying."""
     try:
         target = resolve(pid)
     except NoProcError:
-        node = _node.current()
-        ref = node.make_ref()
-        from .messages import Down
-
-        with node.lock:
-            node._queue_down(Down(ref, pid, "noproc"), internal=False)
-        return ref
-    return _node.current().monitor(target)
+        return _embed.current().monitor_name(pid)
+    return _embed.current().monitor(target)
 
 
 def demonitor(ref: Ref, flush: bool = False) -> bool:
     """Stop a monitor. With ``flush``, also remove its Down if it was already queued.
 
     Returns True if the monitor was active. Never blocks."""
-    return _node.current().demonitor(ref, flush)
+    return _embed.current().demonitor(ref, flush)
 
 
 def link(pid: Any) -> None:
     """Link the caller and ``pid``: if either exits abnormally, the other is killed
     with the same reason unless it traps exits (then it receives ``Exit``).
+    Returns at once.
 
     Raises:
         NoProcError: ``pid`` is dead and the caller does not trap exits (a caller
             that traps receives ``Exit(pid, "noproc")`` instead).
     """
-    _node.current().link(resolve(pid))
+    _embed.current().link(resolve(pid))
 
 
 def unlink(pid: Any) -> None:
@@ -198,14 +172,14 @@ def unlink(pid: Any) -> None:
         target = resolve(pid)
     except NoProcError:
         return
-    _node.current().unlink(target)
+    _embed.current().unlink(target)
 
 
 def trap_exit(flag: bool) -> bool:
     """Trap exits (``True``): exit signals from links and ``exit()`` arrive as ``Exit``
     messages instead of killing the caller. Returns the previous setting. The
     embedding process always traps; for it this is a no-op that returns True."""
-    return _node.current().set_trap_exit(flag)
+    return _embed.current().trap_exit(flag)
 
 
 def exit(pid: Any, reason: Any) -> None:
@@ -223,14 +197,14 @@ def exit(pid: Any, reason: Any) -> None:
     A dead target is ignored. The embedding process is never killed: it receives the
     ``Exit`` message whatever the reason.
     """
-    _node.current().exit(resolve(pid), reason)
+    _embed.current().exit(resolve(pid), reason)
 
 
 def is_alive(pid: Pid) -> bool:
     """True if ``pid`` has not exited. Never blocks."""
     if not isinstance(pid, Pid):
         raise TypeError(f"is_alive needs a Pid, got {pid!r}")
-    return _node.current().is_alive(pid)
+    return _embed.current().is_alive(pid)
 
 
 def shutdown(timeout: float = 5.0) -> None:
@@ -240,7 +214,10 @@ def shutdown(timeout: float = 5.0) -> None:
     ``"shutdown"`` (servers that trap exits run ``terminate``); whatever is
     still alive after ``timeout`` seconds is killed. Blocks until all are gone.
     Interpreter exit calls this too. The next use of the runtime starts a new node.
-    """
-    from . import _root
 
-    _root.shutdown_node(timeout)
+    Raises:
+        ProcessError: called from a runtime process.
+    """
+    value = _checks.timeout(timeout, none=False)
+    assert value is not None
+    _embed.shutdown(value)

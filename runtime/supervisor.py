@@ -38,7 +38,7 @@ import time
 from collections import deque
 from typing import Any, NamedTuple
 
-from . import _node
+from . import _embed
 from . import child_spec as specs
 from .errors import InvalidChildSpec, NoProcError, ProcessError, StartError, is_clean_exit
 from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
@@ -292,14 +292,14 @@ class Supervisor(GenServer):
                     entry.restarts += 1
                 except BaseException as exc:
                     log.error("supervisor %r could not restart child %r: %r",
-                              _node.current().me, entry.spec["id"], exc)
+                              _embed.current().me, entry.spec["id"], exc)
                     if self.intensity.exceeded_after_one_more():
                         return self._give_up(state)
         return NoReply(state)
 
     def _give_up(self, state: Any) -> Any:
         log.error("supervisor %r reached its restart intensity (%d restarts in %ss); "
-                  "shutting down", _node.current().me, self.intensity.max_restarts,
+                  "shutting down", _embed.current().me, self.intensity.max_restarts,
                   self.intensity.max_seconds)
         return Stop("shutdown", state)
 

@@ -4,24 +4,25 @@
   value) and fails with what the mailbox held instead.
 - :func:`wait_until` polls a predicate against a deadline, for the few effects
   that send no message, and fails with what it was waiting for.
-- :func:`node_processes` lists the live OS processes of the node (for leak checks).
+- :func:`node_processes`, :func:`registered_names` and :func:`flush_mailbox`
+  help a test suite check that each test leaves nothing behind.
 
 ``TIMEOUT`` is long on purpose: it is only reached when something is broken.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _node, _table
+from . import _current, _embed, _table
 from .messages import Down
+from .pid import Pid
 
 __all__ = [
-    "TIMEOUT", "assert_receive", "is_zombie", "node_processes", "tagged", "wait_down",
-    "wait_until",
+    "TIMEOUT", "assert_receive", "flush_mailbox", "is_zombie", "node_dir", "node_processes",
+    "registered_names", "root", "tagged", "wait_down", "wait_until",
 ]
 
 TIMEOUT = 10.0
@@ -31,12 +32,11 @@ def assert_receive(expected: Any, timeout: float = TIMEOUT) -> Any:
     """Receive the first message equal to ``expected`` or, if ``expected`` is callable,
     for which ``expected(msg)`` is true. Returns it; fails after ``timeout`` seconds."""
     match = expected if callable(expected) else (lambda m: m == expected)
-    node = _node.current()
+    node = _embed.current()
     try:
         return node.receive(timeout, match)
     except TimeoutError:
-        with node.lock:
-            held = list(node.mailbox)[:10]
+        held = node.mailbox.peek(10)
         raise AssertionError(
             f"no message matching {expected!r} within {timeout}s; mailbox starts with {held!r}"
         ) from None
@@ -68,15 +68,27 @@ def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT,
         delay = min(delay * 2, 0.05)
 
 
+def root() -> Pid | None:
+    """The node's root process, if a node runs in this process."""
+    node = _current.get()
+    return None if node is None else _embed.root_pid(node)
+
+
+def node_dir() -> str | None:
+    """The directory of this process's node, if it has one."""
+    node = _current.get()
+    return None if node is None else node.info.dir
+
+
 def node_processes() -> list[int]:
     """OS pids of every live runtime process of this node except the embedding
     process and the node's root."""
-    node = _node.current_or_none()
+    node = _current.get()
     if node is None:
         return []
     skip = {node.me.serial}
-    if node.root is not None:
-        skip.add(node.root.serial)
+    if node.info.root is not None:
+        skip.add(node.info.root.serial)
     out = []
     for serial, _slot, os_pid in node.table.live_slots():
         if serial in skip or os_pid == 0:
@@ -87,14 +99,17 @@ def node_processes() -> list[int]:
     return out
 
 
-def pid_exists(os_pid: int) -> bool:
-    try:
-        os.kill(os_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def registered_names() -> list[str]:
+    """Every name a live process holds."""
+    node = _current.get()
+    return [] if node is None else [name for name, _ in node.names.registered()]
+
+
+def flush_mailbox() -> None:
+    """Drop every message queued for this process."""
+    node = _current.get()
+    if node is not None:
+        node.mailbox.clear()
 
 
 def is_zombie(os_pid: int) -> bool:

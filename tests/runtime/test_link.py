@@ -9,7 +9,7 @@ import time
 import pytest
 
 import runtime
-from runtime import _base, _node
+from runtime import _embed, _mailbox
 from runtime.testing import assert_receive, tagged, wait_down
 
 
@@ -158,23 +158,21 @@ def test_the_embedding_process_gets_no_exit_for_a_normal_exit():
 
 
 def test_unreceived_exits_in_the_embedding_process_are_bounded(monkeypatch):
-    monkeypatch.setattr(_base, "MAIN_EXIT_BACKLOG", 3)
-    node = _node.current()
-    before = sum(isinstance(m, runtime.Exit) for m in node.mailbox)
-    assert before == 0
+    monkeypatch.setattr(_mailbox, "MAIN_EXIT_BACKLOG", 3)
+    node = _embed.current()
+    assert node.mailbox.exits_queued() == 0
     pids = [runtime.spawn(crash_on, "go", link=True) for _ in range(6)]
     refs = [runtime.monitor(p) for p in pids]
     for p in pids:
         runtime.send(p, "go")
     for ref in refs:
         wait_down(ref)
-    with node.lock:
-        exits = [m for m in node.mailbox if isinstance(m, runtime.Exit)]
+    exits = [m for m in node.mailbox.peek(100) if isinstance(m, runtime.Exit)]
     assert len(exits) == 3
     assert {e.pid for e in exits} < set(pids)
     for _ in range(3):
         runtime.receive(timeout=1, match=lambda m: isinstance(m, runtime.Exit))
-    assert node.exits_queued == 0
+    assert node.mailbox.exits_queued() == 0
 
 
 def test_link_to_a_dead_process_raises_unless_trapping():

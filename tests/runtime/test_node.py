@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import runtime
-from runtime import _base, _node
+from runtime import _embed, _mailbox
 from runtime.testing import assert_receive, is_zombie, tagged, wait_down, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,7 +58,7 @@ EMBEDDER = """
         runtime.spawn(parent_of_two)
         runtime.spawn(sleeper, link=True)
         runtime.call("server", "hello")
-        node = runtime._node.current()
+        node = runtime._embed.current()
         print(node.info.dir, flush=True)
         print("ready", flush=True)
         time.sleep(600)  # sleep-ok: a process that blocks
@@ -124,7 +124,7 @@ def test_interpreter_exit_stops_every_process_and_removes_the_node_dir():
             time.sleep(600)  # sleep-ok: a process that blocks
         for _ in range(3):
             runtime.spawn(sleeper)
-        print(runtime._node.current().info.dir)
+        print(runtime._embed.current().info.dir)
         print(" ".join(str(p.pid) for p in __import__("psutil").Process().children(recursive=True)))
     """)
     out, err = proc.communicate(timeout=60)
@@ -163,7 +163,7 @@ def test_the_spawn_start_method_runs_the_same_programs():
             got = dict(runtime.receive(timeout=30) for _ in range(2))
             assert got["grandchild"] == got["parent"] == gp.os_pid
             import multiprocessing
-            print("ok", runtime._node.current().info.start_method)
+            print("ok", runtime._embed.current().info.start_method)
     """)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -171,7 +171,7 @@ def test_the_spawn_start_method_runs_the_same_programs():
 
 
 def test_the_node_directory_is_private():
-    node = _node.current()
+    node = _embed.current()
     mode = os.stat(node.info.dir).st_mode
     assert stat.S_IMODE(mode) == 0o700
 
@@ -192,7 +192,7 @@ def test_a_connection_that_does_not_prove_the_key_is_dropped_before_unpickling(t
 
     pid, ref = runtime.spawn_monitor(target, me)
     assert_receive("ready")
-    node = _node.current()
+    node = _embed.current()
     payload = pickle.dumps((0, Evil()))
     hello = struct.pack("!4sQII32s", b"RTH1", 999999, 0, os.getpid(), b"\0" * 32)  # wrong proof
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -232,7 +232,7 @@ def test_the_embedding_process_does_not_leak_descriptors():
 
 
 def test_dead_processes_leave_no_socket_file():
-    node = _node.current()
+    node = _embed.current()
     pid, ref = runtime.spawn_monitor(time.sleep, 60)
     path = node.info.sock_path(pid.serial)
     assert os.path.exists(path)
@@ -242,19 +242,19 @@ def test_dead_processes_leave_no_socket_file():
 
 
 def test_shutdown_stops_everything_and_a_new_node_starts_on_next_use():
-    old = _node.current()
+    old = _embed.current()
     old_dir = old.info.dir
     pid, ref = runtime.spawn_monitor(time.sleep, 60)
-    root = old.root.os_pid
+    root = runtime.testing.root().os_pid
     runtime.shutdown()
     assert not os.path.exists(old_dir)
     assert not psutil.pid_exists(pid.os_pid) or psutil.Process(pid.os_pid).status() == "zombie"
     assert not psutil.pid_exists(root)
-    new = _node.current()
+    new = _embed.current()
     assert new is not old and new.info.dir != old_dir
     assert not runtime.is_alive(pid)  # a Pid of the old node is dead in the new one
     runtime.send(pid, "dropped")  # and sends to it are dropped
-    assert runtime.call(runtime.spawn_monitor.__module__ and new.root, ("$ping",)) == "pong"
+    assert runtime.call(runtime.testing.root(), ("$ping",)) == "pong"
 
 
 def test_processes_stopped_at_shutdown_run_terminate():
@@ -355,7 +355,7 @@ def test_a_crash_is_logged_with_its_traceback_and_clean_exits_are_not():
 def test_an_outside_event_loop_can_wait_on_the_node():
     import select as sel
 
-    node = _node.current()
+    node = _embed.current()
     me = runtime.self()
 
     def send_when_asked():
@@ -380,18 +380,17 @@ def test_an_outside_event_loop_can_wait_on_the_node():
         raise AssertionError("the message never arrived through pump()")
 
 
-def test_the_descriptor_bitmap_follows_the_handlers():
-    from runtime._base import Handlers
+def test_the_descriptor_bitmap_follows_the_descriptors():
+    from runtime._poller import FdSet
 
-    h = Handlers()
+    fds = FdSet()
     for fd in (3, 4, 5, 9, 300, 301):
-        h[fd] = object()
-    del h[4]
-    assert h.pop(300) is not None and h.pop(300, None) is None
-    assert [fd for lo, hi in _node.runs(h.bits) for fd in range(lo, hi)] == [3, 5, 9, 301]
-    assert list(_node.runs(h.bits)) == [(3, 4), (5, 6), (9, 10), (301, 302)]
-    h.clear()
-    assert list(_node.runs(h.bits)) == [] and not h
+        fds.add(fd)
+    fds.discard(4)
+    fds.discard(300)
+    fds.discard(300)
+    assert fds.numbers() == [3, 5, 9, 301]
+    assert fds.runs() == [(3, 4), (5, 6), (9, 10), (301, 302)]
 
 
 def _kills_its_child_then_idles(main):
@@ -399,7 +398,7 @@ def _kills_its_child_then_idles(main):
     ref = runtime.monitor(child)
     os.kill(child.os_pid, signal.SIGKILL)
     assert runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Down)).ref == ref
-    path = _node.current().info.sock_path(child.serial)
+    path = _embed.current().info.sock_path(child.serial)
     runtime.send(main, ("dead child", child.os_pid, path))
     runtime.receive(timeout=10, match=lambda m: m == "done")  # idle: no event to handle
 
@@ -425,45 +424,17 @@ def _signal_a_child(signo):
     return wait_down(ref).reason
 
 
-def _kills_its_children_by_signal(main, pause_yield):
+def _kills_its_children_by_signal(main):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # children inherit it
-    if pause_yield:  # as after a slow yield: the status comes from waitid or /proc
-        _node.current().yield_from = float("inf")
     reasons = [_signal_a_child(s) for s in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)]
     runtime.send(main, ("reasons", reasons))
 
 
-@pytest.mark.parametrize("pause_yield", [False, True], ids=["yielding", "yield paused"])
-def test_a_parent_reads_the_true_signal_of_a_dying_child(pause_yield):
+def test_a_parent_reads_the_true_signal_of_a_dying_child():
     # A parent woken by its child's sentinel usually finds it in the middle of its
-    # exit: it yields the CPU for the child to finish, or, while yielding is paused
-    # (it was slow: other tasks wanted the CPU), reads the status from /proc.
-    parent, ref = runtime.spawn_monitor(_kills_its_children_by_signal, runtime.self(),
-                                        pause_yield)
+    # exit on one CPU, not waitable yet: it reads the status from /proc then.
+    parent, ref = runtime.spawn_monitor(_kills_its_children_by_signal, runtime.self())
     assert assert_receive(tagged("reasons"))[1] == ["killed", "SIGTERM", "killed"]
-    assert wait_down(ref).reason == "normal"
-
-
-def _finds_every_yield_slow(main):
-    from runtime import _watches
-
-    _watches.YIELD_SLOW = -1.0  # as if other tasks had taken the CPU at each yield
-    node = _node.current()
-    child = runtime.spawn(time.sleep, 3600)
-    ref = runtime.monitor(child)
-    # As when the sentinel fires before the child is waitable (usual on one CPU, but
-    # not certain): not waitable, not in the table, so the parent yields.
-    with node.lock:
-        assert node._child_exited(node.watches[child.serial]) is False  # now on its pidfd
-    runtime.send(main, ("paused for", node.yield_from - time.monotonic()))
-    os.kill(child.os_pid, signal.SIGKILL)
-    assert wait_down(ref).reason == "killed"
-
-
-def test_a_slow_yield_pauses_yielding():
-    parent, ref = runtime.spawn_monitor(_finds_every_yield_slow, runtime.self())
-    _, paused_for = assert_receive(tagged("paused for"))
-    assert 0 < paused_for <= _base.YIELD_PAUSE
     assert wait_down(ref).reason == "normal"
 
 
@@ -481,7 +452,7 @@ def _kills_its_children_then_serves(main):
     for ref in refs:
         runtime.receive(timeout=10, match=lambda m, ref=ref: isinstance(m, runtime.Down)
                         and m.ref == ref)
-    info = _node.current().info
+    info = _embed.current().info
     runtime.send(main, ("dead children", [(c.os_pid, info.sock_path(c.serial))
                                           for c in children]))
     while runtime.receive(timeout=10) != "done":

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import runtime
-from runtime import _node
+from runtime import _embed
 from runtime.testing import assert_receive, tagged, wait_down
 
 
@@ -283,7 +283,7 @@ def test_a_child_does_not_inherit_its_parents_runtime_descriptors():
             runtime.receive(timeout=10, match=lambda m, ref=ref: getattr(m, "ref", None) == ref)
         runtime.spawn(time.sleep, 60)
         targets = _fd_targets()
-        own = {targets[fd] for fd in runtime._node.current().fds() if fd in targets}
+        own = {targets[fd] for fd in runtime._embed.current().descriptors().numbers() if fd in targets}
         runtime.spawn(report, parent)
         runtime.send(parent, ("holder runtime fds", own))
         runtime.receive(timeout=30, match=lambda m: m == "stop")
@@ -315,7 +315,7 @@ def test_the_embedding_process_descriptors_never_reach_runtime_processes():
 
 
 def test_files_opened_by_a_runtime_process_stay_usable_in_its_children(tmp_path):
-    if runtime._node.current().info.start_method == "spawn":
+    if runtime._embed.current().info.start_method == "spawn":
         pytest.skip("under the spawn method a child inherits nothing from its parent")
     log_path = str(tmp_path / "app.log")
     me = runtime.self()
@@ -406,8 +406,8 @@ def test_the_runtime_refuses_to_work_in_a_foreign_fork():
 
 
 def test_a_foreign_fork_keeps_none_of_the_nodes_descriptors():
-    node = _node.current()
-    owned = [fd for fd in node.fds() if fd != node.table.fd]
+    node = _embed.current()
+    owned = [fd for fd in node.descriptors().numbers() if fd != node.table.fd]
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

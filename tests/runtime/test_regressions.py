@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import runtime
-from runtime import _node
+from runtime import _embed
 from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
 
@@ -153,9 +153,9 @@ def test_shutdown_wakes_a_thread_blocked_in_receive():
                 errors.append(exc)
         t = threading.Thread(target=waiter)
         t.start()
-        node = runtime._node.current()
+        node = runtime._embed.current()
         from runtime.testing import wait_until
-        wait_until(lambda: node.polling, what="the waiter to block in poll")
+        wait_until(lambda: node.poller.polling, what="the waiter to block in poll")
         runtime.shutdown()
         t.join(5)
         print("woken" if errors and not t.is_alive() else "still blocked")
@@ -165,9 +165,9 @@ def test_shutdown_wakes_a_thread_blocked_in_receive():
 
 
 def test_a_failed_fork_in_the_root_raises_in_the_caller_and_spares_the_node():
-    node = _node.current()
+    node = _embed.current()
     worker, ref = runtime.spawn_monitor(time.sleep, 60)
-    root = node.root.os_pid
+    root = runtime.testing.root().os_pid
     old = resource.prlimit(root, resource.RLIMIT_NOFILE)
     used = len(os.listdir(f"/proc/{root}/fd"))
     resource.prlimit(root, resource.RLIMIT_NOFILE, (used, old[1]))
@@ -176,7 +176,7 @@ def test_a_failed_fork_in_the_root_raises_in_the_caller_and_spares_the_node():
             runtime.spawn(time.sleep, 60)
     finally:
         resource.prlimit(root, resource.RLIMIT_NOFILE, old)
-    assert runtime.is_alive(node.root) and runtime.is_alive(worker)
+    assert runtime.is_alive(runtime.testing.root()) and runtime.is_alive(worker)
     other, ref2 = runtime.spawn_monitor(time.sleep, 60)
     for pid, r in ((worker, ref), (other, ref2)):
         runtime.exit(pid, "kill")
@@ -202,7 +202,7 @@ def test_an_argument_that_cannot_be_unpickled_is_a_crash_of_the_new_process():
     down = wait_down(ref)
     assert isinstance(down.reason, runtime.Crash)
     assert "cannot be unpickled here" in str(down.reason)
-    assert runtime.is_alive(_node.current().root)
+    assert runtime.is_alive(runtime.testing.root())
     again, ref2 = runtime.spawn_monitor(int, "7")
     assert wait_down(ref2).reason == "normal"
 
@@ -234,7 +234,7 @@ class _SlowReply(runtime.GenServer):
 
 
 def test_a_polling_thread_that_fails_hands_over_to_the_waiting_threads():
-    node = _node.current()
+    node = _embed.current()
     server = _SlowReply.start(None)
     r, w = os.pipe()
 
@@ -257,7 +257,7 @@ def test_a_polling_thread_that_fails_hands_over_to_the_waiting_threads():
     lead = threading.Thread(target=leader)
     lead.start()
     try:
-        wait_until(lambda: node.polling, what="the leader to poll")
+        wait_until(lambda: node.poller.polling, what="the leader to poll")
         follow = threading.Thread(target=follower)
         follow.start()
         os.write(w, b"x")
@@ -289,7 +289,7 @@ def test_kill_is_not_held_up_by_a_peer_that_does_not_read():
     pid, ref = runtime.spawn_monitor(_floods_its_linked_child, runtime.self())
     _, child = assert_receive(tagged("ready"))
     cref = runtime.monitor(child)
-    node = _node.current()
+    node = _embed.current()
     wait_until(lambda: _blocked_in_send(pid.os_pid), what="the sender to block")
     runtime.exit(pid, "kill")
     # The exit path may spend at most CHILD_EXIT_GRACE (1 s) on the child; far less
@@ -297,7 +297,7 @@ def test_kill_is_not_held_up_by_a_peer_that_does_not_read():
     assert runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Down)
                            and m.ref == ref).reason == "killed"
     assert wait_down(cref).reason == "killed"  # its parent died
-    assert not runtime.is_alive(child) and node is _node.current()
+    assert not runtime.is_alive(child) and node is _embed.current()
 
 
 def _blocked_in_send(os_pid):
@@ -321,7 +321,7 @@ def _returns_on_go(main):
 
 
 def test_a_process_killed_in_its_exit_path_leaves_no_socket_file():
-    node = _node.current()
+    node = _embed.current()
     parent, pref = runtime.spawn_monitor(_parent_of_a_slow_exit, runtime.self())
     _, child = assert_receive(tagged("child"))
     cref = runtime.monitor(child)
@@ -342,7 +342,7 @@ def _send_when_told(to, fifo):
 
 
 def test_what_a_process_sent_comes_before_its_down_after_a_wait_that_raised(tmp_path):
-    node = _node.current()
+    node = _embed.current()
     me = runtime.self()
     fifo = str(tmp_path / "go")
     os.mkfifo(fifo)
@@ -378,7 +378,7 @@ def test_what_a_process_sent_comes_before_its_down_after_a_wait_that_raised(tmp_
 
 
 def _spawn_until_out_of_descriptors(main, spare):
-    node = _node.current()
+    node = _embed.current()
     me = node.me.serial
 
     def unstarted():  # (our own slot may not have its pid yet: our parent sets it)
@@ -512,15 +512,26 @@ def _sends_then_exits(main, n):
 
 
 @contextlib.contextmanager
-def _as_if_another_thread_polls():
-    node = _node.current()
-    with node.lock:
-        node.polling = True
+def _another_thread_polls():
+    """A second thread of the embedding process blocked in the runtime's wait."""
+    node = _embed.current()
+    stop = threading.Event()
+
+    def waiter():
+        while not stop.is_set():
+            try:
+                runtime.receive(timeout=0.2, match=lambda m: m == "never sent")
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
     try:
+        wait_until(lambda: node.poller.polling, what="the other thread to poll")
         yield
     finally:
-        with node.lock:
-            node.polling = False
+        stop.set()
+        thread.join(5)
 
 
 def _dead_sender(n):
@@ -531,10 +542,9 @@ def _dead_sender(n):
 
 def test_a_dead_process_s_messages_come_before_its_noproc_down_while_another_thread_polls():
     """monitor() of a process that is already dead drains what it sent before queueing
-    the Down; while another thread of the embedding process is in the wait, that
-    thread does both, in that order."""
+    the Down, even while another thread of the embedding process is in the wait."""
     pid = _dead_sender(3)
-    with _as_if_another_thread_polls():
+    with _another_thread_polls():
         ref = runtime.monitor(pid)
 
     def ours(m):
@@ -546,12 +556,11 @@ def test_a_dead_process_s_messages_come_before_its_noproc_down_while_another_thr
     assert got[3].reason == "noproc"
 
 
-def test_demonitor_with_flush_drops_a_noproc_down_left_to_the_polling_thread():
+def test_demonitor_with_flush_drops_a_noproc_down_while_another_thread_polls():
     pid = _dead_sender(1)
-    with _as_if_another_thread_polls():
+    with _another_thread_polls():
         ref = runtime.monitor(pid)
         assert runtime.demonitor(ref, flush=True) is False
-    _node.current().pump()  # what the polling thread would do next
     assert_receive(("sent before dying", 0))
     with pytest.raises(runtime.ReceiveTimeout):
         runtime.receive(timeout=0, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
@@ -561,13 +570,13 @@ def test_an_event_of_a_reused_descriptor_number_is_not_taken_for_a_death():
     """In the embedding process another thread may close a watch's pidfd and open a
     new one under its number while the polling thread holds the old one's event: that
     event must not end the new watch with a false Down."""
-    node = _node.current()
+    node = _embed.current()
     pid, ref = runtime.spawn_monitor(time.sleep, 60)
-    w = node.watches[pid.serial]
-    assert w.child is None  # a pidfd: the embedding process's processes are the root's
+    w = node.watches.get(pid.serial)
+    assert not w.child  # a pidfd: the embedding process's processes are the root's
     try:
-        with node.lock:
-            node._process([(w.fd, select.EPOLLIN)])  # the stale event, under the new number
+        with node.poller.lock:
+            node.handle_death(w)  # as for the stale event, under the new number
         assert node.watches.get(pid.serial) is w
         assert runtime.is_alive(pid)
     finally:

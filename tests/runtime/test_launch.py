@@ -1,6 +1,6 @@
-"""How runtime processes fork their children (runtime._fork): the direct fork keeps the
-behaviour of os.fork that a single-threaded process can observe, and os.fork is used
-whenever the direct one would skip something (a thread, a hook it does not know)."""
+"""How runtime processes fork their children (runtime._launch): with os.fork, so a child
+is what any fork makes (random reseeded, at-fork hooks run, the audit event raised),
+and no signal is handled in the child before its own handlers are in place."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import time
 import pytest
 
 import runtime
-from runtime import _fork
 from runtime.testing import assert_receive
 
 pytestmark = pytest.mark.skipif(
@@ -77,10 +76,9 @@ def test_siblings_draw_different_random_numbers():
     assert len({g for _, g in got}) == len(got)
 
 
-def test_child_gets_the_signal_mask_and_thread_id_of_a_fresh_fork():
+def test_child_gets_the_signal_mask_of_a_fresh_fork():
     for r in _in_runtime(_children, 2, _fresh_fork_state):
         assert r["blocked"] == []  # nothing left blocked by the fork
-        assert r["native_id"] == r["os_pid"]
         assert r["threads"] == 1
 
 
@@ -129,40 +127,10 @@ def _with_thread():
         thread.join()
 
 
-def test_a_process_with_threads_forks_through_os_fork():
+def test_a_process_with_threads_forks_like_any_other():
     for r in _in_runtime(_with_thread):
         assert r["threads"] == 1  # threading's own after-fork bookkeeping ran
         assert r["blocked"] == []
-
-
-def _thread_states():
-    return len(sys._current_frames())
-
-
-def _with_c_thread():
-    libc = ctypes.CDLL(None)
-    inside = threading.Event()
-    release = threading.Event()
-
-    def body(_):  # runs Python through PyGILState_Ensure: _thread does not count it
-        inside.set()
-        release.wait(10)
-        return None
-
-    callback = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(body)
-    tid = ctypes.c_ulong()
-    assert libc.pthread_create(ctypes.byref(tid), None, callback, None) == 0
-    try:
-        inside.wait(5)
-        assert _thread._count() == 0
-        return _children(1, _thread_states)
-    finally:
-        release.set()
-        libc.pthread_join(tid, None)
-
-
-def test_a_thread_the_interpreter_did_not_start_counts():
-    assert _in_runtime(_with_c_thread) == [1]  # os.fork dropped the C thread's state
 
 
 def test_a_handler_that_raises_at_spawn_leaves_signals_and_children_as_they_were():
@@ -176,23 +144,14 @@ def test_a_handler_that_raises_at_spawn_leaves_signals_and_children_as_they_were
         signal.signal(signal.SIGUSR1, handler)
         sys.addaudithook(lambda event, args: os.kill(os.getpid(), signal.SIGUSR1)
                          if event == "os.fork" else None)
-        before = len(runtime._node.current().children)
+        before = len(runtime._embed.current().watches.children())
         try:
             runtime.spawn(time.sleep, 0)
         except Interrupted:
             pass
         return (sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-                len(runtime._node.current().children) - before)
+                len(runtime._embed.current().watches.children()) - before)
 
     blocked, new_children = _in_runtime(interrupted)
     assert blocked == []
     assert new_children in (0, 1)  # forked and recorded, or never forked
-
-
-def test_the_standard_library_thread_hooks_are_known():
-    _fork.prepare()  # here in the embedding process, which never forks itself
-    assert _fork._hook_lists is not None
-    known = _fork._thread_only_hooks()
-    assert threading._after_fork in known  # type: ignore[attr-defined]
-    assert random._inst.seed in known  # type: ignore[attr-defined]
-    assert MARK.set not in known

@@ -1,0 +1,342 @@
+"""Internal: a node's connections to its peers.
+
+Every process listens on a Unix stream socket named after its serial in the
+node's directory. A sender connects once (outside the node's lock: a peer's
+full listen backlog holds up only the thread that connects), proves the node
+key (see ``_wire``), and keeps the connection; a connection carries frames both
+ways, but a process sends to a peer on one connection only, so that messages
+from one process to another stay in order. A parent and its child share a
+socketpair made at spawn.
+
+Writes never block: what the kernel does not take at once waits in the
+connection's queue of buffers, written as the socket drains (``EPOLLOUT``), in
+time linear in its size. A thread that needs its frame to be gone waits through
+the poller, which keeps reading meanwhile, so two processes that write to each
+other cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+from typing import Any
+
+from . import _wire
+from ._poller import EPOLLIN, EPOLLOUT, Poller
+from .pid import Pid
+
+log = logging.getLogger("runtime")
+
+READ_SIZE = 65536
+_IOV_MAX = 64
+
+
+class Conn:
+    """One connection to a peer (``peer`` is None until its HELLO is checked)."""
+
+    __slots__ = ("sock", "fd", "peer", "inbuf", "out", "queued", "sent", "closed")
+
+    def __init__(self, sock: socket.socket, peer: Pid | None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.inbuf = bytearray()  # the start of a frame not yet whole
+        self.out: deque[memoryview] = deque()  # what the kernel has not taken yet
+        self.queued = 0  # bytes ever put in ``out``
+        self.sent = 0  # bytes of those written since
+        self.closed = False
+
+
+class _Listener:
+    """The owner of the listening socket in the poller."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+OnFrame = Callable[[Pid, int, memoryview], None]
+
+
+class Connections:
+    """See the module docstring. Every method runs with the node's lock held, except
+    :meth:`connect`."""
+
+    def __init__(self, poller: Poller, key: bytes, me: Pid, sock_path: Callable[[int], str],
+                 listen: socket.socket, on_frame: OnFrame,
+                 on_closed: Callable[[Pid], None]) -> None:
+        self._poller = poller
+        self._key = key
+        self._me = me
+        self._sock_path = sock_path
+        self._on_frame = on_frame
+        self._on_closed = on_closed
+        listen.setblocking(False)
+        self.listener = _Listener(listen)
+        poller.add(listen.fileno(), self.listener)
+        self._out: dict[int, Conn] = {}  # serial -> the connection we send on
+        self._of: dict[int, set[Conn]] = {}  # serial -> every connection with it
+        self._unproven: set[Conn] = set()
+        self._rbuf: mmap.mmap | None = None  # anonymous: only pages a read touches count
+        self._reading = False
+
+    # ------------------------------------------------------------ connections
+
+    def accept_all(self) -> None:
+        listen = self.listener.sock
+        while True:
+            try:
+                sock, _ = listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            conn = Conn(sock, None)
+            self._poller.add(conn.fd, conn)
+            self._unproven.add(conn)
+
+    def out_to(self, serial: int) -> Conn | None:
+        """The connection we send to ``serial`` on, if there is one."""
+        return self._out.get(serial)
+
+    def connect(self, pid: Pid, timeout: float | None = None) -> socket.socket | None:
+        """Connect to ``pid``'s socket (lock NOT held: this may block while its listen
+        backlog is full, up to ``timeout`` seconds if given). None if it is not there
+        (it exited), or its backlog stayed full."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if timeout is not None:
+            sock.settimeout(timeout)
+        try:
+            sock.connect(self._sock_path(pid.serial))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def adopt(self, sock: socket.socket, peer: Pid, *, hello: bool) -> Conn:
+        """Send to ``peer`` on ``sock`` (one we connected, with ``hello``, or a socketpair
+        made at spawn). If another thread connected meanwhile, its connection stays
+        the one used and ``sock`` is closed."""
+        conn = self._out.get(peer.serial)
+        if conn is not None:
+            sock.close()
+            return conn
+        sock.setblocking(False)
+        conn = Conn(sock, peer)
+        self._poller.add(conn.fd, conn)
+        self._out[peer.serial] = conn
+        self._of.setdefault(peer.serial, set()).add(conn)
+        if hello:
+            self.write(conn, [_wire.hello(self._key, self._me, peer.serial)])
+        return conn
+
+    def close(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._unproven.discard(conn)
+        self._poller.remove(conn.fd, conn)
+        peer = conn.peer
+        if peer is not None:
+            if self._out.get(peer.serial) is conn:
+                del self._out[peer.serial]
+            of = self._of.get(peer.serial)
+            if of is not None:
+                of.discard(conn)
+                if not of:
+                    del self._of[peer.serial]
+        conn.out.clear()
+        conn.sock.close()
+
+    def close_peer(self, serial: int) -> None:
+        """Close every connection with the process ``serial`` (it died)."""
+        for conn in list(self._of.get(serial, ())):
+            self.close(conn)
+
+    def all(self) -> list[Conn]:
+        return [c for c in self._unproven] + [c for of in self._of.values() for c in of]
+
+    # ---------------------------------------------------------------- reading
+
+    def read(self, conn: Conn, drain: bool = False) -> None:
+        """Read what ``conn`` has (all of it with ``drain``) and hand over whole frames."""
+        sock = conn.sock
+        rbuf = self._rbuf
+        if rbuf is None or self._reading:  # first read, or re-entered from a frame
+            rbuf = mmap.mmap(-1, READ_SIZE)
+            if not self._reading:
+                self._rbuf = rbuf
+        view = memoryview(rbuf)
+        self._reading = True
+        try:
+            while not conn.closed:
+                try:
+                    n = sock.recv_into(rbuf)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    n = 0
+                if not n:
+                    peer = conn.peer
+                    self.close(conn)
+                    if not drain and peer is not None:
+                        self._on_closed(peer)
+                    return
+                if conn.inbuf:
+                    conn.inbuf += view[:n]
+                    self._frames(conn, conn.inbuf, len(conn.inbuf), keep=True)
+                else:
+                    used = self._frames(conn, view, n, keep=False)
+                    if used < n and not conn.closed:
+                        conn.inbuf += view[used:n]
+                if not drain and n < READ_SIZE:
+                    return
+        finally:
+            self._reading = False
+            view.release()
+
+    def _frames(self, conn: Conn, buf: Any, end: int, keep: bool) -> int:
+        """Hand over the whole frames at the start of ``buf[:end]``; how many bytes they
+        took. With ``keep``, ``buf`` is the connection's own buffer: those bytes are
+        removed from it."""
+        pos = 0
+        view = memoryview(buf)
+        try:
+            for start, stop in _wire.frames(view, end):
+                pos = stop
+                if conn.peer is None:
+                    self._hello(conn, view[start:stop])
+                else:
+                    self._on_frame(conn.peer, view[start], view[start + 1 : stop])
+                if conn.closed:
+                    break
+        finally:
+            view.release()
+        if keep and pos:
+            del buf[:pos]
+        return pos
+
+    def _hello(self, conn: Conn, body: memoryview) -> None:
+        peer = _wire.check_hello(self._key, conn.sock, self._me.serial, body)
+        if peer is None:
+            log.warning("%r rejected a connection that did not prove the node key", self._me)
+            self.close(conn)
+            return
+        serial, slot, os_pid = peer
+        self._unproven.discard(conn)
+        conn.peer = Pid(self._me.node, serial, slot, os_pid)
+        self._of.setdefault(serial, set()).add(conn)
+        self._out.setdefault(serial, conn)
+
+    def drain_peer(self, serial: int, os_pid: int) -> None:
+        """Read everything the process ``serial`` (OS pid ``os_pid``) sent before it
+        died, so that it comes before its Down: its connections, and the ones it
+        made that are still waiting to be accepted or proven. Another process's new
+        connection is read in its turn, after the Down, as it may carry what that
+        process sent once it had seen the same death."""
+        self.accept_all()
+        for conn in list(self._unproven):
+            try:
+                if _wire.peer_os_pid(conn.sock) != os_pid:
+                    continue
+            except OSError:
+                pass
+            self.read(conn, drain=True)
+        for conn in list(self._of.get(serial, ())):
+            self.read(conn, drain=True)
+
+    def drain_all(self) -> None:
+        """Read whatever every connection has (the exit path)."""
+        self.accept_all()
+        for conn in self.all():
+            self.read(conn, drain=True)
+
+    # ---------------------------------------------------------------- writing
+
+    def write(self, conn: Conn, buffers: list[bytes]) -> int:
+        """Queue ``buffers`` (one frame) on ``conn`` and write what the kernel takes now.
+        Returns the value ``conn.sent`` reaches once the frame is written; check it
+        with :meth:`written`."""
+        out = conn.out
+        if conn.closed:
+            return 0
+        if not out and len(buffers) == 1:  # the common case: nothing queued, one buffer
+            data = buffers[0]
+            try:
+                n = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close(conn)
+                return 0
+            if n == len(data):
+                return conn.queued
+            conn.queued += len(data) - n
+            out.append(memoryview(data)[n:])
+        else:
+            was_idle = not out
+            for data in buffers:
+                conn.queued += len(data)
+                out.append(memoryview(data))
+            if was_idle:
+                self.flush(conn)
+                if conn.closed or not out:
+                    return conn.queued
+        self._poller.modify(conn.fd, EPOLLIN | EPOLLOUT)
+        return conn.queued
+
+    def flush(self, conn: Conn) -> None:
+        """Write what the kernel takes of ``conn``'s queue (on EPOLLOUT)."""
+        out = conn.out
+        sock = conn.sock
+        while out:
+            try:
+                if len(out) == 1:
+                    n = sock.send(out[0])
+                else:
+                    n = sock.sendmsg(list(islice(out, _IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close(conn)
+                return
+            conn.sent += n
+            while n:
+                head = out[0]
+                if n >= len(head):
+                    n -= len(head)
+                    out.popleft()
+                else:
+                    out[0] = head[n:]
+                    n = 0
+        if not conn.closed:
+            self._poller.modify(conn.fd, EPOLLIN)
+
+    @staticmethod
+    def written(conn: Conn, mark: int) -> bool:
+        """Has the frame whose :meth:`write` returned ``mark`` left ``conn`` (or has the
+        connection closed)?"""
+        return conn.sent >= mark or conn.closed
+
+    def flush_until(self, conn: Conn, mark: int, deadline: float) -> bool:
+        """Write ``conn``'s queue until the frame ``mark`` is gone, blocking until
+        ``deadline`` at most (the exit path: the rest of the node is not served
+        meanwhile). Past it, the connection is closed: False."""
+        waiter = select.poll()
+        waiter.register(conn.fd, select.POLLOUT)
+        while not self.written(conn, mark):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close(conn)
+                return False
+            waiter.poll(left * 1000)
+            self.flush(conn)
+        return True

@@ -1,0 +1,378 @@
+"""Internal: the one place a process waits, and the lock that guards its node.
+
+Every descriptor a node owns (its listening socket, its connections, the
+sentinels and pidfds of the processes it watches) sits in one ``epoll``, each
+with its *owner*, the object that handles its events. A wake-up costs O(1)
+however many processes are watched; nothing sleeps and polls. Events are hints:
+every owner checks, without blocking, that there is something to do, so an
+event that went stale (its descriptor read by another thread, or closed and
+reused) does no harm.
+
+Threads. Any thread may use the node. All node state is guarded by
+:attr:`Poller.lock`, taken only for short sections that never block and never
+run user code. One thread at a time polls (the *leader*); the others wait on a
+condition over the same lock and are woken when something was delivered. A
+thread that delivers something while another one polls wakes it through an
+eventfd, made the first time a second thread needs it. Should a leader vanish
+without handing over (an exception from a signal handler at the wrong moment),
+a follower takes over after ``LEASE`` seconds.
+
+Signals. A signal handler runs in the main thread between two bytecodes, so it
+could land inside a section and leave the node half-changed. The handlers the
+runtime installs (Ctrl-C in the embedding process, the exit signal in runtime
+processes) therefore call :meth:`Poller.defer_signal` when the lock is held: the
+signal is sent again to the main thread as soon as the lock is free, and acts
+then.
+
+Cleanup (reaping a dead child, removing its socket file) waits for an idle
+moment, so that it does not hold up what is on its way: see :meth:`defer`.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ProcessError
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+POLL_MAX = 1024  # events one epoll.poll returns at most
+LEASE = 1.0
+# Cleanup jobs wait for an idle moment: this long without events. Once the oldest
+# has waited CLEANUP_DUE, or CLEANUP_MAX are pending, each wait runs one anyway.
+IDLE_CLEANUP = 0.001
+CLEANUP_DUE = 0.01
+CLEANUP_MAX = 32
+
+Batch = list[tuple[int, int, Any]]  # (fd, event mask, owner when the batch was read)
+
+
+class _Wake:
+    """The owner of the eventfd other threads use to wake the leader."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+
+class Reader:
+    """A descriptor of the runtime's own with a callback, run (lock held) when it is
+    readable."""
+
+    __slots__ = ("fd", "callback")
+
+    def __init__(self, fd: int, callback: Callable[[], None]) -> None:
+        self.fd = fd
+        self.callback = callback
+
+
+class FdSet:
+    """A bitmap of descriptor numbers. A forked child closes its parent's descriptors
+    from the bitmap alone: walking the parent's objects would touch one object per
+    descriptor, and each page touched in the inherited heap costs the child a
+    copy-on-write fault."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self) -> None:
+        self.bits = bytearray()
+
+    def add(self, fd: int) -> None:
+        bits = self.bits
+        if fd >= len(bits):
+            bits.extend(bytes(fd + 1 - len(bits) + 256))
+        bits[fd] = 1
+
+    def discard(self, fd: int) -> None:
+        if 0 <= fd < len(self.bits):
+            self.bits[fd] = 0
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The runs of set numbers, as ``(first, past_last)``."""
+        bits = self.bits
+        out = []
+        lo = bits.find(1)
+        while lo >= 0:
+            hi = bits.find(0, lo)
+            if hi < 0:
+                hi = len(bits)
+            out.append((lo, hi))
+            lo = bits.find(1, hi)
+        return out
+
+    def numbers(self) -> list[int]:
+        return [fd for lo, hi in self.runs() for fd in range(lo, hi)]
+
+
+def time_left(deadline: float | None) -> float:
+    """Seconds until ``deadline`` (monotonic): -1.0 for none, 0.0 once past."""
+    if deadline is None:
+        return -1.0
+    left = deadline - time.monotonic()
+    return left if left > 0 else 0.0
+
+
+class Poller:
+    """See the module docstring. ``on_events(batch)`` handles what a poll returned
+    (lock held); ``after_events()`` runs after it, lock released (the node's exit
+    path starts there)."""
+
+    def __init__(self, on_events: Callable[[Batch], None],
+                 after_events: Callable[[], None]) -> None:
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
+        self._epoll = select.epoll()
+        self._owners: dict[int, Any] = {}
+        self.fds = FdSet()
+        self._leader = 0
+        self._lease = 0
+        self._followers = 0
+        self._wake: _Wake | None = None
+        self._jobs: list[Callable[[], None]] = []
+        self._jobs_due = 0.0
+        self._closed = False
+        self._on_events = on_events
+        self._after_events = after_events
+
+    # ------------------------------------------------------------ descriptors
+
+    def add(self, fd: int, owner: Any, events: int = EPOLLIN) -> None:
+        """Poll ``fd`` for ``owner`` (lock held)."""
+        self._owners[fd] = owner
+        self.fds.add(fd)
+        self._epoll.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def remove(self, fd: int, owner: Any) -> None:
+        """Stop polling ``fd`` if ``owner`` still owns it (once closed, its number may
+        belong to another). Lock held."""
+        if self._owners.get(fd) is owner:
+            del self._owners[fd]
+            self.fds.discard(fd)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def owner(self, fd: int) -> Any:
+        return self._owners.get(fd)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    @property
+    def polling(self) -> bool:
+        """Is a thread blocked in the poll right now?"""
+        return self._leader != 0
+
+    @property
+    def threaded(self) -> bool:
+        """Has a second thread used this node? (Then an event may be stale in more ways:
+        see ``_node``.)"""
+        return self._wake is not None
+
+    # ---------------------------------------------------------------- waiting
+
+    def wait(self, ready: Callable[[], Any], deadline: float | None) -> Any:
+        """Block until ``ready()`` (called with the lock held) returns something other
+        than None, and return that; None once ``deadline`` (monotonic seconds; None:
+        never) has passed. Polls at least once, so a deadline already past still
+        finds what has arrived (OTP's ``after 0``).
+
+        Raises:
+            ProcessError: the node was shut down meanwhile.
+        """
+        me = threading.get_ident()
+        lock = self.lock
+        polled = False
+        while True:
+            leading = False
+            events: list[tuple[int, int]] = []
+            try:
+                with lock:
+                    r = ready()
+                    if r is not None:
+                        return r
+                    if self._closed:
+                        raise ProcessError("the runtime node has been shut down")
+                    timeout = time_left(deadline)
+                    if timeout == 0.0:
+                        if polled:
+                            return None
+                        # Poll once, without blocking, whoever leads.
+                        events = self._epoll.poll(0, POLL_MAX)
+                        if events:
+                            self._process(events)
+                            if self._followers:
+                                self._cond.notify_all()
+                    elif self._leader and self._leader != me and self._follow(timeout):
+                        continue
+                    else:
+                        self._leader = me
+                        leading = True
+                        timeout = self._poll_timeout(timeout)
+                if leading:
+                    events = self._epoll.poll(timeout, POLL_MAX)
+            finally:
+                if leading:
+                    with lock:
+                        if self._leader == me:
+                            self._leader = 0
+                        self._lease += 1
+                        if events:
+                            self._process(events)
+                        elif self._jobs and not self._closed:
+                            self._clean_up_idle()
+                        if self._followers:
+                            self._cond.notify_all()
+            polled = True
+            self._after_events()
+
+    def _follow(self, timeout: float) -> bool:
+        """Wait (lock held) while another thread polls. False if that thread has not
+        come back from a poll for LEASE seconds: the caller polls itself then."""
+        lease = self._lease
+        start = time.monotonic()
+        self._followers += 1
+        try:
+            self._cond.wait(LEASE if timeout < 0 else min(timeout, LEASE))
+        finally:
+            self._followers -= 1
+        return self._lease != lease or time.monotonic() - start < LEASE
+
+    def notify(self) -> None:
+        """Something was delivered (lock held): wake the threads waiting for it."""
+        if self._followers:
+            self._cond.notify_all()
+        leader = self._leader
+        if leader and leader != threading.get_ident():
+            wake = self._wake
+            if wake is None:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                wake = self._wake = _Wake(fd)
+                self.add(fd, wake)
+            os.eventfd_write(wake.fd, 1)
+
+    def poll_now(self) -> None:
+        """Handle what is ready now, without blocking (lock held): for a thread that
+        must keep the node going while it waits for something else."""
+        events = self._epoll.poll(0, POLL_MAX)
+        if events:
+            self._process(events)
+
+    def pump(self) -> None:
+        """Handle what is ready now, without blocking (for an outside event loop)."""
+        with self.lock:
+            if self._jobs:
+                self.run_jobs()
+            self.poll_now()
+            if self._followers:
+                self._cond.notify_all()
+        self._after_events()
+
+    def _process(self, events: list[tuple[int, int]]) -> None:
+        owners = self._owners
+        batch: Batch = []
+        for fd, mask in events:
+            owner = owners.get(fd)
+            if owner is None:
+                continue
+            if owner.__class__ is _Wake:
+                try:
+                    os.eventfd_read(fd)
+                except OSError:
+                    pass
+                continue
+            batch.append((fd, mask, owner))
+        if batch:
+            self._on_events(batch)
+
+    # ---------------------------------------------------------------- signals
+
+    def defer_signal(self, signo: int) -> None:
+        """Called by a signal handler that found the lock held: send ``signo`` to the
+        main thread again once the lock is free, so that it acts between sections."""
+        threading.Thread(target=self._redeliver, args=(signo,), daemon=True,
+                         name="runtime-signal").start()
+
+    def _redeliver(self, signo: int) -> None:
+        with self.lock:
+            pass
+        ident = threading.main_thread().ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, signo)
+            except (OSError, ProcessLookupError):
+                pass
+
+    # ---------------------------------------------------------------- cleanup
+
+    def defer(self, job: Callable[[], None]) -> None:
+        """Run ``job`` at the next idle moment (lock held): IDLE_CLEANUP without events,
+        or sooner once jobs pile up (see the module constants)."""
+        if not self._jobs:
+            self._jobs_due = time.monotonic() + CLEANUP_DUE
+        self._jobs.append(job)
+
+    def run_jobs(self) -> None:
+        """Run every pending cleanup job now (lock held)."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job()
+
+    def _poll_timeout(self, remaining: float) -> float:
+        """How long a poll may block (lock held) before the cleanup jobs run: once the
+        oldest is due, or too many are pending, one runs now, whether idle or not."""
+        jobs = self._jobs
+        if not jobs:
+            return remaining
+        if len(jobs) >= CLEANUP_MAX or time.monotonic() >= self._jobs_due:
+            jobs.pop(0)()
+            if not jobs:
+                return remaining
+        return IDLE_CLEANUP if remaining < 0 or remaining > IDLE_CLEANUP else remaining
+
+    def _clean_up_idle(self) -> None:
+        """Run the cleanup jobs one at a time (lock held) while nothing arrives."""
+        jobs = self._jobs
+        while jobs:
+            jobs.pop(0)()
+            if jobs:
+                events = self._epoll.poll(0, POLL_MAX)
+                if events:
+                    self._process(events)
+                    return
+
+    # ---------------------------------------------------------------- closing
+
+    def close(self, close_owner: Callable[[int, Any], None]) -> None:
+        """Wake every waiting thread (they raise ProcessError), give each registered
+        descriptor to ``close_owner(fd, owner)``, and close the epoll. Waits up to 2 s
+        for a polling thread to come back."""
+        with self.lock:
+            self.run_jobs()
+            self._closed = True
+            if self._leader and self._leader != threading.get_ident():
+                self.notify()
+                deadline = time.monotonic() + 2.0
+                while self._leader and time.monotonic() < deadline:
+                    self._cond.wait(0.05)
+            for fd, owner in list(self._owners.items()):
+                if owner.__class__ is _Wake:
+                    os.close(fd)
+                else:
+                    close_owner(fd, owner)
+            self._owners.clear()
+            self.fds = FdSet()
+            self._wake = None
+            self._epoll.close()
+            self._cond.notify_all()
