@@ -280,6 +280,10 @@ class Supervisor(GenServer):
         if self.intensity.exceeded_after_one_more():
             return self._give_up(state)
         self._stop([e for e in reversed(group) if e.pid is not None])
+        # A temporary child is never restarted: stopped with its group, it is dropped.
+        for other in [e for e in group if e.spec["restart"] == "temporary"]:
+            group.remove(other)
+            self.children.remove(other)
         return self._restart(group, state)
 
     def _restart(self, group: list[_Entry], state: Any) -> Any:

@@ -129,6 +129,24 @@ def test_rest_for_one_restarts_the_crashed_child_and_those_after_it():
     stop_sup(sup)
 
 
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+def test_a_group_restart_drops_a_temporary_sibling_and_restarts_a_transient_one(strategy):
+    # OTP: a temporary child is never restarted; when the supervisor stops the group
+    # to restart it, a temporary child's spec is dropped. A transient sibling is
+    # restarted with the group however it was stopped.
+    children = [spec("p"), spec("tmp", restart="temporary"), spec("t", restart="transient")]
+    sup, pids = start_sup(children, strategy=strategy)
+    crash(pids["p"])
+    assert [stopped(x) for x in ("t", "tmp")] == ["shutdown", "shutdown"]
+    new_p, new_t = started("p"), started("t")
+    children = {c.id: c.pid for c in Supervisor.which_children(sup)}
+    assert children == {"p": new_p, "t": new_t}
+    with pytest.raises(TimeoutError):
+        runtime.receive(timeout=0.2, match=lambda m: tagged("started")(m) and m[1] == "tmp")
+    assert not runtime.is_alive(pids["tmp"])
+    stop_sup(sup)
+
+
 # --------------------------------------------------------------- restart types
 
 
