@@ -14,27 +14,67 @@ A child spec is a dict with these keys (OTP's names):
 
 A GenServer subclass, or a ``(Subclass, arg)`` pair, is accepted wherever a spec is:
 its ``child_spec(arg)`` classmethod gives the spec (override it to change the
-defaults). An invalid spec raises :class:`~runtime.InvalidChildSpec` naming the field.
+defaults). :func:`normalize` checks a spec and completes it into a :class:`ChildSpec`,
+the record supervisors keep; an invalid spec raises :class:`~runtime.InvalidChildSpec`
+naming the field.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _node
-from .errors import InvalidChildSpec
+from .errors import InvalidChildSpec, is_clean_exit
 from .pid import Pid
 
-__all__ = ["normalize", "terminate_children", "RESTARTS", "TYPES"]
+__all__ = ["ChildSpec", "normalize", "terminate_children", "RESTARTS", "TYPES"]
 
 RESTARTS = ("permanent", "transient", "temporary")
 TYPES = ("worker", "supervisor")
 _KEYS = {"id", "start", "restart", "shutdown", "type", "modules"}
 
 
-def normalize(spec: Any) -> dict[str, Any]:
-    """A validated, complete copy of ``spec``. Raises InvalidChildSpec."""
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """A checked, complete child spec, as :func:`normalize` returns it.
+
+    The fields are the keys of the dict form (see the module doc), all present;
+    ``start`` is always ``(fn, args, kwargs)``. ``spec["restart"]`` reads a field as
+    from the dict form.
+    """
+
+    id: Hashable
+    start: tuple[Callable[..., Pid], tuple[Any, ...], dict[str, Any]]
+    restart: str
+    shutdown: float | str
+    type: str
+    modules: list[str]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def is_restarted_after(self, reason: Any) -> bool:
+        """Whether a child that exited with ``reason`` is restarted: a permanent child
+        always, a transient one unless the exit was clean, a temporary one never."""
+        return self.restart == "permanent" or (
+            self.restart == "transient" and not is_clean_exit(reason))
+
+
+def normalize(spec: Any) -> ChildSpec:
+    """The :class:`ChildSpec` for ``spec``: a dict, a GenServer subclass, a
+    ``(subclass, arg)`` pair, or a ChildSpec (returned as it is). Runs in the caller.
+
+    Raises:
+        InvalidChildSpec: ``spec`` is none of those, or a field is invalid (the
+            message names it).
+    """
+    if isinstance(spec, ChildSpec):
+        return spec
     if isinstance(spec, type) and hasattr(spec, "child_spec"):
         spec = spec.child_spec()
     elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], type)
@@ -75,16 +115,15 @@ def normalize(spec: Any) -> dict[str, Any]:
         raise InvalidChildSpec("shutdown", shutdown,
                                'seconds >= 0, "brutal_kill" or "infinity"')
     modules = spec.get("modules", [getattr(start[0], "__qualname__", repr(start[0]))])
-    return {"id": spec["id"], "start": start, "restart": restart, "shutdown": shutdown,
-            "type": kind, "modules": modules}
+    return ChildSpec(spec["id"], start, restart, shutdown, kind, modules)
 
 
-def start(spec: dict[str, Any]) -> Pid:
+def start(spec: ChildSpec) -> Pid:
     """Run the spec's start function (in the calling supervisor's process)."""
-    fn, args, kwargs = spec["start"]
+    fn, args, kwargs = spec.start
     pid = fn(*args, **kwargs)
     if not isinstance(pid, Pid):
-        raise TypeError(f"the start function of child {spec['id']!r} returned {pid!r}, "
+        raise TypeError(f"the start function of child {spec.id!r} returned {pid!r}, "
                         "not a Pid")
     return pid
 

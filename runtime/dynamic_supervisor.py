@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _node
 from . import child_spec as specs
+from .child_spec import ChildSpec
 from .errors import InvalidChildSpec, NoProcError, StartError, is_clean_exit
 from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
 from .messages import Exit
@@ -33,7 +34,7 @@ log = logging.getLogger("runtime")
 class _Entry:
     __slots__ = ("spec", "pid", "restarts")
 
-    def __init__(self, spec: dict[str, Any], pid: Pid) -> None:
+    def __init__(self, spec: ChildSpec, pid: Pid) -> None:
         self.spec = spec
         self.pid: Pid | None = pid
         self.restarts = 0
@@ -106,11 +107,11 @@ class DynamicSupervisor(GenServer):
         if kind == "start_child":
             spec = request[2]
             if self.max_children is not None and len(self.children) >= self.max_children:
-                return Reply(("error", StartError(spec["id"], "max_children")), state)
+                return Reply(("error", StartError(spec.id, "max_children")), state)
             try:
                 pid = specs.start(spec)
             except BaseException as exc:
-                return Reply(("error", StartError(spec["id"], getattr(exc, "reason", exc))),
+                return Reply(("error", StartError(spec.id, getattr(exc, "reason", exc))),
                              state)
             self.children[pid] = _Entry(spec, pid)
             return Reply(("ok", pid), state)
@@ -118,10 +119,10 @@ class DynamicSupervisor(GenServer):
             entry = self.children.pop(request[2], None)
             if entry is None:
                 return Reply(("error", NoProcError(request[2], "not a child")), state)
-            specs.terminate_children([(request[2], entry.spec["shutdown"])])
+            specs.terminate_children([(request[2], entry.spec.shutdown)])
             return Reply(("ok", None), state)
         if kind == "which_children":
-            return Reply([Child(None, pid, e.spec["type"], e.spec["modules"], e.restarts)
+            return Reply([Child(None, pid, e.spec.type, e.spec.modules, e.restarts)
                           for pid, e in self.children.items()], state)
         if kind == "count_children":
             return Reply(count(self.children.values()), state)
@@ -132,7 +133,7 @@ class DynamicSupervisor(GenServer):
             entry = self.children.pop(msg.pid, None)
             if entry is None:
                 return NoReply(state)
-            restart = entry.spec["restart"]
+            restart = entry.spec.restart
             if restart == "temporary" or (restart == "transient" and is_clean_exit(msg.reason)):
                 return NoReply(state)
             while True:
@@ -153,5 +154,5 @@ class DynamicSupervisor(GenServer):
         return super().handle_info(msg, state)
 
     def terminate(self, reason: Any, state: Any) -> None:
-        specs.terminate_children([(pid, e.spec["shutdown"]) for pid, e in self.children.items()])
+        specs.terminate_children([(pid, e.spec.shutdown) for pid, e in self.children.items()])
         self.children.clear()

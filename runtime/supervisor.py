@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from . import _node
 from . import child_spec as specs
+from .child_spec import ChildSpec
 from .errors import InvalidChildSpec, NoProcError, ProcessError, StartError, is_clean_exit
 from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
 from .messages import Exit
@@ -66,7 +67,7 @@ class Child(NamedTuple):
 class _Entry:
     __slots__ = ("spec", "pid", "restarts")
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.pid: Pid | None = None
         self.restarts = 0
@@ -127,7 +128,7 @@ class Supervisor(GenServer):
         if not isinstance(children, (list, tuple)):
             raise InvalidChildSpec("children", children, "a list of child specs")
         normalized = [specs.normalize(c) for c in children]
-        ids = [s["id"] for s in normalized]
+        ids = [s.id for s in normalized]
         for i, child_id in enumerate(ids):
             if child_id in ids[:i]:
                 raise InvalidChildSpec("id", child_id, "ids unique within a supervisor")
@@ -188,7 +189,7 @@ class Supervisor(GenServer):
             except BaseException as exc:
                 self._stop(list(reversed(self.children[:i])))
                 reason = getattr(exc, "reason", None) or repr(exc)
-                return Stop(("failed_to_start_child", entry.spec["id"], reason), None)
+                return Stop(("failed_to_start_child", entry.spec.id, reason), None)
         return None
 
     def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
@@ -196,19 +197,19 @@ class Supervisor(GenServer):
             return super().handle_call(request, from_, state)
         kind = request[1]
         if kind == "which_children":
-            return Reply([Child(e.spec["id"], e.pid, e.spec["type"], e.spec["modules"],
+            return Reply([Child(e.spec.id, e.pid, e.spec.type, e.spec.modules,
                                 e.restarts) for e in self.children], state)
         if kind == "count_children":
             return Reply(count(self.children), state)
         if kind == "start_child":
             spec = request[2]
-            if self._find(spec["id"]) is not None:
-                return Reply(("error", InvalidChildSpec("id", spec["id"], "a new id")), state)
+            if self._find(spec.id) is not None:
+                return Reply(("error", InvalidChildSpec("id", spec.id, "a new id")), state)
             entry = _Entry(spec)
             try:
                 entry.pid = specs.start(spec)
             except BaseException as exc:
-                return Reply(("error", StartError(spec["id"], getattr(exc, "reason", exc))),
+                return Reply(("error", StartError(spec.id, getattr(exc, "reason", exc))),
                              state)
             self.children.append(entry)
             return Reply(("ok", entry.pid), state)
@@ -219,7 +220,7 @@ class Supervisor(GenServer):
         if kind == "terminate_child":
             if entry.pid is not None:
                 self._stop([entry])
-            if entry.spec["restart"] == "temporary":
+            if entry.spec.restart == "temporary":
                 self.children.remove(entry)
             return Reply(("ok", None), state)
         if kind == "restart_child":
@@ -252,18 +253,18 @@ class Supervisor(GenServer):
     # ----------------------------------------------------------------- helpers
 
     def _find(self, child_id: Any) -> _Entry | None:
-        return next((e for e in self.children if e.spec["id"] == child_id), None)
+        return next((e for e in self.children if e.spec.id == child_id), None)
 
     def _stop(self, entries: list[_Entry]) -> None:
         """Stop ``entries`` one by one, in the order given."""
         for entry in entries:
             if entry.pid is not None:
-                specs.terminate_children([(entry.pid, entry.spec["shutdown"])])
+                specs.terminate_children([(entry.pid, entry.spec.shutdown)])
                 entry.pid = None
 
     def _child_exited(self, entry: _Entry, reason: Any, state: Any) -> Any:
         entry.pid = None
-        restart = entry.spec["restart"]
+        restart = entry.spec.restart
         if restart == "temporary":
             self.children.remove(entry)
             return NoReply(state)
@@ -281,7 +282,7 @@ class Supervisor(GenServer):
             return self._give_up(state)
         self._stop([e for e in reversed(group) if e.pid is not None])
         # A temporary child is never restarted: stopped with its group, it is dropped.
-        for other in [e for e in group if e.spec["restart"] == "temporary"]:
+        for other in [e for e in group if e.spec.restart == "temporary"]:
             group.remove(other)
             self.children.remove(other)
         return self._restart(group, state)
@@ -296,7 +297,7 @@ class Supervisor(GenServer):
                     entry.restarts += 1
                 except BaseException as exc:
                     log.error("supervisor %r could not restart child %r: %r",
-                              _node.current().me, entry.spec["id"], exc)
+                              _node.current().me, entry.spec.id, exc)
                     if self.intensity.exceeded_after_one_more():
                         return self._give_up(state)
         return NoReply(state)
@@ -313,8 +314,8 @@ def count(entries: Any) -> dict[str, int]:
     return {
         "specs": len(entries),
         "active": sum(1 for e in entries if e.pid is not None),
-        "supervisors": sum(1 for e in entries if e.spec["type"] == "supervisor"),
-        "workers": sum(1 for e in entries if e.spec["type"] == "worker"),
+        "supervisors": sum(1 for e in entries if e.spec.type == "supervisor"),
+        "workers": sum(1 for e in entries if e.spec.type == "worker"),
     }
 
 
