@@ -118,16 +118,6 @@ def normalize(spec: Any) -> ChildSpec:
     return ChildSpec(spec["id"], start, restart, shutdown, kind, modules)
 
 
-def start(spec: ChildSpec) -> Pid:
-    """Run the spec's start function (in the calling supervisor's process)."""
-    fn, args, kwargs = spec.start
-    pid = fn(*args, **kwargs)
-    if not isinstance(pid, Pid):
-        raise TypeError(f"the start function of child {spec.id!r} returned {pid!r}, "
-                        "not a Pid")
-    return pid
-
-
 def terminate_children(children: list[tuple[Pid, Any]]) -> None:
     """Stop children as a supervisor does, all at once: each gets exit(pid, "shutdown")
     and its ``shutdown`` seconds (``"brutal_kill"``: killed at once; ``"infinity"``:

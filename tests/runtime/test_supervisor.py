@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -13,10 +14,15 @@ from runtime.testing import assert_receive, tagged, wait_down
 
 
 class Worker(runtime.GenServer):
-    """Reports ("started", id, pid) from init and ("stopped", id, reason) from terminate."""
+    """Reports ("started", id, pid) from init and ("stopped", id, reason) from terminate.
+
+    With ``fail_once``, a path: if that file exists, init removes it and fails."""
 
     def init(self, arg):
         runtime.trap_exit(arg.get("trap", True))
+        if arg.get("fail_once") and os.path.exists(arg["fail_once"]):
+            os.remove(arg["fail_once"])
+            raise RuntimeError(f"{arg['id']} failed to start once")
         runtime.send(arg["reporter"], ("started", arg["id"], runtime.self()))
         return arg
 
@@ -199,6 +205,21 @@ def test_too_many_restarts_shut_the_supervisor_down():
     assert wait_down(ref).reason == "shutdown"
     assert stopped("a") == "shutdown"
     assert not runtime.is_alive(pids["a"])
+    runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
+
+
+def test_a_failed_restart_is_retried_and_counts_against_the_intensity(tmp_path):
+    flag = tmp_path / "fail the next start"
+    sup, pids = start_sup([spec("a", arg={"fail_once": str(flag)})], max_restarts=2,
+                          max_seconds=60)
+    flag.touch()
+    crash(pids["a"])
+    new_a = started("a")  # at the second try
+    assert not flag.exists()
+    assert Supervisor.which_children(sup)[0].restarts == 1
+    ref = runtime.monitor(sup)
+    crash(new_a)  # the crash and the failed start counted two: a third is one too many
+    assert wait_down(ref).reason == "shutdown"
     runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
 
 
