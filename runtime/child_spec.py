@@ -14,15 +14,15 @@ A child spec is a dict with these keys (OTP's names):
 
 A GenServer subclass, or a ``(Subclass, arg)`` pair, is accepted wherever a spec is:
 its ``child_spec(arg)`` classmethod gives the spec (override it to change the
-defaults). :func:`normalize` checks a spec and completes it into a :class:`ChildSpec`,
-the record supervisors keep; an invalid spec raises :class:`~runtime.InvalidChildSpec`
-naming the field.
+defaults; :func:`make` builds one). :func:`normalize` checks a spec and completes
+it into a :class:`ChildSpec`, the record supervisors keep; an invalid spec raises
+:class:`~runtime.InvalidChildSpec` naming the field.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from . import _node
 from .errors import InvalidChildSpec, is_clean_exit
 from .pid import Pid
 
-__all__ = ["ChildSpec", "normalize", "terminate_children", "RESTARTS", "TYPES"]
+__all__ = ["ChildSpec", "make", "normalize", "terminate_children", "RESTARTS", "TYPES"]
 
 RESTARTS = ("permanent", "transient", "temporary")
 TYPES = ("worker", "supervisor")
@@ -108,7 +108,7 @@ def normalize(spec: Any) -> ChildSpec:
     kind = spec.get("type", "worker")
     if kind not in TYPES:
         raise InvalidChildSpec("type", kind, " or ".join(TYPES))
-    shutdown = spec.get("shutdown", "infinity" if kind == "supervisor" else 5.0)
+    shutdown = spec.get("shutdown", _default_shutdown(kind))
     if not (shutdown in ("brutal_kill", "infinity")
             or (isinstance(shutdown, (int, float)) and not isinstance(shutdown, bool)
                 and shutdown >= 0)):
@@ -116,6 +116,40 @@ def normalize(spec: Any) -> ChildSpec:
                                'seconds >= 0, "brutal_kill" or "infinity"')
     modules = spec.get("modules", [getattr(start[0], "__qualname__", repr(start[0]))])
     return ChildSpec(spec["id"], start, restart, shutdown, kind, modules)
+
+
+def make(id: Any, start_fn: Callable[..., Pid], args: tuple[Any, ...] | list[Any] = (),
+         kwargs: Mapping[str, Any] | None = None, *, restart: str = "permanent",
+         shutdown: float | str | None = None, type: str = "worker") -> dict[str, Any]:
+    """A child spec in dict form, checked: what a ``child_spec`` classmethod returns.
+
+    Runs in the caller and returns at once (it starts nothing).
+
+    Args:
+        id: names the child within its supervisor (any hashable value).
+        start_fn: called as ``start_fn(*args, **kwargs)`` in the supervisor's process;
+            starts the child linked to it and returns its Pid.
+        restart: ``"permanent"``, ``"transient"`` or ``"temporary"``.
+        shutdown: seconds, ``"brutal_kill"`` or ``"infinity"``; None for the default
+            (``"infinity"`` for a supervisor, 5.0 for a worker).
+        type: ``"worker"`` or ``"supervisor"``.
+
+    Returns:
+        A new dict with every key but ``modules``; ``start`` is ``(start_fn, args,
+        kwargs)``. A ``child_spec`` override may change a key of it.
+
+    Raises:
+        InvalidChildSpec: a field is invalid (the message names it).
+    """
+    spec = {"id": id, "start": (start_fn, args, dict(kwargs or {})), "restart": restart,
+            "shutdown": _default_shutdown(type) if shutdown is None else shutdown,
+            "type": type}
+    normalize(spec)  # raises here, where the spec is written, not where it is used
+    return spec
+
+
+def _default_shutdown(kind: str) -> float | str:
+    return "infinity" if kind == "supervisor" else 5.0
 
 
 def terminate_children(children: list[tuple[Pid, Any]]) -> None:

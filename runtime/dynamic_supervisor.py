@@ -54,9 +54,11 @@ class DynamicSupervisor(GenServer):
 
     @classmethod
     def child_spec(cls, **options: Any) -> dict[str, Any]:  # type: ignore[override]
-        """A spec to run this supervisor under another one."""
-        return {"id": options.get("name") or cls, "start": (cls.start_link, (), options),
-                "restart": "permanent", "type": "supervisor", "shutdown": "infinity"}
+        """A spec to run this supervisor under another one: a permanent child of type
+        "supervisor", started with ``start_link(**options)``, whose id is
+        ``options["name"]`` or the class."""
+        return specs.make(options.get("name") or cls, cls.start_link, (), options,
+                          type="supervisor")
 
     @staticmethod
     def start_child(sup: Any, spec: Any) -> Pid:

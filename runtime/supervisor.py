@@ -239,10 +239,11 @@ class Supervisor(GenServer):
 
     @classmethod
     def child_spec(cls, children: Any = (), **options: Any) -> dict[str, Any]:  # type: ignore[override]
-        """A spec to run this supervisor under another one (type "supervisor")."""
-        name = options.get("name")
-        return {"id": name or cls, "start": (cls.start_link, (list(children),), options),
-                "restart": "permanent", "type": "supervisor", "shutdown": "infinity"}
+        """A spec to run this supervisor under another one: a permanent child of type
+        "supervisor", started with ``start_link(children, **options)``, whose id is
+        ``options["name"]`` or the class."""
+        return specs.make(options.get("name") or cls, cls.start_link, (list(children),),
+                          options, type="supervisor")
 
     # ------------------------------------------------------------ client calls
 

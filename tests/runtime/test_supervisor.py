@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import runtime
-from runtime import Reply, Stop, Supervisor
+from runtime import Reply, Stop, Supervisor, child_spec
 from runtime.testing import assert_receive, tagged, wait_down
 
 
@@ -327,6 +327,23 @@ def test_a_gen_server_class_is_a_child_spec():
     wait_down(ref)
     assert [c.id for c in Supervisor.which_children(sup)] == [Defaults]  # temporary: dropped
     stop_sup(sup)
+
+
+def test_child_spec_defaults_follow_the_child_type():
+    worker = runtime.GenServer.child_spec("arg")
+    assert (worker["id"], worker["restart"], worker["type"], worker["shutdown"]) == (
+        runtime.GenServer, "permanent", "worker", 5.0)
+    sup = Supervisor.child_spec([spec("a")], name="s")
+    assert (sup["id"], sup["restart"], sup["type"], sup["shutdown"]) == (
+        "s", "permanent", "supervisor", "infinity")
+    assert runtime.DynamicSupervisor.child_spec()["id"] is runtime.DynamicSupervisor
+
+
+def test_make_checks_a_spec_where_it_is_written():
+    with pytest.raises(runtime.InvalidChildSpec, match="restart"):
+        child_spec.make("x", Worker.start_link, restart="sometimes")
+    spec_ = child_spec.make("x", Worker.start_link, ({"id": "x"},), shutdown="brutal_kill")
+    assert child_spec.normalize(spec_).shutdown == "brutal_kill"
 
 
 @pytest.mark.parametrize("bad, field", [
