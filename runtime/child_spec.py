@@ -100,8 +100,8 @@ def normalize(spec: Any) -> ChildSpec:
             and isinstance(start[1], (tuple, list))
             and (len(start) == 2 or isinstance(start[2], dict))):
         raise InvalidChildSpec("start", start, "(fn, args) or (fn, args, kwargs)")
-    if len(start) == 2:
-        start = (start[0], tuple(start[1]), {})
+    fn, args, kwargs = start if len(start) == 3 else (*start, {})
+    start = (fn, tuple(args), dict(kwargs))  # copies: the record shares nothing with spec
     restart = spec.get("restart", "permanent")
     if restart not in RESTARTS:
         raise InvalidChildSpec("restart", restart, " or ".join(RESTARTS))
@@ -155,7 +155,9 @@ def _default_shutdown(kind: str) -> float | str:
 def terminate_children(children: list[tuple[Pid, Any]]) -> None:
     """Stop children as a supervisor does, all at once: each gets exit(pid, "shutdown")
     and its ``shutdown`` seconds (``"brutal_kill"``: killed at once; ``"infinity"``:
-    waited for), then is killed. Returns when all are gone. Runs in the supervisor."""
+    waited for), then is killed. Runs in the supervisor; blocks until all are gone,
+    at most the longest ``shutdown`` plus the kills (forever for ``"infinity"``).
+    A child that is already dead counts as gone at once."""
     node = _node.current()
     now = time.monotonic()
     pending: dict[Any, tuple[Pid, float | None]] = {}

@@ -61,7 +61,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _node, child_spec
+from . import _node
+from . import child_spec as specs
 from ._base import _NONE, _PENDING
 from .errors import (
     AlreadyRegisteredError,
@@ -245,7 +246,7 @@ class GenServer:
         """The default child spec for supervisors: a permanent worker started with
         ``start_link(arg)``. Override to change the defaults (see
         ``runtime.child_spec.make``)."""
-        return child_spec.make(cls, cls.start_link, (arg,))
+        return specs.make(cls, cls.start_link, (arg,))
 
 
 def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bool,
