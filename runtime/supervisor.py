@@ -18,6 +18,9 @@ A guide in brief::
   * ``one_for_all``: stop all the others (reverse order), restart all (in order);
   * ``rest_for_one``: stop the children started after it, restart it and them.
 
+  A temporary child stopped along with the others is dropped, not restarted; a
+  transient one is restarted with them (as in OTP).
+
 - Restart intensity: more than ``max_restarts`` restarts within ``max_seconds``
   means something is badly wrong: the supervisor stops all its children and
   exits with reason ``"shutdown"``, which its own supervisor sees.
