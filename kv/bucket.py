@@ -12,6 +12,7 @@ from operator import methodcaller
 from typing import Any
 
 from runtime import Agent, Pid
+from runtime import child_spec as specs
 
 __all__ = ["child_spec", "delete", "get", "put", "start_link"]
 
@@ -39,8 +40,7 @@ def delete(bucket: Any, key: Any) -> Any:
 def child_spec(arg: Any = None) -> dict[str, Any]:
     """Buckets are temporary workers: never restarted (a restarted bucket would be
     unknown to the registry)."""
-    return {"id": "kv.bucket", "start": (start_link, ()), "restart": "temporary",
-            "type": "worker"}
+    return specs.make("kv.bucket", start_link, restart="temporary")
 
 
 # Module-level functions (not lambdas): they travel by reference, with plain pickle.

@@ -21,6 +21,7 @@ from typing import Any
 
 import runtime
 from runtime import Down, DynamicSupervisor, NoReply, Pid, Reply
+from runtime import child_spec as specs
 
 from . import bucket
 
@@ -57,8 +58,7 @@ class Registry(runtime.GenServer):
         arg = dict(arg or {})
         name = arg.pop("name", None)
         arg.setdefault("bucket_supervisor", "kv.bucket_supervisor")
-        return {"id": name or cls, "start": (cls.start_link, (arg,), {"name": name}),
-                "restart": "permanent", "type": "worker", "shutdown": 5.0}
+        return specs.make(name or cls, cls.start_link, (arg,), {"name": name})
 
     def init(self, arg: dict[str, Any]) -> Any:
         self.bucket_supervisor = arg["bucket_supervisor"]

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-class ForkPopen(popen_fork.Popen):  # type: ignore[misc]
+class ForkPopen(popen_fork.Popen):
     """multiprocessing's fork ``Popen`` (``sentinel``, ``poll``, ``kill``, ``close``)
     whose start is the subclass's :meth:`launch`."""
 
@@ -45,7 +45,7 @@ class ForkPopen(popen_fork.Popen):  # type: ignore[misc]
         raise NotImplementedError
 
 
-class SpawnPopen(popen_spawn_posix.Popen):  # type: ignore[misc]
+class SpawnPopen(popen_spawn_posix.Popen):
     """multiprocessing's spawn ``Popen`` whose start is the subclass's :meth:`launch`."""
 
     def _launch(self, process_obj: Any) -> None:
@@ -58,7 +58,7 @@ class SpawnPopen(popen_spawn_posix.Popen):  # type: ignore[misc]
     @property
     def inherited_fds(self) -> list[int]:
         """The descriptors the child will inherit (``duplicate_for_child`` adds to it)."""
-        fds: list[int] = self._fds
+        fds: list[int] = self._fds  # type: ignore[attr-defined]
         return fds
 
 

@@ -29,7 +29,7 @@ from ._conns import Connections
 from ._mailbox import Mailbox, Raw
 from ._names import Names
 from ._poller import Poller
-from ._watches import NOT_YET, Watches
+from ._watches import NOT_YET, Watch, Watches
 from .errors import Crash, ProcessError, is_clean_exit
 from .messages import Exit
 from .pid import Pid
@@ -275,7 +275,7 @@ class Exits:
                     pass
             os._exit(code)
 
-    def _pass_on(self, reason: Any, links: list[Pid], children: dict[int, Any],
+    def _pass_on(self, reason: Any, links: list[Pid], children: dict[int, Watch],
                  deadline: float) -> None:
         table = self._table
         for pid in links:
@@ -290,7 +290,7 @@ class Exits:
             if not (w.linked and table.is_trapping(serial, w.pid.slot)):
                 self.kill(w.pid, "shutdown", deadline)
 
-    def _wait_gone(self, children: list[Any], deadline: float) -> None:
+    def _wait_gone(self, children: list[Watch], deadline: float) -> None:
         """Wait until ``children`` are dead (or the deadline), then record the reasons
         of those that are, so that a watcher finds them after we are gone."""
         waiter = select.poll()

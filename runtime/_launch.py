@@ -168,7 +168,7 @@ class SpawnPopen(_compat.SpawnPopen):
             for fd in (child_r, child_w, parent_w):
                 if fd is not None:
                     os.close(fd)
-            self.finalizer = None
+            self.finalizer = None  # type: ignore[assignment]
 
     def close(self) -> None:
         if self.sentinel >= 0:

@@ -124,7 +124,7 @@ class Mailbox:
     def reply_of(self, ref: int) -> CallResult | None:
         """The call's result if it has ended (lock held)."""
         r = self._replies.get(ref)
-        return None if r is _PENDING else r  # type: ignore[no-any-return]
+        return None if r is _PENDING else r
 
     def expect_down(self, ref: Ref) -> None:
         """``ref`` is one of the runtime's own monitors (lock held)."""

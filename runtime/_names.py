@@ -143,7 +143,7 @@ class Names:
 
     def registered(self) -> list[tuple[str, Pid]]:
         """Every name held by a live process, with its holder."""
-        out = []
+        out: list[tuple[str, Pid]] = []
         try:
             entries = os.listdir(self._dir)
         except OSError:

@@ -146,8 +146,8 @@ class Node:
     def _deliver(self, death: Death) -> None:
         pid, reason = death.pid, death.reason
         mailbox = self.mailbox
-        for ref in death.calls:
-            mailbox.put_reply(ref, CallResult(False, reason))
+        for call in death.calls:
+            mailbox.put_reply(call, CallResult(False, reason))
         for ref in death.monitors:
             mailbox.put_down(Down(ref, pid, reason))
         if death.linked:

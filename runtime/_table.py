@@ -280,7 +280,7 @@ class Table:
                 pass
             oldest += 1
         _HDR.pack_into(mm, 0, magic, serial, cursor, number + 1, oldest, used)
-        return number & 0xFFFFFFFF
+        return int(number) & 0xFFFFFFFF
 
     def _size(self, ring: int) -> int:
         size: int = struct.unpack_from("<I", self.mm, _SIZES + 4 * ring)[0]

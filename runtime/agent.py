@@ -71,13 +71,8 @@ class Agent(GenServer):
 
     @classmethod
     def child_spec(cls, fn: Callable[[], Any] = dict) -> dict[str, Any]:
-        return {
-            "id": cls,
-            "start": (cls.start_link, (fn,)),
-            "restart": "permanent",
-            "shutdown": 5.0,
-            "type": "worker",
-        }
+        """GenServer's spec, with ``fn`` (an empty dict by default) for the initial state."""
+        return super().child_spec(fn)
 
     @staticmethod
     def get(agent: Any, fn: Callable[[Any], Any], timeout: float | None = 5.0) -> Any:

@@ -14,29 +14,24 @@ Calls (``start_child``, ``terminate_child``, ``which_children``,
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from . import _embed
 from . import child_spec as specs
-from .errors import InvalidChildSpec, NoProcError, StartError, is_clean_exit
-from .gen_server import GenServer, NoReply, Reply, Stop, call, start_server
+from .errors import InvalidChildSpec, NoProcError, StartError
+from .gen_server import GenServer, NoReply, Reply, call, start_server
 from .messages import Exit
 from .pid import Pid
-from .supervisor import Child, Intensity, _check, count, validate_intensity
+from .supervisor import (
+    Child,
+    ChildEntry,
+    Restarter,
+    count,
+    start_reply,
+    unwrap,
+    validate_intensity,
+)
 
 __all__ = ["DynamicSupervisor"]
-
-log = logging.getLogger("runtime")
-
-
-class _Entry:
-    __slots__ = ("spec", "pid", "restarts")
-
-    def __init__(self, spec: dict[str, Any], pid: Pid) -> None:
-        self.spec = spec
-        self.pid: Pid | None = pid
-        self.restarts = 0
 
 
 class DynamicSupervisor(GenServer):
@@ -59,9 +54,11 @@ class DynamicSupervisor(GenServer):
 
     @classmethod
     def child_spec(cls, **options: Any) -> dict[str, Any]:  # type: ignore[override]
-        """A spec to run this supervisor under another one."""
-        return {"id": options.get("name") or cls, "start": (cls.start_link, (), options),
-                "restart": "permanent", "type": "supervisor", "shutdown": "infinity"}
+        """A spec to run this supervisor under another one: a permanent child of type
+        "supervisor", started with ``start_link(**options)``, whose id is
+        ``options["name"]`` or the class."""
+        return specs.make(options.get("name") or cls, cls.start_link, (), options,
+                          type="supervisor")
 
     @staticmethod
     def start_child(sup: Any, spec: Any) -> Pid:
@@ -73,13 +70,13 @@ class DynamicSupervisor(GenServer):
             NoProcError: the supervisor is not running.
         """
         normalized = specs.normalize(spec)
-        return _check(call(sup, ("$dsup", "start_child", normalized), None))  # type: ignore[no-any-return]
+        return unwrap(call(sup, ("$dsup", "start_child", normalized), None))  # type: ignore[no-any-return]
 
     @staticmethod
     def terminate_child(sup: Any, pid: Pid) -> None:
         """Stop the child ``pid`` (as at shutdown) and forget it. Raises NoProcError if
         it is not a child of ``sup``."""
-        _check(call(sup, ("$dsup", "terminate_child", pid), None))
+        unwrap(call(sup, ("$dsup", "terminate_child", pid), None))
 
     @staticmethod
     def which_children(sup: Any) -> list[Child]:
@@ -95,8 +92,8 @@ class DynamicSupervisor(GenServer):
 
     def init(self, options: dict[str, Any]) -> Any:
         self.max_children = options["max_children"]
-        self.intensity = Intensity(options["max_restarts"], options["max_seconds"])
-        self.children: dict[Pid, _Entry] = {}
+        self.restarter = Restarter(options["max_restarts"], options["max_seconds"])
+        self.children: dict[Pid, ChildEntry] = {}
         return None
 
     def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
@@ -106,22 +103,20 @@ class DynamicSupervisor(GenServer):
         if kind == "start_child":
             spec = request[2]
             if self.max_children is not None and len(self.children) >= self.max_children:
-                return Reply(("error", StartError(spec["id"], "max_children")), state)
-            try:
-                pid = specs.start(spec)
-            except BaseException as exc:
-                return Reply(("error", StartError(spec["id"], getattr(exc, "reason", exc))),
-                             state)
-            self.children[pid] = _Entry(spec, pid)
-            return Reply(("ok", pid), state)
+                return Reply(("error", StartError(spec.id, "max_children")), state)
+            entry = ChildEntry(spec)
+            result = start_reply(entry)
+            if entry.pid is not None:
+                self.children[entry.pid] = entry
+            return Reply(result, state)
         if kind == "terminate_child":
-            entry = self.children.pop(request[2], None)
-            if entry is None:
+            found = self.children.pop(request[2], None)
+            if found is None:
                 return Reply(("error", NoProcError(request[2], "not a child")), state)
-            specs.terminate_children([(request[2], entry.spec["shutdown"])])
+            found.stop()
             return Reply(("ok", None), state)
         if kind == "which_children":
-            return Reply([Child(None, pid, e.spec["type"], e.spec["modules"], e.restarts)
+            return Reply([Child(None, pid, e.spec.type, e.spec.modules, e.restarts)
                           for pid, e in self.children.items()], state)
         if kind == "count_children":
             return Reply(count(self.children.values()), state)
@@ -132,26 +127,15 @@ class DynamicSupervisor(GenServer):
             entry = self.children.pop(msg.pid, None)
             if entry is None:
                 return NoReply(state)
-            restart = entry.spec["restart"]
-            if restart == "temporary" or (restart == "transient" and is_clean_exit(msg.reason)):
+            entry.pid = None
+            if not entry.spec.is_restarted_after(msg.reason):
                 return NoReply(state)
-            while True:
-                if self.intensity.exceeded_after_one_more():
-                    log.error("dynamic supervisor %r reached its restart intensity; "
-                              "shutting down", _embed.current().me)
-                    return Stop("shutdown", state)
-                try:
-                    pid = specs.start(entry.spec)
-                except BaseException as exc:
-                    log.error("dynamic supervisor %r could not restart a child: %r",
-                              _embed.current().me, exc)
-                    continue
-                entry.pid = pid
-                entry.restarts += 1
-                self.children[pid] = entry
-                return NoReply(state)
+            result = self.restarter.restart([entry], state)
+            if entry.pid is not None:
+                self.children[entry.pid] = entry
+            return result
         return super().handle_info(msg, state)
 
     def terminate(self, reason: Any, state: Any) -> None:
-        specs.terminate_children([(pid, e.spec["shutdown"]) for pid, e in self.children.items()])
+        specs.terminate_children([(pid, e.spec.shutdown) for pid, e in self.children.items()])
         self.children.clear()

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _checks, _embed, _launch
+from . import child_spec as specs
 from .errors import (
     AlreadyRegisteredError,
     CallTimeout,
@@ -243,14 +244,9 @@ class GenServer:
     @classmethod
     def child_spec(cls, arg: Any = None) -> dict[str, Any]:
         """The default child spec for supervisors: a permanent worker started with
-        ``start_link(arg)``. Override to change the defaults."""
-        return {
-            "id": cls,
-            "start": (cls.start_link, (arg,)),
-            "restart": "permanent",
-            "shutdown": 5.0,
-            "type": "worker",
-        }
+        ``start_link(arg)``. Override to change the defaults (see
+        ``runtime.child_spec.make``)."""
+        return specs.make(cls, cls.start_link, (arg,))
 
 
 def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bool,

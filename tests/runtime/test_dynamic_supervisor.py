@@ -96,3 +96,21 @@ def test_restart_intensity_applies(dsup):
         runtime.call(pid, "crash")
     assert wait_down(ref).reason == "shutdown"
     assert_receive(lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
+
+
+def test_a_failed_restart_is_retried_and_counts_against_the_intensity(tmp_path):
+    flag = tmp_path / "fail the next start"
+    sup = DynamicSupervisor.start_link(max_restarts=2, max_seconds=60)
+    ref = runtime.monitor(sup)
+    pid = DynamicSupervisor.start_child(sup, spec("a", arg={"fail_once": str(flag)}))
+    started("a")
+    flag.touch()
+    with pytest.raises(runtime.ExitError):
+        runtime.call(pid, "crash")
+    pid = started("a")  # at the second try
+    assert not flag.exists()
+    assert [(c.pid, c.restarts) for c in DynamicSupervisor.which_children(sup)] == [(pid, 1)]
+    with pytest.raises(runtime.ExitError):
+        runtime.call(pid, "crash")  # the crash and the failed start counted two
+    assert wait_down(ref).reason == "shutdown"
+    assert_receive(lambda m: isinstance(m, runtime.Exit) and m.pid == sup)

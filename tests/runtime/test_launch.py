@@ -4,8 +4,6 @@ and no signal is handled in the child before its own handlers are in place."""
 
 from __future__ import annotations
 
-import _thread
-import ctypes
 import os
 import posix
 import random

@@ -15,10 +15,9 @@ import textwrap
 import time
 
 import psutil
-import pytest
 
 import runtime
-from runtime import _embed, _mailbox
+from runtime import _embed
 from runtime.testing import assert_receive, is_zombie, tagged, wait_down, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

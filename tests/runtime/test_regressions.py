@@ -165,7 +165,6 @@ def test_shutdown_wakes_a_thread_blocked_in_receive():
 
 
 def test_a_failed_fork_in_the_root_raises_in_the_caller_and_spares_the_node():
-    node = _embed.current()
     worker, ref = runtime.spawn_monitor(time.sleep, 60)
     root = runtime.testing.root().os_pid
     old = resource.prlimit(root, resource.RLIMIT_NOFILE)

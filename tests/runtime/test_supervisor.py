@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
 import pytest
 
 import runtime
-from runtime import Reply, Stop, Supervisor
+from runtime import Reply, Stop, Supervisor, child_spec
 from runtime.testing import assert_receive, tagged, wait_down
 
 
 class Worker(runtime.GenServer):
-    """Reports ("started", id, pid) from init and ("stopped", id, reason) from terminate."""
+    """Reports ("started", id, pid) from init and ("stopped", id, reason) from terminate.
+
+    With ``fail_once``, a path: if that file exists, init removes it and fails."""
 
     def init(self, arg):
         runtime.trap_exit(arg.get("trap", True))
+        if arg.get("fail_once") and os.path.exists(arg["fail_once"]):
+            os.remove(arg["fail_once"])
+            raise RuntimeError(f"{arg['id']} failed to start once")
         runtime.send(arg["reporter"], ("started", arg["id"], runtime.self()))
         return arg
 
@@ -129,6 +135,24 @@ def test_rest_for_one_restarts_the_crashed_child_and_those_after_it():
     stop_sup(sup)
 
 
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+def test_a_group_restart_drops_a_temporary_sibling_and_restarts_a_transient_one(strategy):
+    # OTP: a temporary child is never restarted; when the supervisor stops the group
+    # to restart it, a temporary child's spec is dropped. A transient sibling is
+    # restarted with the group however it was stopped.
+    children = [spec("p"), spec("tmp", restart="temporary"), spec("t", restart="transient")]
+    sup, pids = start_sup(children, strategy=strategy)
+    crash(pids["p"])
+    assert [stopped(x) for x in ("t", "tmp")] == ["shutdown", "shutdown"]
+    new_p, new_t = started("p"), started("t")
+    children = {c.id: c.pid for c in Supervisor.which_children(sup)}
+    assert children == {"p": new_p, "t": new_t}
+    with pytest.raises(TimeoutError):
+        runtime.receive(timeout=0.2, match=lambda m: tagged("started")(m) and m[1] == "tmp")
+    assert not runtime.is_alive(pids["tmp"])
+    stop_sup(sup)
+
+
 # --------------------------------------------------------------- restart types
 
 
@@ -181,6 +205,21 @@ def test_too_many_restarts_shut_the_supervisor_down():
     assert wait_down(ref).reason == "shutdown"
     assert stopped("a") == "shutdown"
     assert not runtime.is_alive(pids["a"])
+    runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
+
+
+def test_a_failed_restart_is_retried_and_counts_against_the_intensity(tmp_path):
+    flag = tmp_path / "fail the next start"
+    sup, pids = start_sup([spec("a", arg={"fail_once": str(flag)})], max_restarts=2,
+                          max_seconds=60)
+    flag.touch()
+    crash(pids["a"])
+    new_a = started("a")  # at the second try
+    assert not flag.exists()
+    assert Supervisor.which_children(sup)[0].restarts == 1
+    ref = runtime.monitor(sup)
+    crash(new_a)  # the crash and the failed start counted two: a third is one too many
+    assert wait_down(ref).reason == "shutdown"
     runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == sup)
 
 
@@ -288,6 +327,23 @@ def test_a_gen_server_class_is_a_child_spec():
     wait_down(ref)
     assert [c.id for c in Supervisor.which_children(sup)] == [Defaults]  # temporary: dropped
     stop_sup(sup)
+
+
+def test_child_spec_defaults_follow_the_child_type():
+    worker = runtime.GenServer.child_spec("arg")
+    assert (worker["id"], worker["restart"], worker["type"], worker["shutdown"]) == (
+        runtime.GenServer, "permanent", "worker", 5.0)
+    sup = Supervisor.child_spec([spec("a")], name="s")
+    assert (sup["id"], sup["restart"], sup["type"], sup["shutdown"]) == (
+        "s", "permanent", "supervisor", "infinity")
+    assert runtime.DynamicSupervisor.child_spec()["id"] is runtime.DynamicSupervisor
+
+
+def test_make_checks_a_spec_where_it_is_written():
+    with pytest.raises(runtime.InvalidChildSpec, match="restart"):
+        child_spec.make("x", Worker.start_link, restart="sometimes")
+    spec_ = child_spec.make("x", Worker.start_link, ({"id": "x"},), shutdown="brutal_kill")
+    assert child_spec.normalize(spec_).shutdown == "brutal_kill"
 
 
 @pytest.mark.parametrize("bad, field", [
