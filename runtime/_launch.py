@@ -45,6 +45,10 @@ from ._node import Node, NodeInfo
 from .errors import Crash, ProcessError
 from .pid import Pid
 
+_SIGINT = int(signal.SIGINT)
+_SIGKILL = int(signal.SIGKILL)
+_SIG_IGN = int(signal.SIG_IGN)
+_SIG_DFL = int(signal.SIG_DFL)
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 BACKLOG = 4096
@@ -254,9 +258,9 @@ def _spawned_main(plan: Plan) -> None:
 
 def _run(node: Node, plan: Plan) -> None:
     """Run the process's function in its new process, then exit with its reason."""
-    signal.signal(SIG_EXIT, node.exits.on_signal)
+    _compat.set_handler(SIG_EXIT, node.exits.on_signal)
     if plan.sigmask is not None:  # (signals that came meanwhile are handled now)
-        signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
+        _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
     # A SIG_EXIT that came before our handler was in place did nothing: look again.
     doomed = node.table.doomed_reason(node.me.serial, node.me.slot)
     if doomed is not None:
@@ -279,12 +283,12 @@ def _become_orphan_proof(parent_os_pid: int | None, default_signals: tuple[int, 
     root watches the embedding process instead), ignore Ctrl-C, drop the parent's
     handlers that are not for us."""
     if parent_os_pid is not None:
-        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 \
+        if _libc.prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0 \
                 or os.getppid() != parent_os_pid:
-            os.kill(os.getpid(), signal.SIGKILL)  # the parent died first: as PDEATHSIG would
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.kill(os.getpid(), _SIGKILL)  # the parent died first: as PDEATHSIG would
+    _compat.set_handler(_SIGINT, _SIG_IGN)
     for signo in default_signals:
-        signal.signal(signo, signal.SIG_DFL)
+        _compat.set_handler(signo, _SIG_DFL)
     signal.set_wakeup_fd(-1)
 
 
@@ -361,7 +365,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
         else:
             # No signal is handled in the child before its own handlers are in place:
             # the parent's would act on the parent's behalf (its wakeup pipe, say).
-            plan.sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            plan.sigmask = _compat.sigmask(signal.SIG_BLOCK, _compat.ALL_SIGNALS)
             try:
                 with node.poller.lock:  # recorded before the fork, so the child sees it
                     watch = node.watches.add_child(pid, sentinel[0], link)
@@ -370,7 +374,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     popen = ForkPopen(proc)
                     node.watches.child_started(watch, popen)
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
+                _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
             os.close(sentinel[1])
         table.set_os_pid(slot, popen.pid)
     except BaseException:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .messages import Down, Exit
-from .pid import Pid, Ref
+from .pid import From, Pid, Ref
 
 log = logging.getLogger("runtime")
 
@@ -38,18 +38,24 @@ _BAD = object()
 
 
 class Raw:
-    """A message as it arrived from another process: its pickle, and for an exit
-    signal received as a message, the sender (it becomes ``Exit(sender, reason)``)."""
+    """A message as it arrived from another process: its pickle, and what it is part
+    of: a call (``From``: it becomes ``("$gen_call", from_, request)``), an exit
+    signal (the sender's Pid: ``Exit(sender, reason)``), or nothing (None)."""
 
-    __slots__ = ("data", "sender")
+    __slots__ = ("data", "part_of")
 
-    def __init__(self, data: bytes, sender: Pid | None = None) -> None:
+    def __init__(self, data: bytes, part_of: From | Pid | None = None) -> None:
         self.data = data
-        self.sender = sender
+        self.part_of = part_of
 
     def load(self) -> Any:
         value = pickle.loads(self.data)
-        return value if self.sender is None else Exit(self.sender, value)
+        part_of = self.part_of
+        if part_of is None:
+            return value
+        if part_of.__class__ is From:
+            return ("$gen_call", part_of, value)
+        return Exit(part_of, value)  # type: ignore[arg-type]
 
 
 class CallResult(NamedTuple):
@@ -303,4 +309,4 @@ def _index(messages: deque[Any], entry: Any) -> int:
 
 
 def _is_exit(msg: Any) -> bool:
-    return msg.__class__ is Exit or (msg.__class__ is Raw and msg.sender is not None)
+    return msg.__class__ is Exit or (msg.__class__ is Raw and msg.part_of.__class__ is Pid)

@@ -76,7 +76,6 @@ class Node:
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
         self._refs = itertools.count(1)
         self._suspects: list[int] = []  # peers whose connection closed: dying
-        self._caller = (me.node, me.serial, me.slot, me.os_pid)
 
     # ------------------------------------------------------------- events
 
@@ -157,6 +156,9 @@ class Node:
         """A frame from ``peer`` (lock held). ``body`` is only valid during the call."""
         if tag == _wire.MSG:
             self.mailbox.put(Raw(bytes(body)))
+        elif tag == _wire.CALL:
+            ref = _wire.REF_FIELD.unpack_from(body)[0]
+            self.mailbox.put(Raw(bytes(body[8:]), From(peer, ref)))
         elif tag == _wire.REPLY:
             ref = _wire.REF_FIELD.unpack_from(body)[0]
             if self.mailbox.awaits(ref):
@@ -246,8 +248,7 @@ class Node:
         if pid == self.me:
             raise ProcessError(f"{pid!r} called itself: that would deadlock")
         ref = next(self._refs)
-        frame = _wire.message(_wire.dumps(("$gen_call", From(*self._caller, ref), request),
-                                          shown=request))
+        frame = _wire.call(ref, _wire.dumps(request))
         deadline = None if timeout is None else time.monotonic() + timeout
         result = self._request(pid, ref, frame, deadline)
         if result is None:
@@ -296,7 +297,7 @@ class Node:
         ref = next(self._refs)
         with self.poller.lock:
             self.mailbox.expect_reply(ref)
-        return ref, From(*self._caller, ref)
+        return ref, From(self.me, ref)
 
     def wait_ack(self, ref: int, down: Ref, deadline: float) -> CallResult | None:
         """Wait for the answer ``ref`` (see ``start_ack``), or the Down of the runtime

@@ -8,6 +8,7 @@ tags that carry a user value, a pickle of that value:
 tag        fixed fields             pickle
 ========== ======================== ==============================
 MSG        none                     the message
+CALL       the call's ref (u64)     the request (a GenServer call)
 REPLY      the call's ref (u64)     the reply
 LINK       none                     none: link to the sender
 UNLINK     none                     none: unlink from the sender
@@ -45,8 +46,8 @@ from .pid import Pid
 
 LENGTH = struct.Struct("!I")
 
-MSG, REPLY, LINK, UNLINK, EXIT = 0, 1, 2, 3, 4
-_REPLY = struct.Struct("!IBQ")  # length, tag, ref
+MSG, REPLY, LINK, UNLINK, EXIT, CALL = 0, 1, 2, 3, 4, 5
+_WITH_REF = struct.Struct("!IBQ")  # length, tag, ref
 _TAGGED = struct.Struct("!IB")  # length, tag
 REF_FIELD = struct.Struct("!Q")
 
@@ -102,9 +103,14 @@ def message(payload: bytes) -> list[bytes]:
     return _frame(LENGTH.pack(len(payload) + 1) + b"\x00", payload)
 
 
+def call(ref: int, payload: bytes) -> list[bytes]:
+    """A CALL frame: the pickled request of the call ``ref``."""
+    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, CALL, ref), payload)
+
+
 def reply(ref: int, payload: bytes) -> list[bytes]:
     """A REPLY frame: the pickled answer to the call ``ref``."""
-    return _frame(_REPLY.pack(len(payload) + 1 + REF_FIELD.size, REPLY, ref), payload)
+    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, REPLY, ref), payload)
 
 
 def control(tag: int, payload: bytes = b"") -> list[bytes]:

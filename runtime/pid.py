@@ -78,14 +78,8 @@ class Ref:
 class From(NamedTuple):
     """A pending call, as ``handle_call`` receives it: answer it with ``reply``.
 
-    The caller's process (``caller``) and the call's number in it (``ref``)."""
+    The calling process (``caller``) and the call's number in it (``ref``), as OTP's
+    ``{Pid, Tag}``."""
 
-    node: int
-    serial: int
-    slot: int
-    os_pid: int
+    caller: Pid
     ref: int
-
-    @property
-    def caller(self) -> Pid:
-        return Pid(self.node, self.serial, self.slot, self.os_pid)

@@ -283,7 +283,8 @@ def test_a_child_does_not_inherit_its_parents_runtime_descriptors():
             runtime.receive(timeout=10, match=lambda m, ref=ref: getattr(m, "ref", None) == ref)
         runtime.spawn(time.sleep, 60)
         targets = _fd_targets()
-        own = {targets[fd] for fd in runtime._embed.current().descriptors().numbers() if fd in targets}
+        numbers = runtime._embed.current().descriptors().numbers()
+        own = {targets[fd] for fd in numbers if fd in targets}
         runtime.spawn(report, parent)
         runtime.send(parent, ("holder runtime fds", own))
         runtime.receive(timeout=30, match=lambda m: m == "stop")
