@@ -25,6 +25,7 @@ supported version, 3.10 to 3.13):
 from __future__ import annotations
 
 import _signal
+import os
 from collections.abc import Callable
 from multiprocessing import popen_fork, popen_spawn_posix, process, spawn, util
 from typing import Any
@@ -96,14 +97,15 @@ def original_dir() -> str:
     return str(process.ORIGINAL_DIR)  # type: ignore[attr-defined]
 
 
-def spawn_command(pipe_handle: int) -> tuple[str, list[str]]:
+def spawn_command(pipe_handle: int) -> tuple[Any, list[Any]]:
     """The executable and arguments of a spawned child that reads its process object
     from ``pipe_handle``; no resource tracker is passed (a child starts its own)."""
     return spawn.get_executable(), spawn.get_command_line(tracker_fd=None,
                                                           pipe_handle=pipe_handle)
 
 
-def spawn_with_fds(executable: str, args: list[str], fds: list[int]) -> int:
-    """Start ``executable`` with ``args``, keeping only ``fds`` open; its pid."""
-    pid: int = util.spawnv_passfds(executable, args, fds)  # type: ignore[arg-type]
+def spawn_with_fds(executable: Any, args: list[Any], fds: list[int]) -> int:
+    """Start ``executable`` with ``args`` (str or bytes), keeping only ``fds`` open;
+    its pid."""
+    pid: int = util.spawnv_passfds(os.fsencode(executable), args, fds)
     return pid
