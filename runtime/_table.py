@@ -17,14 +17,15 @@ its ``os_pid`` cannot have been recycled, which makes pidfds and signals sent
 after a table check safe. A watcher that wakes before the parent has written
 the reason reads the zombie's exit status from ``/proc/<pid>/stat``.
 
-Layout: a 64-byte header, the sizes of the reason store's entries, then fixed
-32-byte slots, reused round-robin. A reason that is not one of the common ones
-(a crash, a value given to ``exit``) is pickled into the reason store: a ring of
-at most ``REASONS`` files holding at most ``REASON_BYTES`` in all, the oldest
-dropped first, so the node's directory does not grow with the number of dead
-processes. A reason dropped before a watcher read it reads as ``"reason_lost"``.
-Allocation and every change of state take an ``fcntl`` lock, which the kernel
-releases if its holder dies.
+Layout: a 64-byte header, fixed 32-byte slots reused round-robin, then the
+reason ring. A reason that is not one of the common ones (a crash, a value given
+to ``exit``) is pickled into the ring, ``RING`` bytes written round and round, so
+neither the node's directory nor its memory grows with the number of dead
+processes. A reason overwritten before a watcher read it (after some
+``RING`` bytes of later reasons) reads as ``"reason_lost"``; one larger than a
+quarter of the ring is cut down first (see ``_fitting``). The file is sparse:
+only the pages written cost memory. Allocation and every change of state take
+an ``fcntl`` lock, which the kernel releases if its holder dies.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import struct
 from typing import Any, NamedTuple
 
 NSLOTS = 1 << 16
-REASONS = 4096
-REASON_BYTES = 64 << 20
+RING = 32 << 20
 
 FREE, ALIVE, DOOMED, EXITED = 0, 1, 2, 3
 
@@ -49,19 +49,22 @@ _SIMPLE = {"normal": _NORMAL, "shutdown": _SHUTDOWN, "killed": _KILLED, "noproc"
 _SIMPLE_BACK = {v: k for k, v in _SIMPLE.items()}
 LOST = "reason_lost"
 
-# magic, next serial, slot cursor, next reason, oldest reason kept, reason bytes kept
-_HDR = struct.Struct("<QQIQQQ")
-_MAGIC = 0x52554E54494D4532  # "RUNTIME2"
-_SIZES = 64  # REASONS u32 sizes of the store's entries
-_SLOTS = _SIZES + 4 * REASONS
+# magic, next serial, slot cursor, ring bytes reserved so far (a position in the ring,
+# counted from its start without wrapping)
+_HDR = struct.Struct("<QQIQ")
+_RESERVED_OFF = 24
+_RESERVED = struct.Struct("<Q")
+_MAGIC = 0x52554E54494D4533  # "RUNTIME3"
+_SLOTS = 64
 _SLOT_SIZE = 32
+_RING_OFF = _SLOTS + _SLOT_SIZE * NSLOTS
 # serial, OS pid, state, trap, exit code, doom code, exit argument, doom argument
 _SLOT = struct.Struct("<QIBBBBII")
 _SERIAL = struct.Struct("<Q")
 _OS_PID_OFF = 8
 _STATE_OFF = 12
 _TRAP_OFF = 13
-_REASON_HEAD = struct.Struct("<Q")  # the entry's number, first in each reason file
+_ENTRY = struct.Struct("<QI4x")  # an entry's position and length, before its pickle
 _PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
 
 
@@ -76,6 +79,35 @@ class Slot(NamedTuple):
     doom_code: int
     exit_arg: int
     doom_arg: int
+
+
+def _fitting(reason: Any) -> bytes:
+    """``reason`` pickled, at most a quarter of the ring: a longer Crash keeps the start
+    and the end of its message and traceback; anything else, the start of its repr."""
+    try:
+        data = pickle.dumps(reason, protocol=5)
+    except Exception:
+        data = pickle.dumps(repr(reason), protocol=5)
+    limit = RING // 4
+    if len(data) <= limit:
+        return data
+    from .errors import Crash
+
+    if isinstance(reason, Crash):
+        keep = limit // 3
+
+        def cut(text: str) -> str:
+            if len(text) <= keep:
+                return text
+            half = keep // 2
+            return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n" \
+                   f"{text[-half:]}"
+
+        data = pickle.dumps(Crash(reason.exc_type, cut(reason.message),
+                                  cut(reason.traceback)), protocol=5)
+        if len(data) <= limit:
+            return data
+    return pickle.dumps(repr(reason)[: limit // 8], protocol=5)
 
 
 def signal_reason(signo: int) -> str:
@@ -138,16 +170,14 @@ class Table:
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
-        self.reason_dir = os.path.join(os.path.dirname(path), "reasons")
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(path, flags, 0o600)
-        size = _SLOTS + _SLOT_SIZE * NSLOTS
+        size = _RING_OFF + RING
         if create:
             os.ftruncate(self.fd, size)
-            os.mkdir(self.reason_dir, 0o700)
         self.mm = mmap.mmap(self.fd, size)
         if create:
-            _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0, 0, 0, 0)
+            _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0, 0)
 
     def close(self) -> None:
         try:
@@ -175,7 +205,7 @@ class Table:
         mm = self.mm
         self._lock()
         try:
-            magic, serial, cursor, *reasons = _HDR.unpack_from(mm, 0)
+            magic, serial, cursor, reserved = _HDR.unpack_from(mm, 0)
             for step in range(NSLOTS):
                 slot = (cursor + step) % NSLOTS
                 state = mm[_SLOTS + _SLOT_SIZE * slot + _STATE_OFF]
@@ -184,7 +214,7 @@ class Table:
             else:
                 raise RuntimeError("the node's process table is full")
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
-            _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, *reasons)
+            _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
             return serial, slot
         finally:
             self._unlock()
@@ -243,66 +273,47 @@ class Table:
         return _SIMPLE_BACK.get(code, "killed")
 
     def _store(self, reason: Any) -> int:
-        """Put ``reason`` in the reason store (lock held); its entry number, mod 2**32.
+        """Write ``reason`` into the ring (lock held); its position / 8, mod 2**32.
 
-        The store is a ring of REASONS files named by entry number mod REASONS; each
-        starts with its full entry number, so a reader can tell a file that has been
-        reused. Once the files hold more than REASON_BYTES, the oldest are removed."""
-        try:
-            data = pickle.dumps(reason, protocol=5)
-        except Exception:
-            data = pickle.dumps(repr(reason), protocol=5)
+        An entry is its position (the bytes reserved before it) and length, then its
+        pickle, at the next 8-byte boundary, from the start of the ring again when it
+        would not fit before the end. Readers check the position they find there."""
+        data = _fitting(reason)
         mm = self.mm
-        magic, serial, cursor, number, oldest, used = _HDR.unpack_from(mm, 0)
-        ring = number % REASONS
-        if number - oldest >= REASONS:  # the ring is full: this entry replaces the oldest
-            used -= self._size(ring)
-            oldest = number - REASONS + 1
-        path = os.path.join(self.reason_dir, str(ring))
-        tmp = f"{path}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, _REASON_HEAD.pack(number))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)  # a reader sees the old file or the new one, whole
-        struct.pack_into("<I", mm, _SIZES + 4 * ring, len(data))
-        used += len(data)
-        while used > REASON_BYTES and oldest < number:
-            used -= self._size(oldest % REASONS)
-            struct.pack_into("<I", mm, _SIZES + 4 * (oldest % REASONS), 0)
-            try:
-                os.unlink(os.path.join(self.reason_dir, str(oldest % REASONS)))
-            except OSError:
-                pass
-            oldest += 1
-        _HDR.pack_into(mm, 0, magic, serial, cursor, number + 1, oldest, used)
-        return int(number) & 0xFFFFFFFF
+        reserved = _RESERVED.unpack_from(mm, _RESERVED_OFF)[0]
+        size = (_ENTRY.size + len(data) + 7) & ~7
+        at = reserved % RING
+        if at + size > RING:
+            reserved += RING - at
+            at = 0
+        # Reserve first: a reader that copies an entry then sees whether anyone may
+        # have written over it meanwhile.
+        _RESERVED.pack_into(mm, _RESERVED_OFF, reserved + size)
+        start = _RING_OFF + at
+        _ENTRY.pack_into(mm, start, reserved, len(data))
+        mm[start + _ENTRY.size : start + _ENTRY.size + len(data)] = data
+        return int(reserved >> 3) & 0xFFFFFFFF
 
-    def _size(self, ring: int) -> int:
-        size: int = struct.unpack_from("<I", self.mm, _SIZES + 4 * ring)[0]
-        return size
-
-    def _load(self, number: int) -> Any:
-        try:
-            with open(os.path.join(self.reason_dir, str(number % REASONS)), "rb") as f:
-                data = f.read()
-        except OSError:
+    def _load(self, arg: int) -> Any:
+        """The reason stored at position ``arg`` * 8 (mod 2**35), if still there."""
+        mm = self.mm
+        reserved = _RESERVED.unpack_from(mm, _RESERVED_OFF)[0]
+        position = ((reserved >> 3) & ~0xFFFFFFFF | arg) << 3
+        if position > reserved:
+            position -= 1 << 35
+        if position < 0 or reserved - position > RING:
             return LOST
-        if len(data) < 8 or _REASON_HEAD.unpack_from(data)[0] & 0xFFFFFFFF != number:
+        start = _RING_OFF + position % RING
+        found, length = _ENTRY.unpack_from(mm, start)
+        if found != position or length > RING:
             return LOST
+        data = mm[start + _ENTRY.size : start + _ENTRY.size + length]
+        if _RESERVED.unpack_from(mm, _RESERVED_OFF)[0] - position > RING:
+            return LOST  # written over while we copied it
         try:
-            return pickle.loads(memoryview(data)[8:])
+            return pickle.loads(data)
         except Exception:
             return LOST
-
-    def stored_reasons(self) -> int:
-        """How many reason files the store holds now."""
-        number, oldest = _HDR.unpack_from(self.mm, 0)[3:5]
-        return int(number - oldest)
 
     # -- deaths ----------------------------------------------------------------
 
