@@ -45,7 +45,8 @@ class Crash:
     """Exit reason of a process whose code raised an exception.
 
     Attributes:
-        exc_type: qualified name of the exception class, e.g. ``"builtins.KeyError"``.
+        exc_type: the exception class, e.g. ``"KeyError"`` for a built-in one,
+            ``"json.decoder.JSONDecodeError"`` for any other.
         message: ``str()`` of the exception.
         traceback: the formatted traceback, as text, from the process that crashed.
     """
