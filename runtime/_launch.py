@@ -106,6 +106,7 @@ class RuntimeProcess(process.BaseProcess):
         super().__init__(name=name)
         self.plan: Plan | None = plan
         self.parent_sentinel = -1  # under fork: the parent's end of the sentinel pipe
+        self.node: Node | None = None  # under fork: the child's node, made by its parent
 
     def run(self) -> None:  # under spawn, multiprocessing's bootstrap calls this
         plan = self.plan
@@ -201,35 +202,22 @@ def _preparation_data(name: str) -> dict[str, Any]:
 
 
 def _forked_main(proc: RuntimeProcess, plan: Plan) -> None:
-    """The forked child. The parent's node is replaced by the child's own."""
+    """The forked child. Its node was made by its parent before the fork (see
+    start_child): the child only closes its parent's runtime descriptors and runs."""
     _become_orphan_proof(plan.parent_os_pid, plan.default_signals)
     gc.freeze()  # the inherited heap is not ours to collect: touching it copies it
     _compat.set_current_process(proc)
-    proc.plan = None
+    node, proc.node, proc.plan = proc.node, None, None
     parent = _current.take_forked_from()
-    if parent is None:
+    if parent is None or node is None:
         os._exit(1)
-    table = parent.table
-    listen_fd, conn_fd = plan.listen.fd, plan.conn.fd
+    node.me.os_pid = os.getpid()
     # Close the parent's runtime descriptors; its objects are kept alive for good, so
     # none of them ever closes a number reused here. Descriptors the user's code
     # opened stay open, as after any fork: their objects are inherited too.
-    fds = parent.descriptors()
-    for fd in (listen_fd, conn_fd, plan.sentinel, table.fd):
-        fds.discard(fd)
-    for lo, hi in fds.runs():
+    for lo, hi in parent.descriptors().runs():
         os.closerange(lo, hi)
     _current.bury(parent)
-    me = Pid(plan.info.node_id, plan.serial, plan.slot, os.getpid())
-    node = Node(plan.info, me, socket.socket(fileno=listen_fd), table, is_main=False,
-                parent=plan.parent, trap=plan.trap)
-    node.extra_fds.append(plan.sentinel)
-    node.conns.adopt(socket.socket(fileno=conn_fd), plan.parent, hello=False)
-    if plan.link:
-        with node.poller.lock:
-            node.watches.prelink(plan.parent, os.pidfd_open(plan.parent_os_pid))
-    if plan.link_to is not None:
-        node.linked_by(plan.link_to)
     _current.set(node)
     _run(node, plan)
 
@@ -335,6 +323,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
     if spawned and payload is None:
         payload, target = _wire.dumps_code(target), None
     table = node.table
+    listen: socket.socket | None
+    theirs: socket.socket | None
     listen, ours, theirs = _sockets()
     sentinel = (-1, -1)
     popen: Any = None
@@ -363,19 +353,26 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 node.conns.adopt(ours, pid, hello=False)
                 node.watches.child_started(watch, popen)
         else:
+            # After the fork every page either process writes is copied, so both do
+            # as little as they can then: the parent makes the child's node, and
+            # records the child, before the fork.
+            child = proc.node = _child_node(node, plan, listen, theirs, sentinel[1])
+            listen = theirs = None
             # No signal is handled in the child before its own handlers are in place:
             # the parent's would act on the parent's behalf (its wakeup pipe, say).
             plan.sigmask = _compat.sigmask(signal.SIG_BLOCK, _compat.ALL_SIGNALS)
             try:
-                with node.poller.lock:  # recorded before the fork, so the child sees it
+                with node.poller.lock:
                     watch = node.watches.add_child(pid, sentinel[0], link)
                     node.conns.adopt(ours, pid, hello=False)
                     proc.parent_sentinel = sentinel[0]
                     popen = ForkPopen(proc)
                     node.watches.child_started(watch, popen)
+                    # The child owns its node now; our copy's descriptors are closed
+                    # at an idle moment, not now, when the child waits for the CPU.
+                    child.abandon()
             finally:
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
-            os.close(sentinel[1])
         table.set_os_pid(slot, popen.pid)
     except BaseException:
         if popen is None:
@@ -397,9 +394,28 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     pass
         raise
     finally:
-        listen.close()
-        theirs.close()
+        if listen is not None:
+            listen.close()
+        if theirs is not None:
+            theirs.close()
     return pid
+
+
+def _child_node(parent: Node, plan: Plan, listen: socket.socket, conn: socket.socket,
+                sentinel: int) -> Node:
+    """The node of a child about to be forked, made by its parent (its OS pid is set
+    in the child)."""
+    me = Pid(plan.info.node_id, plan.serial, plan.slot, 0)
+    node = Node(plan.info, me, listen, parent.table, is_main=False, parent=parent.me,
+                trap=plan.trap)
+    node.extra_fds.append(sentinel)
+    node.conns.adopt(conn, parent.me, hello=False)
+    with node.poller.lock:
+        if plan.link:
+            node.watches.prelink(parent.me, os.pidfd_open(os.getpid()))
+        if plan.link_to is not None:
+            node.watches.link(plan.link_to, watched=False)  # (the embedding process)
+    return node
 
 
 def _sockets() -> tuple[socket.socket, socket.socket, socket.socket]:

@@ -460,6 +460,14 @@ class Node:
                 fds.add(fd)
         return fds
 
+    def abandon(self) -> None:
+        """In a parent, once the child it made this node for has forked: close this
+        copy's descriptors (the child has its own)."""
+        self.close()
+        for fd in self.extra_fds:
+            os.close(fd)
+        self.extra_fds.clear()
+
     def close(self) -> None:
         """Release every descriptor (the embedding process, at shutdown). Threads
         waiting in ``receive`` or ``call`` wake up and raise ProcessError."""

@@ -59,6 +59,10 @@ def hold_node_lock(node_dir: str) -> int:
 
 def main() -> None:
     """The root's process function (its target)."""
+    # The runtime's own dependency, imported once here rather than in every child the
+    # root forks: a target from the embedding process is unpickled with it.
+    import cloudpickle  # noqa: F401
+
     Root().run()
 
 
