@@ -42,20 +42,28 @@ class Raw:
     of: a call (``From``: it becomes ``("$gen_call", from_, request)``), an exit
     signal (the sender's Pid: ``Exit(sender, reason)``), or nothing (None)."""
 
-    __slots__ = ("data", "part_of")
+    __slots__ = ("data", "part_of", "value")
 
     def __init__(self, data: bytes, part_of: From | Pid | None = None) -> None:
         self.data = data
         self.part_of = part_of
+        self.value: Any = _PENDING  # once unpickled (a selective receive passed it by)
 
     def load(self) -> Any:
+        """The message. Kept, so that a message a ``match`` rejected is not unpickled
+        again; the Raw stays in the mailbox (another thread's scan finds it by
+        identity)."""
+        value = self.value
+        if value is not _PENDING:
+            return value
         value = pickle.loads(self.data)
         part_of = self.part_of
-        if part_of is None:
-            return value
         if part_of.__class__ is From:
-            return ("$gen_call", part_of, value)
-        return Exit(part_of, value)  # type: ignore[arg-type]
+            value = ("$gen_call", part_of, value)
+        elif part_of is not None:
+            value = Exit(part_of, value)  # type: ignore[arg-type]
+        self.value = value
+        return value
 
 
 class CallResult(NamedTuple):
@@ -239,26 +247,23 @@ class Mailbox:
     def _settle(self, start: int, entries: list[Any], loaded: dict[int, Any], found: int,
                 shifted: bool) -> bool:
         """After a scan of ``entries`` (the messages from position ``start``; lock
-        held): keep what was unpickled, drop what could not be, and take the message
-        at position ``found`` if it is still there. True if it was taken. Goes from
-        the last position to the first, so that a removal does not move the rest."""
+        held): drop what could not be unpickled, and take the message at position
+        ``found`` if it is still there (another thread may have taken it). True if it
+        was taken. Goes from the last position to the first, so that a removal does
+        not move the rest."""
         messages = self._messages
         taken = False
-        for pos in sorted({*loaded, found} - {-1}, reverse=True):
+        bad = [pos for pos, value in loaded.items() if value is _BAD]
+        for pos in sorted({*bad, found} - {-1}, reverse=True):
             entry = entries[pos - start]
             i = pos if (not shifted and messages[pos] is entry) else _index(messages, entry)
             if i < 0:
                 continue
+            del messages[i]
+            self._removed += 1
             if pos == found:
-                del messages[i]
-                self._removed += 1
                 self._taken(entry)
                 taken = True
-            elif loaded[pos] is _BAD:
-                del messages[i]
-                self._removed += 1
-            else:
-                messages[i] = loaded[pos]
         return taken
 
     def _taken(self, msg: Any) -> Any:
