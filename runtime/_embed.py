@@ -43,17 +43,24 @@ START_METHODS = ("fork", "spawn")
 _UNLOCKED_AGE = 60.0
 
 _start_method: str | None = None
+_preload: tuple[str, ...] = ()
 _start_lock = threading.Lock()
 _lock_fd = -1
 
 
-def configure(start_method: str | None) -> None:
-    global _start_method
+def configure(start_method: str | None, preload: Any) -> None:
+    global _start_method, _preload
     if start_method is not None and start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+    if preload is not None:
+        if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
+            raise TypeError(f"preload must be a list of module names, got {preload!r}")
     if _current.get() is not None:
         raise ProcessError("configure() must be called before the runtime is first used")
-    _start_method = start_method
+    if start_method is not None:
+        _start_method = start_method
+    if preload is not None:
+        _preload = tuple(preload)
 
 
 def current() -> Node:
@@ -169,7 +176,7 @@ def _start_root(node: Node) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     plan = _launch.Plan(info, serial, slot, node.me, os.getpid(),
                         _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
-                        trap=True, target=(_root.main, ()), pdeathsig=False)
+                        trap=True, target=(_root.main, (_preload,)), pdeathsig=False)
     try:
         popen = _launch.SpawnPopen(_launch.RuntimeProcess(plan, "runtime-root"))
     finally:

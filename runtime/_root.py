@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import importlib
 import os
 import select
 import shutil
@@ -57,12 +58,22 @@ def hold_node_lock(node_dir: str) -> int:
     return fd
 
 
-def main() -> None:
-    """The root's process function (its target)."""
+def main(preload: tuple[str, ...]) -> None:
+    """The root's process function (its target). ``preload``: modules the user asked
+    the root to import (``runtime.configure``), which the processes it forks then
+    inherit instead of importing each."""
     # The runtime's own dependency, imported once here rather than in every child the
     # root forks: a target from the embedding process is unpickled with it.
     import cloudpickle  # noqa: F401
 
+    for name in preload:
+        importlib.import_module(name)
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise RuntimeError(f"preloading {', '.join(preload)} left the node's root with "
+                           f"{threads} threads: the processes it forks would inherit "
+                           "locks those threads hold; preload only modules that start "
+                           "no thread at import")
     Root().run()
 
 

@@ -47,20 +47,29 @@ __all__ = [
 ]
 
 
-def configure(*, start_method: str | None = None) -> None:
+def configure(*, start_method: str | None = None, preload: Any = None) -> None:
     """Set node options; call before the first use of the runtime in this program.
+    Options left as None keep their value.
 
     Args:
         start_method: ``"fork"`` (default; runtime processes fork their children,
             the fastest) or ``"spawn"`` (every process is a fresh interpreter, as
             on macOS). The environment variable ``RUNTIME_START_METHOD`` sets the
             default.
+        preload: names of modules the node's root imports when it starts. A process
+            spawned from the embedding process unpickles its target itself, and so
+            imports the modules it needs, as under ``multiprocessing``'s forkserver
+            method; the root forks those processes, so a module it has imported is
+            inherited instead (``multiprocessing.set_forkserver_preload``). Only
+            modules that start no thread at import: the node fails to start if the
+            root has more than one thread after preloading.
 
     Raises:
         ValueError: unknown start method.
+        TypeError: ``preload`` is not a list of module names.
         ProcessError: the node has already started.
     """
-    _embed.configure(start_method)
+    _embed.configure(start_method, preload)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:

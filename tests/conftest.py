@@ -9,6 +9,10 @@ import runtime
 from runtime import testing
 from runtime.testing import wait_until
 
+# Processes the tests spawn from this (embedding) process unpickle their targets, which
+# live in test modules: the root imports what those modules need once, not each child.
+runtime.configure(preload=["pytest", "psutil"])
+
 
 def _leftover_processes() -> list[psutil.Process]:
     root = testing.root()

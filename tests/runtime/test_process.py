@@ -426,3 +426,62 @@ def test_a_foreign_fork_keeps_none_of_the_nodes_descriptors():
     os.close(r)
     os.waitpid(pid, 0)
     assert answer == b"ok"
+
+
+def test_configure_checks_its_options_and_refuses_once_the_node_runs():
+    runtime.self()
+    with pytest.raises(TypeError):
+        runtime.configure(preload="json")
+    with pytest.raises(ValueError):
+        runtime.configure(start_method="forkserver")
+    with pytest.raises(runtime.ProcessError):
+        runtime.configure(preload=["json"])
+
+
+_PRELOADED = """
+import os, sys
+with open(os.environ["IMPORT_LOG"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+if os.environ.get("START_A_THREAD"):
+    import threading
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+def report(main):
+    import runtime
+    runtime.send(main, os.getpid())
+"""
+
+
+def _preload_script(tmp_path, **env):
+    from .test_node import run_script
+
+    (tmp_path / "preloaded_mod.py").write_text(_PRELOADED)
+    log = tmp_path / "imports.log"
+    proc = run_script("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import runtime
+        if __name__ == "__main__":
+            runtime.configure(preload=["preloaded_mod"])
+            import preloaded_mod
+            me = runtime.self()
+            for _ in range(3):
+                runtime.spawn(preloaded_mod.report, me)
+            print(sorted(runtime.receive(timeout=30) for _ in range(3)))
+    """, str(tmp_path), env={"IMPORT_LOG": str(log), **env})
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err, log.read_text().split()
+
+
+def test_a_preloaded_module_is_imported_once_by_the_root_not_by_each_child(tmp_path):
+    code, out, err, imports = _preload_script(tmp_path)
+    assert code == 0, err
+    children = eval(out)
+    assert len(imports) == 2  # here, and in the root
+    assert not set(map(int, imports)) & set(children)
+
+
+def test_a_preloaded_module_that_starts_a_thread_stops_the_node_from_starting(tmp_path):
+    code, out, err, imports = _preload_script(tmp_path, START_A_THREAD="1")
+    assert code != 0
+    assert "preloading preloaded_mod left the node's root with 2 threads" in err
