@@ -161,6 +161,14 @@ class Connections:
         for conn in list(self._of.get(serial, ())):
             self.close(conn)
 
+    def abandon(self) -> None:
+        """Close the sockets, and nothing else: see ``Node.abandon``."""
+        self.listener.sock.close()
+        for of in self._of.values():
+            for conn in of:
+                conn.closed = True
+                conn.sock.close()
+
     def all(self) -> list[Conn]:
         return [c for c in self._unproven] + [c for of in self._of.values() for c in of]
 

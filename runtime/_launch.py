@@ -94,6 +94,7 @@ class Plan:
     default_signals: tuple[int, ...] = ()  # handlers of the parent's to drop
     sentinel: int = -1  # its end of its sentinel pipe, once known
     sigmask: Any = None  # under fork: the signal mask to restore once its handlers are set
+    close: list[tuple[int, int]] | None = None  # under fork: the parent's descriptors
 
 
 class RuntimeProcess(process.BaseProcess):
@@ -209,13 +210,13 @@ def _forked_main(proc: RuntimeProcess, plan: Plan) -> None:
     _compat.set_current_process(proc)
     node, proc.node, proc.plan = proc.node, None, None
     parent = _current.take_forked_from()
-    if parent is None or node is None:
+    if parent is None or node is None or plan.close is None:
         os._exit(1)
     node.me.os_pid = os.getpid()
     # Close the parent's runtime descriptors; its objects are kept alive for good, so
     # none of them ever closes a number reused here. Descriptors the user's code
     # opened stay open, as after any fork: their objects are inherited too.
-    for lo, hi in parent.descriptors().runs():
+    for lo, hi in plan.close:
         os.closerange(lo, hi)
     _current.bury(parent)
     _current.set(node)
@@ -366,11 +367,16 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     watch = node.watches.add_child(pid, sentinel[0], link)
                     node.conns.adopt(ours, pid, hello=False)
                     proc.parent_sentinel = sentinel[0]
+                    # What the child closes first thing: our runtime descriptors.
+                    plan.close = node.descriptors().runs()
                     popen = ForkPopen(proc)
                     node.watches.child_started(watch, popen)
-                    # The child owns its node now; our copy's descriptors are closed
-                    # at an idle moment, not now, when the child waits for the CPU.
+                    # The child owns its node now: close our copy's descriptors, and
+                    # free it at an idle moment (freeing writes to every page of it,
+                    # and each is copied now that the child shares it).
                     child.abandon()
+                    held = [child]
+                    node.poller.defer(held.clear)
             finally:
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
         table.set_os_pid(slot, popen.pid)

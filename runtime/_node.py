@@ -462,8 +462,11 @@ class Node:
 
     def abandon(self) -> None:
         """In a parent, once the child it made this node for has forked: close this
-        copy's descriptors (the child has its own)."""
-        self.close()
+        copy's descriptors (the child has its own). Touches as few objects as it can:
+        right after a fork, each page written is copied."""
+        self.poller.abandon()
+        self.conns.abandon()
+        self.watches.abandon()
         for fd in self.extra_fds:
             os.close(fd)
         self.extra_fds.clear()

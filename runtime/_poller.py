@@ -354,6 +354,11 @@ class Poller:
 
     # ---------------------------------------------------------------- closing
 
+    def abandon(self) -> None:
+        """Close the epoll, and nothing else: see ``Node.abandon``."""
+        self._closed = True
+        self._epoll.close()
+
     def close(self, close_owner: Callable[[int, Any], None]) -> None:
         """Wake every waiting thread (they raise ProcessError), give each registered
         descriptor to ``close_owner(fd, owner)``, and close the epoll. Waits up to 2 s

@@ -350,6 +350,13 @@ class Watches:
         """The sentinels of dead children not reaped yet (still open)."""
         return [p.sentinel for p in self._unreaped.values() if (p.sentinel or -1) >= 0]
 
+    def abandon(self) -> None:
+        """Close the pidfds, and nothing else: see ``Node.abandon``."""
+        for w in self._watches.values():
+            if w.owns_fd:
+                w.owns_fd = False
+                os.close(w.fd)
+
     def close_all(self) -> None:
         """Close every pidfd (the node is closing); sentinels belong to their Popens."""
         for w in list(self._watches.values()):
