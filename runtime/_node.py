@@ -288,8 +288,12 @@ class Node:
 
     def reply(self, to: From, value: Any) -> None:
         """Answer the call ``to``; dropped if the caller has gone."""
-        frame = _wire.reply(to.ref, _wire.dumps(value))
-        self._send(to.caller, frame, None)
+        data = _wire.dumps(value)
+        if to.caller == self.me:  # (a From this process made: see start_ack)
+            with self.poller.lock:
+                self.mailbox.put_reply(to.ref, CallResult(True, data))
+            return
+        self._send(to.caller, _wire.reply(to.ref, data), None)
 
     def start_ack(self) -> tuple[int, From]:
         """A call ``ref`` this process awaits from a process it starts, and the From

@@ -60,9 +60,10 @@ def configure(*, start_method: str | None = None, preload: Any = None) -> None:
             spawned from the embedding process unpickles its target itself, and so
             imports the modules it needs, as under ``multiprocessing``'s forkserver
             method; the root forks those processes, so a module it has imported is
-            inherited instead (``multiprocessing.set_forkserver_preload``). Only
-            modules that start no thread at import: the node fails to start if the
-            root has more than one thread after preloading.
+            inherited instead (``multiprocessing.set_forkserver_preload``; under
+            the spawn start method every process imports its own). Only modules
+            that start no thread at import: the node fails to start if the root
+            has more than one thread after preloading.
 
     Raises:
         ValueError: unknown start method.
