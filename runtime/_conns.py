@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import mmap
-import select
 import socket
-import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -333,18 +331,3 @@ class Connections:
         """Has the frame whose :meth:`write` returned ``mark`` left ``conn`` (or has the
         connection closed)?"""
         return conn.sent >= mark or conn.closed
-
-    def flush_until(self, conn: Conn, mark: int, deadline: float) -> bool:
-        """Write ``conn``'s queue until the frame ``mark`` is gone, blocking until
-        ``deadline`` at most (the exit path: the rest of the node is not served
-        meanwhile). Past it, the connection is closed: False."""
-        waiter = select.poll()
-        waiter.register(conn.fd, select.POLLOUT)
-        while not self.written(conn, mark):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.close(conn)
-                return False
-            waiter.poll(left * 1000)
-            self.flush(conn)
-        return True

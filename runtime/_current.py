@@ -44,6 +44,12 @@ def get() -> Node | None:
     return _node
 
 
+def peek() -> Node | None:
+    """This process's node, if it has one, without the check of ``get`` (for signal
+    handlers, which must not raise for that)."""
+    return _node
+
+
 def set(node: Node | None) -> None:  # noqa: A001 (the module's own namespace)
     global _node
     _node = node

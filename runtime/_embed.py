@@ -211,7 +211,7 @@ def root_pid(node: Node) -> Pid | None:
 
 
 def _on_sigint(signo: int, frame: Any) -> None:
-    node = _current._node
+    node = _current.peek()
     if node is not None and node.poller.lock.locked():
         node.poller.defer_signal(signo)
         return

@@ -156,14 +156,14 @@ class Exits:
         if pid == self._main:
             self._send(pid, _wire.control(_wire.EXIT, _wire.dumps(reason)), None)
         elif reason == "kill":
-            if not self.kill(pid, "killed"):
+            if not self.force_exit(pid, "killed"):
                 self._sigkill_exiting(pid)
         elif self._table.is_trapping(pid.serial, pid.slot):
             self._send(pid, _wire.control(_wire.EXIT, _wire.dumps(reason)), None)
         elif reason != "normal":
-            self.kill(pid, reason)
+            self.force_exit(pid, reason)
 
-    def kill(self, pid: Pid, reason: Any, deadline: float | None = None) -> bool:
+    def force_exit(self, pid: Pid, reason: Any, deadline: float | None = None) -> bool:
         """Make ``pid`` exit with ``reason`` now, whatever it is doing: doom it in the
         table, send SIG_EXIT, and ask the root to SIGKILL it if it has not exited
         EXIT_GRACE seconds later. False if it was already dead or being killed."""
@@ -285,10 +285,10 @@ class Exits:
                 if pid.serial in children:
                     self._send(pid, _wire.control(_wire.EXIT, _wire.dumps(reason)), deadline)
             elif reason != "normal":
-                self.kill(pid, reason, deadline)
+                self.force_exit(pid, reason, deadline)
         for serial, w in children.items():
             if not (w.linked and table.is_trapping(serial, w.pid.slot)):
-                self.kill(w.pid, "shutdown", deadline)
+                self.force_exit(w.pid, "shutdown", deadline)
 
     def _wait_gone(self, children: list[Watch], deadline: float) -> None:
         """Wait until ``children`` are dead (or the deadline), then record the reasons

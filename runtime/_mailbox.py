@@ -89,7 +89,7 @@ class Mailbox:
         self._owner = owner
         self._is_main = is_main
         self._messages: deque[Any] = deque()
-        self._removed = 0  # how many messages were taken: a scan's positions shift
+        self._generation = 0  # bumps when a message leaves: a scan's positions shift
         self._exits = 0  # Exit messages queued in the embedding process
         self._replies: dict[int, Any] = {}
         self._downs: dict[Ref, Down | None] = {}
@@ -109,7 +109,7 @@ class Mailbox:
                 for i, old in enumerate(messages):
                     if _is_exit(old):
                         del messages[i]
-                        self._removed += 1
+                        self._generation += 1
                         break
                 log.warning("the embedding process has %d unreceived Exit messages; "
                             "dropped the oldest", MAIN_EXIT_BACKLOG)
@@ -163,7 +163,7 @@ class Mailbox:
         for i, m in enumerate(messages):
             if m.__class__ is Down and m.ref == ref:
                 del messages[i]
-                self._removed += 1
+                self._generation += 1
                 return
 
     def down_of(self, refs: Any) -> Down | None:
@@ -184,7 +184,7 @@ class Mailbox:
 
         def first() -> tuple[Any] | None:
             if messages:
-                self._removed += 1
+                self._generation += 1
                 return (self._taken(messages.popleft()),)
             return None
 
@@ -206,14 +206,14 @@ class Mailbox:
         it again, unless another thread took a message meanwhile."""
         messages = self._messages
         seen = 0
-        removed = -1  # the value of self._removed for which ``seen`` holds
+        generation_seen = -1  # the generation for which ``seen`` holds
 
         def news() -> tuple[int, int, list[Any]] | None:
-            nonlocal seen, removed
-            if removed != self._removed:
-                seen, removed = 0, self._removed
+            nonlocal seen, generation_seen
+            if generation_seen != self._generation:
+                seen, generation_seen = 0, self._generation
             if len(messages) > seen:
-                return seen, removed, [messages[i] for i in range(seen, len(messages))]
+                return seen, generation_seen, [messages[i] for i in range(seen, len(messages))]
             return None
 
         while True:
@@ -234,13 +234,13 @@ class Mailbox:
                     found = start + k
                     break
             with self._lock:
-                shifted = generation != self._removed
+                shifted = generation != self._generation
                 taken = self._settle(start, entries, loaded, found, shifted)
                 if shifted:
-                    seen, removed = 0, -1
+                    seen, generation_seen = 0, -1
                 elif not taken:
                     seen = start + len(entries) - sum(v is _BAD for v in loaded.values())
-                    removed = self._removed
+                    generation_seen = self._generation
             if taken:
                 return (value,)
 
@@ -260,7 +260,7 @@ class Mailbox:
             if i < 0:
                 continue
             del messages[i]
-            self._removed += 1
+            self._generation += 1
             if pos == found:
                 self._taken(entry)
                 taken = True
@@ -298,7 +298,7 @@ class Mailbox:
     def clear(self) -> None:
         """Drop every queued message (for tests)."""
         with self._lock:
-            self._removed += len(self._messages)
+            self._generation += len(self._messages)
             self._messages.clear()
             self._exits = 0
 

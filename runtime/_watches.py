@@ -356,11 +356,3 @@ class Watches:
             if w.owns_fd:
                 w.owns_fd = False
                 os.close(w.fd)
-
-    def close_all(self) -> None:
-        """Close every pidfd (the node is closing); sentinels belong to their Popens."""
-        for w in list(self._watches.values()):
-            self._remove(w)
-        self._monitors.clear()
-        self._links.clear()
-        self._children.clear()

@@ -581,3 +581,39 @@ def test_an_event_of_a_reused_descriptor_number_is_not_taken_for_a_death():
     finally:
         runtime.exit(pid, "kill")
     assert wait_down(ref).reason == "killed"
+
+
+def test_an_exit_signal_landing_while_a_process_reads_a_flood_leaves_its_stream_whole():
+    # The exit signal's handler runs the exit path, which reads what is queued: had it
+    # run in the middle of a read, it would have read a stream cut half-way.
+    from .test_node import run_script
+
+    proc = run_script("""
+        import runtime
+        def receiver(main):
+            runtime.send(main, "reading")
+            while True:
+                runtime.receive()
+        def flooder(dest):
+            blob = b"x" * 300_000
+            while True:
+                runtime.send(dest, blob)
+        if __name__ == "__main__":
+            me = runtime.self()
+            for i in range(15):
+                r = runtime.spawn(receiver, me)
+                runtime.receive(timeout=30, match=lambda m: m == "reading")
+                f = runtime.spawn(flooder, r)
+                refs = [runtime.monitor(p) for p in (r, f)]
+                for _ in range(20):  # it is reading a frame most of the time
+                    runtime.send(r, b"y" * 100_000)
+                runtime.exit(r, ("stop", i))
+                down = runtime.receive(timeout=30, match=lambda m: getattr(m, "ref", 0) == refs[0])
+                assert down.reason == ("stop", i), down
+                runtime.exit(f, "kill")
+                runtime.receive(timeout=30, match=lambda m: getattr(m, "ref", 0) == refs[1])
+            print("ok", flush=True)
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert out.strip() == "ok", err
+    assert "cannot be unpickled" not in err and "error while exiting" not in err, err
