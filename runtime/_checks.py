@@ -14,6 +14,8 @@ def timeout(value: Any, name: str = "timeout", *, none: bool = True) -> float | 
         TypeError: it is not a number (a bool is not one here).
         ValueError: it is negative or NaN.
     """
+    if value.__class__ is float and value >= 0.0:  # (the common case; NaN fails >=)
+        return value
     if value is None and none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):

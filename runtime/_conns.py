@@ -23,7 +23,6 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import Any
 
 from . import _wire
 from ._poller import EPOLLIN, EPOLLOUT, Poller
@@ -83,7 +82,7 @@ class Connections:
         self._of: dict[int, set[Conn]] = {}  # serial -> every connection with it
         self._unproven: set[Conn] = set()
         self._rbuf: mmap.mmap | None = None  # anonymous: only pages a read touches count
-        self._reading = False
+        self._reading = 0  # how deep in read() we are (a frame's handler may read)
 
     # ------------------------------------------------------------ connections
 
@@ -181,7 +180,7 @@ class Connections:
             if not self._reading:
                 self._rbuf = rbuf
         view = memoryview(rbuf)
-        self._reading = True
+        self._reading += 1
         try:
             while not conn.closed:
                 try:
@@ -196,38 +195,45 @@ class Connections:
                     if not drain and peer is not None:
                         self._on_closed(peer)
                     return
-                if conn.inbuf:
-                    conn.inbuf += view[:n]
-                    self._frames(conn, conn.inbuf, len(conn.inbuf), keep=True)
+                inbuf = conn.inbuf
+                if inbuf:
+                    inbuf += view[:n]
+                    whole = memoryview(inbuf)
+                    try:
+                        used = self._frames(conn, whole, len(inbuf))
+                    finally:
+                        whole.release()
+                    del inbuf[:used]
                 else:
-                    used = self._frames(conn, view, n, keep=False)
+                    # Frames straight from the read buffer; only a partial one is copied.
+                    used = self._frames(conn, view, n)
                     if used < n and not conn.closed:
-                        conn.inbuf += view[used:n]
+                        inbuf += view[used:n]
                 if not drain and n < READ_SIZE:
                     return
         finally:
-            self._reading = False
+            self._reading -= 1
             view.release()
 
-    def _frames(self, conn: Conn, buf: Any, end: int, keep: bool) -> int:
-        """Hand over the whole frames at the start of ``buf[:end]``; how many bytes they
-        took. With ``keep``, ``buf`` is the connection's own buffer: those bytes are
-        removed from it."""
+    def _frames(self, conn: Conn, view: memoryview, end: int) -> int:
+        """Hand over the whole frames at the start of ``view[:end]``; how many bytes
+        they took."""
+        unpack = _wire.LENGTH.unpack_from
+        on_frame = self._on_frame
+        peer = conn.peer
         pos = 0
-        view = memoryview(buf)
-        try:
-            for start, stop in _wire.frames(view, end):
-                pos = stop
-                if conn.peer is None:
-                    self._hello(conn, view[start:stop])
-                else:
-                    self._on_frame(conn.peer, view[start], view[start + 1 : stop])
-                if conn.closed:
-                    break
-        finally:
-            view.release()
-        if keep and pos:
-            del buf[:pos]
+        while end - pos >= 4:
+            stop = pos + 4 + unpack(view, pos)[0]
+            if stop > end:
+                break
+            if peer is None:
+                self._hello(conn, view[pos + 4 : stop])
+                peer = conn.peer
+            else:
+                on_frame(peer, view[pos + 4], view[pos + 5 : stop])
+            pos = stop
+            if conn.closed:
+                break
         return pos
 
     def _hello(self, conn: Conn, body: memoryview) -> None:

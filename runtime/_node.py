@@ -84,8 +84,15 @@ class Node:
         comes before its Down all the same (``handle_death`` reads it first; connections
         it made are accepted just before), and a message another process sent once
         it saw the death comes after the Down."""
-        deaths = [owner for _, _, owner in batch if owner.__class__ is Watch]
         conns = self.conns
+        if len(batch) == 1:  # the common case, kept short: one connection to read
+            fd, mask, owner = batch[0]
+            if owner.__class__ is Conn and not mask & EPOLLOUT:
+                conns.read(owner)
+                if self._suspects:
+                    self._check_suspects([])
+                return
+        deaths = [owner for _, _, owner in batch if owner.__class__ is Watch]
         listener = conns.listener
         if deaths:
             if any(owner is listener for _, _, owner in batch):

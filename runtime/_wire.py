@@ -39,7 +39,6 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 from .pid import Pid
@@ -116,18 +115,6 @@ def reply(ref: int, payload: bytes) -> list[bytes]:
 def control(tag: int, payload: bytes = b"") -> list[bytes]:
     """A LINK, UNLINK or EXIT frame (EXIT with the pickled reason)."""
     return _frame(_TAGGED.pack(len(payload) + 1, tag), payload)
-
-
-def frames(buf: bytes | bytearray | memoryview, end: int) -> Iterator[tuple[int, int]]:
-    """The complete frames in ``buf[:end]``: ``(start, stop)`` of each frame's body
-    (its tag byte first). Stops at the first incomplete one."""
-    pos = 0
-    while end - pos >= 4:
-        stop = pos + 4 + LENGTH.unpack_from(buf, pos)[0]
-        if stop > end:
-            return
-        yield pos + 4, stop
-        pos = stop
 
 
 # ------------------------------------------------------------------ the handshake
