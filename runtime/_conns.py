@@ -248,13 +248,15 @@ class Connections:
         self._of.setdefault(serial, set()).add(conn)
         self._out.setdefault(serial, conn)
 
-    def drain_peer(self, serial: int, os_pid: int) -> None:
+    def drain_peer(self, serial: int, os_pid: int, accepted: bool = False) -> None:
         """Read everything the process ``serial`` (OS pid ``os_pid``) sent before it
         died, so that it comes before its Down: its connections, and the ones it
         made that are still waiting to be accepted or proven. Another process's new
         connection is read in its turn, after the Down, as it may carry what that
-        process sent once it had seen the same death."""
-        self.accept_all()
+        process sent once it had seen the same death. ``accepted``: the caller knows
+        its connections are accepted already."""
+        if not accepted:
+            self.accept_all()
         for conn in list(self._unproven):
             try:
                 if _wire.peer_os_pid(conn.sock) != os_pid:

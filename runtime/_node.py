@@ -79,18 +79,22 @@ class Node:
 
     # ------------------------------------------------------------- events
 
-    def _on_events(self, batch: Batch) -> None:
+    def _on_events(self, batch: Batch, whole: bool) -> None:
         """Handle a poll's events (lock held). Deaths first: what a dead process sent
         comes before its Down all the same (``handle_death`` reads it first; connections
         it made are accepted just before), and a message another process sent once
-        it saw the death comes after the Down."""
+        it saw the death comes after the Down.
+
+        A connection the dead process made before dying was there when the poll
+        returned its death: in a whole batch, it is accepted already, or there was
+        none (``accepted``)."""
         conns = self.conns
         if len(batch) == 1:  # the common case, kept short: one connection to read
             fd, mask, owner = batch[0]
             if owner.__class__ is Conn and not mask & EPOLLOUT:
                 conns.read(owner)
                 if self._suspects:
-                    self._check_suspects([])
+                    self._check_suspects([], whole)
                 return
         deaths = [owner for _, _, owner in batch if owner.__class__ is Watch]
         listener = conns.listener
@@ -99,7 +103,7 @@ class Node:
                 conns.accept_all()
             for w in deaths:
                 if self.watches.get(w.pid.serial) is w:
-                    self.handle_death(w)
+                    self.handle_death(w, accepted=whole)
         owner_of = self.poller.owner
         for fd, mask, owner in batch:
             if owner_of(fd) is not owner:
@@ -115,23 +119,23 @@ class Node:
             elif owner is listener and not deaths:
                 conns.accept_all()
         if self._suspects:
-            self._check_suspects(deaths)
+            self._check_suspects(deaths, whole)
 
     def _on_closed(self, peer: Pid) -> None:
         # A peer closes its end only by dying: check it in this batch rather than
         # wait for its watch to wake us again.
         self._suspects.append(peer.serial)
 
-    def _check_suspects(self, handled: list[Watch]) -> None:
+    def _check_suspects(self, handled: list[Watch], whole: bool) -> None:
         suspects, self._suspects = self._suspects, []
         for serial in suspects:
             w = self.watches.get(serial)
             if w is not None and w not in handled and (w.child or readable(w.fd)):
-                self.handle_death(w)
+                self.handle_death(w, accepted=whole)
 
-    def handle_death(self, w: Watch) -> None:
+    def handle_death(self, w: Watch, accepted: bool = False) -> None:
         """``w``'s process died (lock held): tell everyone who cares, after delivering
-        what it sent."""
+        what it sent. ``accepted``: the connections it made are accepted already."""
         pid = w.pid
         status = None
         if w.child:
@@ -142,7 +146,7 @@ class Node:
             # Another thread closed a pidfd and opened this one under its number while
             # the poll's event was on its way: not this process's death.
             return
-        self.conns.drain_peer(pid.serial, pid.os_pid)
+        self.conns.drain_peer(pid.serial, pid.os_pid, accepted)
         if self.watches.get(pid.serial) is not w:
             return  # what it sent undid the watch (an unlink): no one left to tell
         death = self.watches.died(w, status)

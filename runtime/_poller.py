@@ -51,6 +51,7 @@ CLEANUP_DUE = 0.01
 CLEANUP_MAX = 32
 
 Batch = list[tuple[int, int, Any]]  # (fd, event mask, owner when the batch was read)
+OnEvents = Callable[[Batch, bool], None]
 
 
 class _Wake:
@@ -120,11 +121,12 @@ def time_left(deadline: float | None) -> float:
 
 
 class Poller:
-    """See the module docstring. ``on_events(batch)`` handles what a poll returned
-    (lock held); ``after_events()`` runs after it, lock released (the node's exit
-    path starts there)."""
+    """See the module docstring. ``on_events(batch, whole)`` handles what a poll
+    returned (lock held; ``whole``: the poll returned every ready event, fewer than
+    the most it returns); ``after_events()`` runs after it, lock released (the
+    node's exit path starts there)."""
 
-    def __init__(self, on_events: Callable[[Batch], None],
+    def __init__(self, on_events: OnEvents,
                  after_events: Callable[[], None]) -> None:
         self.lock = threading.Lock()
         self._cond = threading.Condition(self.lock)
@@ -294,7 +296,7 @@ class Poller:
                 continue
             batch.append((fd, mask, owner))
         if batch:
-            self._on_events(batch)
+            self._on_events(batch, len(events) < POLL_MAX)
 
     # ---------------------------------------------------------------- signals
 
