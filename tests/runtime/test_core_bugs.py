@@ -26,6 +26,7 @@ import runtime
 from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
 from .test_node import REPO, run_script
+from .test_regressions import _another_thread_polls as another_thread_polls
 
 # ------------------------------------------------ the internals this file reads
 
@@ -190,20 +191,9 @@ def test_calls_work_and_the_program_exits_promptly_after_a_ctrl_c_storm():
 def test_a_dead_process_s_last_message_comes_before_its_noproc_down_while_another_thread_receives():
     # bug 2: a Down overtakes a dead process's last message (passes on 54ac191; fails on 1a4d754^)
     me = runtime.self()
-    stop = threading.Event()
-
-    def blocked_in_receive():
-        while not stop.is_set():
-            try:
-                runtime.receive(timeout=0.2, match=lambda m: False)
-            except runtime.ReceiveTimeout:
-                pass
-
-    other = threading.Thread(target=blocked_in_receive)
-    other.start()
     overtaken, rounds = [], 0
-    deadline = time.monotonic() + 10
-    try:
+    deadline = time.monotonic() + 5
+    with another_thread_polls():
         for i in range(1500):
             if time.monotonic() > deadline:
                 break
@@ -219,9 +209,6 @@ def test_a_dead_process_s_last_message_comes_before_its_noproc_down_while_anothe
                 assert_receive(last)
             else:
                 assert wait_down(ref).reason == "noproc"
-    finally:
-        stop.set()
-        other.join(5)
     assert not overtaken, f"{len(overtaken)} of {rounds} Downs came before the last message"
 
 
