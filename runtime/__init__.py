@@ -8,6 +8,7 @@ Timeouts are in seconds.
 """
 
 from .agent import Agent
+from .aio import acall, areceive, astop
 from .dynamic_supervisor import DynamicSupervisor
 from .errors import (
     AlreadyRegisteredError,
@@ -64,6 +65,9 @@ __all__ = [
     "StartError",
     "Stop",
     "Supervisor",
+    "acall",
+    "areceive",
+    "astop",
     "call",
     "cast",
     "configure",

@@ -101,6 +101,15 @@ class Mailbox:
         self._messages.append(msg)
         self._notify()
 
+    def put_back(self, msg: Any) -> None:
+        """Return a message taken for nothing (an await that gave up) to the front."""
+        with self._lock:
+            self._messages.appendleft(msg)
+            self._generation += 1  # positions shifted
+            if self._is_main and _is_exit(msg):
+                self._exits += 1
+            self._notify()
+
     def put_exit(self, msg: Exit | Raw) -> None:
         """Queue an ``Exit`` (or an exit signal still pickled) (lock held)."""
         if self._is_main:
@@ -221,28 +230,56 @@ class Mailbox:
             if got is None:
                 return None
             start, generation, entries = got
-            loaded: dict[int, Any] = {}  # position -> unpickled value
-            found = -1
-            value: Any = None
-            for k, entry in enumerate(entries):
-                value = entry
-                if entry.__class__ is Raw:
-                    value = loaded[start + k] = self._load(entry)
-                    if value is _BAD:
-                        continue
-                if match(value):
-                    found = start + k
-                    break
-            with self._lock:
-                shifted = generation != self._generation
-                taken = self._settle(start, entries, loaded, found, shifted)
-                if shifted:
-                    seen, generation_seen = 0, -1
-                elif not taken:
-                    seen = start + len(entries) - sum(v is _BAD for v in loaded.values())
-                    generation_seen = self._generation
+            taken, value, bad = self._scan(match, start, generation, entries)
             if taken:
                 return (value,)
+            with self._lock:
+                if generation != self._generation - bad:
+                    seen, generation_seen = 0, -1
+                else:
+                    seen = start + len(entries) - bad
+                    generation_seen = self._generation
+
+    def take_now(self, match: Callable[[Any], bool] | None) -> tuple[Any] | None:
+        """The first message (that ``match`` accepts), as a 1-tuple, if one is there;
+        never waits. ``match`` runs outside the lock."""
+        while True:
+            with self._lock:
+                generation = self._generation
+                entries = list(self._messages)
+            if not entries:
+                return None
+            if match is None:
+                match = _anything
+            taken, value, bad = self._scan(match, 0, generation, entries)
+            if taken:
+                return (value,)
+            if not bad:
+                return None
+
+    def _scan(self, match: Callable[[Any], bool], start: int, generation: int,
+              entries: list[Any]) -> tuple[bool, Any, int]:
+        """Show ``entries`` (the messages from position ``start`` when the mailbox was
+        at ``generation``) to ``match``, outside the lock, and take the first it
+        accepts if it is still there: (taken, the message, how many messages that
+        cannot be unpickled were dropped)."""
+        loaded: dict[int, Any] = {}  # position -> unpickled value
+        found = -1
+        value: Any = None
+        for k, entry in enumerate(entries):
+            value = entry
+            if entry.__class__ is Raw:
+                value = loaded[start + k] = self._load(entry)
+                if value is _BAD:
+                    continue
+            if match(value):
+                found = start + k
+                break
+        bad = sum(v is _BAD for v in loaded.values())
+        with self._lock:
+            shifted = generation != self._generation
+            taken = self._settle(start, entries, loaded, found, shifted)
+        return taken, value, bad
 
     def _settle(self, start: int, entries: list[Any], loaded: dict[int, Any], found: int,
                 shifted: bool) -> bool:
@@ -304,6 +341,10 @@ class Mailbox:
 
     def exits_queued(self) -> int:
         return self._exits
+
+
+def _anything(msg: Any) -> bool:
+    return True
 
 
 def _index(messages: deque[Any], entry: Any) -> int:

@@ -38,6 +38,18 @@ from .messages import Down
 from .pid import From, Pid, Ref
 
 
+def call_outcome(pid: Pid, request: Any, timeout: float | None,
+                 result: CallResult | None) -> Any:
+    """What a call returns or raises, from how it ended (None: it timed out)."""
+    if result is None:
+        raise CallTimeout(pid, request, timeout or 0.0)
+    if result.ok:
+        return _wire.loads(result.value)
+    if result.value == "noproc":
+        raise NoProcError(pid)
+    raise ExitError(pid, result.value)
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What every process of a node knows about the node (inherited by children)."""
@@ -256,46 +268,59 @@ class Node:
     def call(self, pid: Pid, request: Any, timeout: float | None) -> Any:
         """Send a GenServer call and wait for its reply, the server's death, or the
         timeout. See ``gen_server.call``."""
+        ref = self.start_call(pid, request)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mailbox = self.mailbox
+        try:
+            result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
+                                                         deadline)
+        finally:
+            self.end_call(pid, ref)
+        return call_outcome(pid, request, timeout, result)
+
+    def start_call(self, pid: Pid, request: Any) -> int:
+        """Send the call ``request`` to ``pid``; its ref. The caller then waits for
+        ``call_result(ref)`` (or the server's death, which is a result too), and
+        ends with ``end_call``.
+
+        Raises:
+            NoProcError: ``pid`` is dead.
+            ProcessError: ``pid`` is this process.
+        """
         if pid == self.me:
             raise ProcessError(f"{pid!r} called itself: that would deadlock")
         ref = next(self._refs)
         frame = _wire.call(ref, _wire.dumps(request))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        result = self._request(pid, ref, frame, deadline)
-        if result is None:
-            raise CallTimeout(pid, request, timeout or 0.0)
-        if result.ok:
-            return _wire.loads(result.value)
-        if result.value == "noproc":
-            raise NoProcError(pid)
-        raise ExitError(pid, result.value)
-
-    def _request(self, pid: Pid, ref: int, frame: list[bytes],
-                 deadline: float | None) -> CallResult | None:
-        """Send ``frame`` to ``pid`` and wait for the reply ``ref`` or ``pid``'s death."""
         lock = self.poller.lock
         conns = self.conns
-        mailbox = self.mailbox
         with lock:
             if not self.watches.add_call(pid, ref):
                 raise NoProcError(pid)
-            mailbox.expect_reply(ref)
+            self.mailbox.expect_reply(ref)
             conn = conns.out_to(pid.serial)
             if conn is not None:
                 conns.write(conn, frame)
-        try:
-            if conn is None:
+        if conn is None:
+            try:
                 sock = conns.connect(pid)
                 if sock is not None:  # (else it died: its watch ends the call)
                     with lock:
                         conns.write(conns.adopt(sock, pid, hello=True), frame)
-            result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
-                                                         deadline)
-            return result
-        finally:
-            with lock:
-                mailbox.drop_reply(ref)
-                self.watches.end_call(pid, ref)
+            except BaseException:
+                self.end_call(pid, ref)
+                raise
+        return ref
+
+    def call_result(self, ref: int) -> CallResult | None:
+        """How the call ``ref`` ended, if it has."""
+        with self.poller.lock:
+            return self.mailbox.reply_of(ref)
+
+    def end_call(self, pid: Pid, ref: int) -> None:
+        """Forget the call ``ref`` to ``pid``: a reply that comes later is dropped."""
+        with self.poller.lock:
+            self.mailbox.drop_reply(ref)
+            self.watches.end_call(pid, ref)
 
     def reply(self, to: From, value: Any) -> None:
         """Answer the call ``to``; dropped if the caller has gone."""

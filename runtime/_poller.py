@@ -140,6 +140,7 @@ class Poller:
         self._jobs: list[Callable[[], None]] = []
         self._jobs_due = 0.0
         self._closed = False
+        self._listeners: list[Callable[[], None]] = []
         self._on_events = on_events
         self._after_events = after_events
 
@@ -251,10 +252,24 @@ class Poller:
             self._followers -= 1
         return self._lease != lease or time.monotonic() - start < LEASE
 
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (lock held, in whichever thread delivers) whenever
+        something is delivered: how an event loop learns that what it awaits may be
+        there (see ``runtime.aio``). It must return at once and never block."""
+        with self.lock:
+            self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        with self.lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
     def notify(self) -> None:
         """Something was delivered (lock held): wake the threads waiting for it."""
         if self._followers:
             self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
         leader = self._leader
         if leader and leader != threading.get_ident():
             wake = self._wake
