@@ -339,6 +339,10 @@ class Mailbox:
             self._messages.clear()
             self._exits = 0
 
+    def length(self) -> int:
+        """How many messages are queued."""
+        return len(self._messages)
+
     def exits_queued(self) -> int:
         return self._exits
 

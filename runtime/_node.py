@@ -192,6 +192,11 @@ class Node:
             self.watches.unlink(peer.serial)
         elif tag == _wire.EXIT:
             self.exits.on_exit_signal(peer, bytes(body))
+        elif tag == _wire.INFO:
+            conn = self.conns.out_to(peer.serial)
+            if conn is not None:
+                ref = _wire.REF_FIELD.unpack_from(body)[0]
+                self.conns.write(conn, _wire.reply(ref, _wire.dumps(self.state())))
 
     def _linked_by(self, pid: Pid) -> None:
         """``pid`` linked itself to us (lock held)."""
@@ -464,6 +469,83 @@ class Node:
         # The slot says alive: the OS process is not reaped, maybe a zombie, or in its
         # exit (its parent may have delivered its Down already).
         return _table.zombie_status(pid.os_pid, exiting=True) is None
+
+    # -------------------------------------------------------- introspection
+
+    def state(self) -> dict[str, Any]:
+        """What this process's runtime holds about it (lock held): see ``runtime.info``."""
+        if self.exits.exiting:
+            status = "exiting"
+        elif self.poller.waiting:
+            status = "waiting"
+        else:
+            status = "running"
+        return {
+            "parent": self.parent,
+            "status": status,
+            "message_queue_len": self.mailbox.length(),
+            "monitors": self.watches.monitored(),
+            "links": self.watches.links(),
+            "children": [w.pid for w in self.watches.children()],
+            "trap_exit": self.exits.trap,
+        }
+
+    def processes(self) -> list[Pid]:
+        """The node's live processes, from its table (see ``runtime.processes``)."""
+        node_id = self.me.node
+        live = sorted(self.table.live_slots())
+        return [pid for pid in (Pid(node_id, serial, slot, os_pid)
+                                for serial, slot, os_pid in live if os_pid)
+                if self.is_alive(pid)]
+
+    def process_info(self, pid: Pid, timeout: float) -> dict[str, Any] | None:
+        """See ``runtime.info``."""
+        if not self.is_alive(pid):
+            return None
+        import psutil  # (a dependency; imported when first asked)
+
+        try:
+            mem = psutil.Process(pid.os_pid).memory_full_info()
+            memory: dict[str, int] | None = {"rss": mem.rss, "uss": mem.uss}
+        except psutil.Error:
+            memory = None
+        out: dict[str, Any] = {
+            "pid": pid, "os_pid": pid.os_pid, "memory": memory,
+            "names": sorted(name for name, holder in self.names.registered() if holder == pid),
+        }
+        state = self.ask_state(pid, timeout)
+        if state is None:
+            if not self.is_alive(pid):
+                return None
+            state = dict.fromkeys(("parent", "message_queue_len", "monitors", "links",
+                                   "children", "trap_exit"))
+            state["status"] = "running"
+        out.update(state)
+        return out
+
+    def ask_state(self, pid: Pid, timeout: float) -> dict[str, Any] | None:
+        """``pid``'s ``state()``, as its runtime answers it; None if it did not within
+        ``timeout`` seconds (it is busy in its own code, or dead)."""
+        if pid == self.me:
+            with self.poller.lock:
+                return self.state()
+        ref = next(self._refs)
+        with self.poller.lock:
+            if not self.watches.add_call(pid, ref):
+                return None
+            self.mailbox.expect_reply(ref)
+        try:
+            if not self._send(pid, _wire.info(ref), time.monotonic() + timeout):
+                return None
+            mailbox = self.mailbox
+            result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
+                                                         time.monotonic() + timeout)
+        finally:
+            self.end_call(pid, ref)
+        if result is None or not result.ok:
+            return None
+        state: dict[str, Any] = _wire.loads(result.value)
+        return state
 
     # ------------------------------------------------------- outside loops
 

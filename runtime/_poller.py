@@ -141,6 +141,7 @@ class Poller:
         self._jobs_due = 0.0
         self._closed = False
         self._listeners: list[Callable[[], None]] = []
+        self._waiting: set[int] = set()  # threads inside wait() (set.add is atomic)
         self._on_events = on_events
         self._after_events = after_events
 
@@ -173,6 +174,11 @@ class Poller:
         return self._epoll.fileno()
 
     @property
+    def waiting(self) -> bool:
+        """Is a thread waiting in the runtime (for a message, a reply, room to write)?"""
+        return bool(self._waiting)
+
+    @property
     def polling(self) -> bool:
         """Is a thread blocked in the poll right now?"""
         return self._leader != 0
@@ -195,6 +201,13 @@ class Poller:
             ProcessError: the node was shut down meanwhile.
         """
         me = threading.get_ident()
+        self._waiting.add(me)
+        try:
+            return self._wait(ready, deadline, me)
+        finally:
+            self._waiting.discard(me)
+
+    def _wait(self, ready: Callable[[], Any], deadline: float | None, me: int) -> Any:
         lock = self.lock
         polled = False
         while True:

@@ -203,6 +203,10 @@ class Watches:
             self.release(w)
         return True
 
+    def monitored(self) -> list[Pid]:
+        """The processes this one monitors (one entry per monitored process)."""
+        return [w.pid for w in self._watches.values() if w.monitors]
+
     def is_linked(self, serial: int) -> bool:
         return serial in self._links
 

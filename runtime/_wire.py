@@ -13,6 +13,7 @@ REPLY      the call's ref (u64)     the reply
 LINK       none                     none: link to the sender
 UNLINK     none                     none: unlink from the sender
 EXIT       none                     the sender's exit signal reason
+INFO       the request's ref (u64)  none: answer with a REPLY (``runtime.info``)
 ========== ======================== ==============================
 
 The sender of a frame is the process at the other end of its connection.
@@ -45,7 +46,7 @@ from .pid import Pid
 
 LENGTH = struct.Struct("!I")
 
-MSG, REPLY, LINK, UNLINK, EXIT, CALL = 0, 1, 2, 3, 4, 5
+MSG, REPLY, LINK, UNLINK, EXIT, CALL, INFO = 0, 1, 2, 3, 4, 5, 6
 _WITH_REF = struct.Struct("!IBQ")  # length, tag, ref
 _TAGGED = struct.Struct("!IB")  # length, tag
 REF_FIELD = struct.Struct("!Q")
@@ -105,6 +106,11 @@ def message(payload: bytes) -> list[bytes]:
 def call(ref: int, payload: bytes) -> list[bytes]:
     """A CALL frame: the pickled request of the call ``ref``."""
     return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, CALL, ref), payload)
+
+
+def info(ref: int) -> list[bytes]:
+    """An INFO frame: a request for the receiver's state, answered with REPLY ``ref``."""
+    return [_WITH_REF.pack(1 + REF_FIELD.size, INFO, ref)]
 
 
 def reply(ref: int, payload: bytes) -> list[bytes]:

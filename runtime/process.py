@@ -33,9 +33,11 @@ __all__ = [
     "configure",
     "demonitor",
     "exit",
+    "info",
     "is_alive",
     "link",
     "monitor",
+    "processes",
     "receive",
     "self",
     "send",
@@ -215,6 +217,33 @@ def is_alive(pid: Pid) -> bool:
     if not isinstance(pid, Pid):
         raise TypeError(f"is_alive needs a Pid, got {pid!r}")
     return _embed.current().is_alive(pid)
+
+
+def processes() -> list[Pid]:
+    """Every live process of the node, the embedding process and the node's root
+    included, in start order. Never blocks."""
+    return _embed.current().processes()
+
+
+def info(pid: Pid, timeout: float = 1.0) -> dict[str, Any] | None:
+    """What the runtime knows of ``pid`` (OTP's ``process_info``), None if it is dead.
+
+    Keys: ``pid``, ``os_pid``, ``names`` (its registered names), ``memory``
+    (``{"rss": ..., "uss": ...}`` in bytes, from psutil), and what the process's own
+    runtime answers when asked: ``parent``, ``status`` (``"waiting"`` in the
+    runtime, ``"running"`` its own code, ``"exiting"``), ``message_queue_len``,
+    ``monitors`` (the processes it monitors), ``links``, ``children`` and
+    ``trap_exit``. A process busy in its own code answers when it next enters the
+    runtime: if it has not within ``timeout`` seconds, those keys are None and its
+    status is ``"running"``.
+
+    Blocks up to ``timeout`` seconds. Raises TypeError if ``pid`` is not a Pid.
+    """
+    if not isinstance(pid, Pid):
+        raise TypeError(f"info needs a Pid, got {pid!r}")
+    value = _checks.timeout(timeout, none=False)
+    assert value is not None
+    return _embed.current().process_info(pid, value)
 
 
 def shutdown(timeout: float = 5.0) -> None:

@@ -7,8 +7,8 @@ PUBLIC = {
     "AlreadyRegisteredError", "CallTimeout", "Crash", "Down", "Exit", "ExitError",
     "GenServer", "InvalidChildSpec", "NoProcError", "NoReply", "Pid", "ProcessError",
     "ReceiveTimeout", "Ref", "Reply", "StartError", "Stop", "acall", "areceive", "astop",
-    "call", "cast", "configure",
-    "demonitor", "exit", "is_alive", "is_clean_exit", "link", "monitor", "receive",
+    "call", "cast", "configure", "demonitor", "exit", "info", "is_alive", "processes",
+    "is_clean_exit", "link", "monitor", "receive",
     "register", "reply", "self", "send", "shutdown", "spawn", "spawn_monitor", "stop",
     "trap_exit", "unlink", "unregister", "whereis",
 }

@@ -13,7 +13,7 @@ import pytest
 
 import runtime
 from runtime import _embed
-from runtime.testing import assert_receive, tagged, wait_down
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
 
 def sleeper(seconds=60):
@@ -487,3 +487,62 @@ def test_a_preloaded_module_that_starts_a_thread_stops_the_node_from_starting(tm
     code, out, err, imports = _preload_script(tmp_path, START_A_THREAD="1")
     assert code != 0
     assert "preloading preloaded_mod left the node's root with 2 threads" in err
+
+
+def test_processes_lists_the_node_s_live_processes():
+    me = runtime.self()
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
+    listed = runtime.processes()
+    assert me in listed and pid in listed
+    assert runtime.testing.root() in listed
+    runtime.exit(pid, "kill")
+    wait_down(ref)
+    assert pid not in runtime.processes()
+
+
+class _Inspected(runtime.GenServer):
+    def init(self, arg):
+        runtime.trap_exit(True)
+        self.watched = runtime.spawn(time.sleep, 60, link=True)
+        runtime.monitor(arg)
+        return arg
+
+    def handle_call(self, request, from_, state):
+        if request == "busy":
+            time.sleep(1.0)  # sleep-ok: busy in its own code
+        return runtime.Reply(request, state)
+
+
+def test_info_reports_what_the_process_s_runtime_holds():
+    me = runtime.self()
+    server = _Inspected.start(me, name="inspected")
+    try:
+        runtime.send(server, "queued")  # not a call: stays in its mailbox
+        facts = runtime.info(server)
+        assert facts["pid"] == server and facts["os_pid"] == server.os_pid
+        assert facts["names"] == ["inspected"]
+        assert facts["status"] == "waiting" and facts["trap_exit"] is True
+        assert facts["monitors"] == [me]
+        assert len(facts["links"]) == 1 and facts["children"] == facts["links"]
+        assert facts["memory"]["rss"] > 0
+        mine = runtime.info(me)
+        assert mine["status"] == "running" and mine["parent"] is None
+    finally:
+        runtime.stop(server, timeout=10)
+    assert runtime.info(server) is None
+
+
+def test_info_of_a_process_busy_in_its_own_code_says_so_without_waiting_long():
+    server = _Inspected.start(runtime.self())
+    try:
+        import threading
+
+        busy = threading.Thread(target=runtime.call, args=(server, "busy"))
+        busy.start()
+        wait_until(lambda: runtime.info(server, timeout=0.05)["status"] == "running",
+                   what="the server to be busy")
+        facts = runtime.info(server, timeout=0.05)
+        assert facts["message_queue_len"] is None
+        busy.join(10)
+    finally:
+        runtime.stop(server, timeout=10)
