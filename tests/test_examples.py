@@ -27,3 +27,15 @@ def test_the_demo_runs_and_leaves_nothing_behind():
                    "one_for_all restarts", "left behind: 0"):
         assert marker in out, out
     assert "KeyError" in proc.stderr and "Traceback" in proc.stderr  # the crash is logged
+
+
+def test_the_readme_embedding_example_is_examples_embedding_and_runs():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Embedding in a service"):]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    example = open(os.path.join(REPO, "examples", "embedding.py")).read()
+    assert block in example
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "embedding.py")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("waiting"), proc.stdout
