@@ -6,6 +6,7 @@ import threading
 
 import runtime
 
+
 class Counter(runtime.GenServer):
     def init(self, start):
         return start
