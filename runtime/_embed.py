@@ -43,13 +43,14 @@ START_METHODS = ("fork", "spawn")
 _UNLOCKED_AGE = 60.0
 
 _start_method: str | None = None
-_preload: tuple[str, ...] = ()
+_preload: tuple[str, ...] | None = None
+_node_dir: str | None = None
 _start_lock = threading.Lock()
 _lock_fd = -1
 
 
-def configure(start_method: str | None, preload: Any) -> None:
-    global _start_method, _preload
+def configure(start_method: str | None, preload: Any, node_dir: str | None) -> None:
+    global _start_method, _preload, _node_dir
     if start_method is not None and start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if preload is not None:
@@ -61,6 +62,10 @@ def configure(start_method: str | None, preload: Any) -> None:
         _start_method = start_method
     if preload is not None:
         _preload = tuple(preload)
+    if node_dir is not None:
+        if not isinstance(node_dir, str) or not os.path.isdir(node_dir):
+            raise ValueError(f"node_dir must be an existing directory, got {node_dir!r}")
+        _node_dir = node_dir
 
 
 def current() -> Node:
@@ -77,6 +82,9 @@ def current() -> Node:
 
 
 def _base_dir() -> str:
+    chosen = _node_dir or os.environ.get("RUNTIME_NODE_DIR")
+    if chosen:
+        return chosen
     for candidate in ("/dev/shm", tempfile.gettempdir()):
         if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return candidate
@@ -114,6 +122,13 @@ def _remove_dead_nodes(base: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _preloaded() -> tuple[str, ...]:
+    if _preload is not None:
+        return _preload
+    names = os.environ.get("RUNTIME_PRELOAD", "")
+    return tuple(name.strip() for name in names.split(",") if name.strip())
 
 
 def _raise_nofile() -> None:
@@ -176,7 +191,7 @@ def _start_root(node: Node) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     plan = _launch.Plan(info, serial, slot, node.me, os.getpid(),
                         _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
-                        trap=True, target=(_root.main, (_preload,)), pdeathsig=False)
+                        trap=True, target=(_root.main, (_preloaded(),)), pdeathsig=False)
     try:
         popen = _launch.SpawnPopen(_launch.RuntimeProcess(plan, "runtime-root"))
     finally:

@@ -46,11 +46,12 @@ CHILD_EXIT_GRACE = 1.0
 SendFrame = Callable[[Pid, list[bytes], "float | None"], bool]
 
 
-def _log_exit(pid: Pid, reason: Any) -> None:
+def _log_exit(pid: Pid, names: list[str], reason: Any) -> None:
+    who = f"{pid!r} ({', '.join(names)})" if names else repr(pid)
     if isinstance(reason, Crash):
-        log.error("process %r crashed: %s\n%s", pid, reason, reason.traceback.rstrip())
+        log.error("process %s crashed: %s\n%s", who, reason, reason.traceback.rstrip())
     else:
-        log.error("process %r exited: %r", pid, reason)
+        log.error("process %s exited: %r", who, reason)
 
 
 class Exits:
@@ -246,7 +247,7 @@ class Exits:
                 reason, log_crash = stands, False
                 code = 0 if reason == "normal" else 1
             if log_crash and not is_clean_exit(reason):
-                _log_exit(me, reason)
+                _log_exit(me, self._names.own(), reason)
             with self._poller.lock:
                 try:
                     self._conns.drain_all()

@@ -141,6 +141,10 @@ class Names:
                     pass
         self._own.clear()
 
+    def own(self) -> list[str]:
+        """The names this process registered for itself."""
+        return sorted(self._own)
+
     def registered(self) -> list[tuple[str, Pid]]:
         """Every name held by a live process, with its holder."""
         out: list[tuple[str, Pid]] = []

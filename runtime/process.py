@@ -49,15 +49,16 @@ __all__ = [
 ]
 
 
-def configure(*, start_method: str | None = None, preload: Any = None) -> None:
+def configure(*, start_method: str | None = None, preload: Any = None,
+              node_dir: str | None = None) -> None:
     """Set node options; call before the first use of the runtime in this program.
-    Options left as None keep their value.
+    Options left as None keep their value; each has an environment variable that
+    sets its default.
 
     Args:
         start_method: ``"fork"`` (default; runtime processes fork their children,
             the fastest) or ``"spawn"`` (every process is a fresh interpreter, as
-            on macOS). The environment variable ``RUNTIME_START_METHOD`` sets the
-            default.
+            on macOS). ``RUNTIME_START_METHOD``.
         preload: names of modules the node's root imports when it starts. A process
             spawned from the embedding process unpickles its target itself, and so
             imports the modules it needs, as under ``multiprocessing``'s forkserver
@@ -65,14 +66,18 @@ def configure(*, start_method: str | None = None, preload: Any = None) -> None:
             inherited instead (``multiprocessing.set_forkserver_preload``; under
             the spawn start method every process imports its own). Only modules
             that start no thread at import: the node fails to start if the root
-            has more than one thread after preloading.
+            has more than one thread after preloading. ``RUNTIME_PRELOAD``
+            (comma-separated).
+        node_dir: where the node's directory is made (its sockets, process table
+            and names): ``/dev/shm`` by default, else the temporary directory.
+            ``RUNTIME_NODE_DIR``.
 
     Raises:
-        ValueError: unknown start method.
+        ValueError: unknown start method, or ``node_dir`` is not a directory.
         TypeError: ``preload`` is not a list of module names.
         ProcessError: the node has already started.
     """
-    _embed.configure(start_method, preload)
+    _embed.configure(start_method, preload, node_dir)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:

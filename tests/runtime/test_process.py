@@ -546,3 +546,49 @@ def test_info_of_a_process_busy_in_its_own_code_says_so_without_waiting_long():
         busy.join(10)
     finally:
         runtime.stop(server, timeout=10)
+
+
+def test_the_node_directory_goes_where_configured_and_the_env_preloads(tmp_path):
+    from .test_node import run_script
+
+    (tmp_path / "light_mod.py").write_text("import os\nLOADED_IN = os.getpid()\n")
+    proc = run_script("""
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import runtime, runtime.testing
+        if __name__ == "__main__":
+            runtime.configure(node_dir=sys.argv[1])
+            import light_mod
+            def where(main):
+                import light_mod
+                runtime.send(main, light_mod.LOADED_IN)
+            runtime.spawn(where, runtime.self())
+            loaded_in = runtime.receive(timeout=30)
+            print(runtime.testing.node_dir().startswith(sys.argv[1]),
+                  loaded_in == runtime.testing.root().os_pid)
+    """, str(tmp_path), env={"RUNTIME_PRELOAD": "light_mod"})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    fork = os.environ.get("RUNTIME_START_METHOD", "fork") == "fork"
+    assert out.split() == ["True", "True" if fork else "False"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("rt-")]
+
+
+def test_a_crash_report_names_the_process(tmp_path):
+    from .test_node import run_script
+
+    proc = run_script("""
+        import runtime
+        class Fragile(runtime.GenServer):
+            def handle_cast(self, request, state):
+                raise ValueError("broken on purpose")
+        if __name__ == "__main__":
+            pid = Fragile.start(None, name="fragile")
+            ref = runtime.monitor(pid)
+            runtime.cast(pid, "go")
+            runtime.receive(timeout=30, match=lambda m: getattr(m, "ref", None) == ref)
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "(fragile) crashed: ValueError: broken on purpose" in err
+    assert "Traceback (most recent call last)" in err
