@@ -105,8 +105,11 @@ def _remove_dead_nodes(base: str) -> None:
         path = os.path.join(base, entry)
         try:
             st = os.lstat(path)
-            if st.st_uid != uid:
-                continue
+        except OSError:
+            continue
+        if st.st_uid != uid:
+            continue
+        try:
             fd = os.open(os.path.join(path, "lock"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             if time.time() - st.st_mtime > _UNLOCKED_AGE:
@@ -159,7 +162,7 @@ def _start_node() -> Node:
     directory = tempfile.mkdtemp(prefix=f"rt-{os.getpid()}-", dir=base)
     lock_fd = -1
     try:
-        lock_fd = _root.hold_node_lock(directory)
+        lock_fd = _root.hold_node_lock(directory, create=True)
         os.mkdir(os.path.join(directory, "names"), 0o700)
         table = _table.Table(os.path.join(directory, "table"), create=True)
         node_id = int.from_bytes(os.urandom(4), "big") | 1

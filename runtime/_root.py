@@ -50,11 +50,18 @@ class Escalation(NamedTuple):
     pid: Pid
 
 
-def hold_node_lock(node_dir: str) -> int:
+def hold_node_lock(node_dir: str, create: bool = False) -> int:
     """Open the node's lock file and hold it (shared) as long as the descriptor stays
-    open: the node is alive (see ``_embed``)."""
-    fd = os.open(os.path.join(node_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    open: the node is alive (see ``_embed``). ``create``: make it, locked before it
+    appears under its name, so that no cleaner finds it unlocked."""
+    path = os.path.join(node_dir, "lock")
+    if not create:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+    fd = os.open(f"{path}.new", os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
+    os.rename(f"{path}.new", path)
     return fd
 
 
