@@ -4,10 +4,12 @@
 - ``kv.registry``: names to buckets; forgets a name when its bucket exits.
 - ``kv.start()`` / ``kv.stop()``: the supervision tree (``kv.supervisor``).
 - ``kv.command``: the TCP protocol's ``parse`` and ``run``.
-- ``python -m kv demo``: a narrated crash-recovery demo.
+- ``kv.server`` and ``kv.serve(host, port)``: the TCP server, in a tree of its own.
+- ``python -m kv demo``: a narrated crash-recovery demo; ``python -m kv serve``: the server.
 """
 
-from . import bucket, command, registry
+from . import bucket, command, registry, server
+from .server import serve
 from .supervisor import start, stop
 
-__all__ = ["bucket", "command", "registry", "start", "stop"]
+__all__ = ["bucket", "command", "registry", "serve", "server", "start", "stop"]
