@@ -90,15 +90,23 @@ def _serve_front(argv: list[str]) -> int:
     them, and its root then ends the whole node (that is how it cleans up after
     ``timeout`` or a service manager). In a session of its own, the service gets
     the signal only from here, and stops gracefully. If this process dies, the
-    service's stdin closes, and it stops too.
+    service's stdin closes, and it stops too. A second signal kills the service at
+    once (SIGKILL); the runtime's root then ends every process of its node and
+    removes the node's directory.
     """
     env = dict(os.environ, **{_SERVICE: "1"})
     service = subprocess.Popen([sys.executable, "-m", "kv", *argv], env=env,
                                stdin=subprocess.PIPE, start_new_session=True)
+    signals = 0
 
     def forward(signo: int, frame: Any) -> None:
+        nonlocal signals
+        signals += 1
         try:
-            service.send_signal(signal.SIGTERM)
+            if signals == 1:
+                service.send_signal(signal.SIGTERM)
+            else:
+                service.kill()
         except OSError:
             pass
 

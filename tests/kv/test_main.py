@@ -166,3 +166,15 @@ def test_kv_serve_in_an_embedding_script_returns_on_sigterm():
         served.assert_nothing_left()
     finally:
         served.kill()
+
+
+def test_a_second_signal_kills_at_once_and_leaves_nothing(serve):
+    served = serve("--port", "0")
+    with Client(served.port) as c:
+        assert c.request(b"CREATE s\r\n") == b"OK\r\n"
+        os.kill(served.proc.pid, signal.SIGSTOP)  # (so that both signals come together)
+        os.kill(served.proc.pid, signal.SIGINT)
+        os.kill(served.proc.pid, signal.SIGTERM)
+        os.kill(served.proc.pid, signal.SIGCONT)
+        assert served.wait() != 0
+    served.assert_nothing_left()

@@ -4,6 +4,7 @@ the guide's own server that issue 12 lists, over real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -184,6 +185,30 @@ def test_bad_input_gets_a_reply_for_every_line(port):
         c.send(b"\n".join(junk) + b"\n")
         assert [c.line() for _ in junk] == [b"UNKNOWN COMMAND"] * len(junk)
         assert c.request(b"CREATE fine\r\n") == b"OK\r\n"
+
+
+class _Touch:
+    """Unpickling this runs a command (what a server must never do with network data)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_nothing_that_comes_from_the_network_is_unpickled(port, tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Touch(marker), protocol=0) + b"\n"
+    value = b"".join(pickle.dumps(_Touch(marker)).split())  # (one word)
+    lines = payload.count(b"\n")
+    with Client(port) as c:
+        c.send(payload)
+        assert [c.line() for _ in range(lines)] == [b"UNKNOWN COMMAND"] * lines
+        assert c.request(b"CREATE s\r\n") == b"OK\r\n"
+        assert c.request(b"PUT s k " + value + b"\r\n") == b"OK\r\n"
+        assert c.request(b"GET s k\r\n") == value + b"\r\nOK\r\n"
+    assert not marker.exists()
 
 
 def test_half_a_line_then_gone_leaves_nothing_behind(port):
