@@ -35,7 +35,10 @@ counts); a longer line is answered with ``ERROR`` and the connection is closed,
 and a Connection never buffers more than that. More than ``max_connections``
 clients at once: the newcomer gets ``ERROR`` and is closed. A bucket that died
 while it held a request: ``ERROR`` and the connection is closed (the request's
-effect is unknown). Nothing that comes from the network is ever unpickled.
+effect is unknown); so too when the registry does not answer (the kv tree is
+restarting). Idle connections are kept; a client that does not read its replies
+for ``SEND_TIMEOUT`` seconds is disconnected. Nothing that comes from the network
+is ever unpickled.
 
 Stopping (:func:`stop`): the acceptor stops (the port is closed), then every
 Connection is sent SIGTERM: it answers the complete lines it has read, closes
@@ -142,8 +145,11 @@ def start(host: str = HOST, port: int = PORT, *, max_line: int = MAX_LINE,
     """Start the server's tree (see the module doc), linked to the caller, serving the
     kv registry ``registry_name`` (which must be running, see ``kv.start``).
 
-    Blocks until the acceptor listens. ``port`` 0 picks a free port: the port is
-    chosen here, once, so that a restarted acceptor listens on the same one.
+    Runs in the caller, which the tree's supervisor is linked to; blocks until the
+    acceptor listens. ``port`` 0 picks a free port: the port is chosen here, once,
+    so that a restarted acceptor listens on the same one. The registry is looked
+    up by name at each request that needs it: if it is not running, those
+    requests get ``ERROR``.
 
     Returns:
         The address it listens on, ``(host, port)``.
