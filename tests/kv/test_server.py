@@ -52,6 +52,17 @@ def bucket_of(name):
     return registry.lookup("kv.registry", name)
 
 
+def talk(client, *exchanges):
+    """Send each request on ``client`` and check its reply."""
+    for request, expected in exchanges:
+        assert client.request(request) == expected, request
+
+
+def assert_still_served(client):
+    """``client``, which created bucket "other", is served as before."""
+    talk(client, (b"PUT other k 1\r\n", b"OK\r\n"), (b"GET other k\r\n", b"1\r\nOK\r\n"))
+
+
 # ------------------------------------------------------------------ the guide
 
 
@@ -247,12 +258,9 @@ def test_a_bucket_killed_between_requests_is_not_found_and_others_carry_on(port)
         ref = runtime.monitor(doomed)
         os.kill(doomed.os_pid, signal.SIGKILL)
         assert wait_down(ref).reason == "killed"
-        assert a.request(b"GET doomed k\r\n") == b"NOT FOUND\r\n"
-        assert a.request(b"PUT doomed k 2\r\n") == b"NOT FOUND\r\n"
-        assert b.request(b"PUT other k 1\r\n") == b"OK\r\n"
-        assert b.request(b"GET other k\r\n") == b"1\r\nOK\r\n"
-        assert a.request(b"CREATE doomed\r\n") == b"OK\r\n"
-        assert a.request(b"GET doomed k\r\n") == b"\r\nOK\r\n"
+        talk(a, (b"GET doomed k\r\n", b"NOT FOUND\r\n"), (b"PUT doomed k 2\r\n", b"NOT FOUND\r\n"))
+        assert_still_served(b)
+        talk(a, (b"CREATE doomed\r\n", b"OK\r\n"), (b"GET doomed k\r\n", b"\r\nOK\r\n"))
 
 
 def test_a_name_created_again_elsewhere_is_found_by_a_connection_that_knew_the_old_one(port):
@@ -263,8 +271,7 @@ def test_a_name_created_again_elsewhere_is_found_by_a_connection_that_knew_the_o
         ref = runtime.monitor(old)
         Agent.stop(old, "shutdown")
         wait_down(ref)
-        assert b.request(b"CREATE s\r\n") == b"OK\r\n"
-        assert b.request(b"PUT s k new\r\n") == b"OK\r\n"
+        talk(b, (b"CREATE s\r\n", b"OK\r\n"), (b"PUT s k new\r\n", b"OK\r\n"))
         assert a.request(b"GET s k\r\n") == b"new\r\nOK\r\n"
 
 
@@ -288,8 +295,7 @@ def test_a_request_inside_a_dying_bucket_gets_error_and_a_close(port):
         a.send(b"GET doomed k\r\n")
         assert a.read_to_eof() == b"ERROR\r\n"
         assert wait_down(ref).reason == "killed"
-        assert b.request(b"PUT other k 1\r\n") == b"OK\r\n"
-        assert b.request(b"GET other k\r\n") == b"1\r\nOK\r\n"
+        assert_still_served(b)
 
 
 def test_a_killed_connection_process_does_not_affect_others(port):
