@@ -250,10 +250,7 @@ def serve(host: str = HOST, port: int = PORT, *, max_line: int = MAX_LINE,
             address = start(host, port, max_line=max_line, max_connections=max_connections)
             try:
                 for name in (kv_supervisor.SUPERVISOR, SUPERVISOR):
-                    pid = runtime.whereis(name)
-                    if pid is not None:
-                        watched.append((name, pid, runtime.monitor(pid),
-                                        os.pidfd_open(pid.os_pid)))
+                    watched.append(_watch(name))
                 if ready is None:
                     log.info("Accepting connections on %s:%d", *address)
                 else:
@@ -276,6 +273,28 @@ def serve(host: str = HOST, port: int = PORT, *, max_line: int = MAX_LINE,
             signal.signal(signo, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _watch(name: str) -> tuple[str, Pid, Any, int]:
+    """Monitor the process registered as ``name`` and open a pidfd on it.
+
+    Raises:
+        runtime.NoProcError: it is not running.
+    """
+    pid = runtime.whereis(name)
+    if pid is None:
+        raise runtime.NoProcError(name, "it stopped before the server was ready")
+    ref = runtime.monitor(pid)
+    try:
+        fd = os.pidfd_open(pid.os_pid)
+    except OSError:
+        fd = -1
+    if fd < 0 or not runtime.is_alive(pid):  # (alive after the open: the pidfd is its)
+        runtime.demonitor(ref, flush=True)
+        if fd >= 0:
+            os.close(fd)
+        raise runtime.NoProcError(name, "it stopped before the server was ready")
+    return name, pid, ref, fd
 
 
 def _wait_signal_or_exit(wake: int, watched: list[tuple[str, Pid, Any, int]]
