@@ -7,6 +7,7 @@ are in the README.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -37,3 +38,12 @@ def test_kv_benchmark_runs_and_reports_every_figure():
     for figure in ("registry create", "lookup at", "name gone", "supervisor restart",
                    "kv.stop()"):
         assert figure in output, output
+
+
+@pytest.mark.timeout(300)
+def test_kv_server_benchmark_runs_and_reports_every_figure():
+    output = run("kv_server_bench.py")
+    for shape in ("1 x 1", "8 x 1", "1 x 8", "8 x 8", "1 x 16", "8 x 16"):
+        assert len(re.findall(rf"^\s+{shape}\s+(put|get)\s", output, re.M)) == 2, output
+    for column in ("ours", "floor", "bound", "ours/floor", "ours/bound", "vs floor x1"):
+        assert column in output, output

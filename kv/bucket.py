@@ -1,5 +1,10 @@
 """A bucket: a key-value map held by an Agent, so a bucket is a real OS process.
 
+A bucket is a :class:`Bucket`, an Agent whose state is a dict: ``Agent.get``,
+``Agent.update`` and the rest work on it. It also takes a batch of plain
+operations (:func:`run`), so that no function travels with a request: that is
+how ``get``, ``put``, ``delete`` and the TCP server reach it.
+
 All functions block until the bucket answered (5 s at most) and raise
 ``runtime.NoProcError`` if the bucket is dead (the guide's "bucket can crash at
 any time": a put to a stopped bucket raises, it never hangs).
@@ -7,34 +12,68 @@ any time": a put to a stopped bucket raises, it never hangs).
 
 from __future__ import annotations
 
-from functools import partial
-from operator import methodcaller
+from collections.abc import Sequence
 from typing import Any
 
-from runtime import Agent, Pid
+import runtime
+from runtime import Agent, Pid, Reply
 from runtime import child_spec as specs
 
-__all__ = ["child_spec", "delete", "get", "put", "start_link"]
+__all__ = ["Bucket", "OPERATIONS", "child_spec", "delete", "get", "put", "run", "start_link"]
+
+OPERATIONS = ("get", "put", "delete")
+
+
+class Bucket(Agent):
+    """An Agent over a dict that also answers ``("$kv", operations)`` calls (see :func:`run`)."""
+
+    def handle_call(self, request: Any, from_: Any, state: Any) -> Any:
+        if request.__class__ is tuple and request[0] == "$kv":
+            return Reply(_apply(state, request[1]), state)
+        return super().handle_call(request, from_, state)
 
 
 def start_link() -> Pid:
-    """Start an empty bucket linked to the caller."""
-    return Agent.start_link(dict)
+    """Start an empty bucket linked to the caller. Blocks until it runs."""
+    return Bucket.start_link(dict)
+
+
+def run(bucket: Any, operations: Sequence[tuple[Any, ...]],
+        timeout: float | None = 5.0) -> list[Any]:
+    """Apply ``operations`` in order inside the bucket, as one request (no other
+    request runs in between), and return their results in a list:
+
+    - ``("get", key)``: the value, or None;
+    - ``("put", key, value)``: None;
+    - ``("delete", key)``: the value removed, or None.
+
+    Blocks until the bucket answered, at most ``timeout`` seconds.
+
+    Raises:
+        ValueError: an operation is not one of those (checked before anything is sent).
+        runtime.NoProcError: the bucket is dead.
+        runtime.ExitError: the bucket died while it held the request.
+        runtime.CallTimeout: no answer in time.
+    """
+    for operation in operations:
+        if operation[0] not in OPERATIONS or len(operation) != (3 if operation[0] == "put" else 2):
+            raise ValueError(f"not a bucket operation: {operation!r}")
+    return runtime.call(bucket, ("$kv", operations), timeout)  # type: ignore[no-any-return]
 
 
 def get(bucket: Any, key: Any) -> Any:
     """The value stored under ``key``, or None."""
-    return Agent.get(bucket, methodcaller("get", key))
+    return run(bucket, (("get", key),))[0]
 
 
 def put(bucket: Any, key: Any, value: Any) -> None:
     """Store ``value`` under ``key`` (replacing any old value)."""
-    Agent.update(bucket, partial(_put, key, value))
+    run(bucket, (("put", key, value),))
 
 
 def delete(bucket: Any, key: Any) -> Any:
     """Remove ``key``; return the value it had, or None. Atomic."""
-    return Agent.get_and_update(bucket, partial(_pop, key))
+    return run(bucket, (("delete", key),))[0]
 
 
 def child_spec(arg: Any = None) -> dict[str, Any]:
@@ -43,12 +82,19 @@ def child_spec(arg: Any = None) -> dict[str, Any]:
     return specs.make("kv.bucket", start_link, restart="temporary")
 
 
-# Module-level functions (not lambdas): they travel by reference, with plain pickle.
-
-def _put(key: Any, value: Any, state: dict[Any, Any]) -> dict[Any, Any]:
-    state[key] = value
-    return state
-
-
-def _pop(key: Any, state: dict[Any, Any]) -> tuple[Any, dict[Any, Any]]:
-    return state.pop(key, None), state
+def _apply(state: dict[Any, Any], operations: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Runs in the bucket's process."""
+    results: list[Any] = []
+    append = results.append
+    for operation in operations:
+        verb = operation[0]
+        if verb == "get":
+            append(state.get(operation[1]))
+        elif verb == "put":
+            state[operation[1]] = operation[2]
+            append(None)
+        elif verb == "delete":
+            append(state.pop(operation[1], None))
+        else:  # (run checks first: only a request made by hand gets here, and crashes us)
+            raise ValueError(f"not a bucket operation: {operation!r}")
+    return results
