@@ -462,7 +462,15 @@ class Node:
             return False
         with self.poller.lock:  # another thread could close the watch's descriptor
             alive = self.watches.is_alive(pid)
+            if alive is False:
+                # Dead, its death not handled yet: handle it now, so that what this
+                # process does next (a call: NoProcError) agrees with the answer.
+                w = self.watches.get(pid.serial)
+                if w is not None:
+                    self.handle_death(w)
         if alive is not None:
+            if alive is False:
+                self._after_events()
             return alive
         if self.table.state(pid.serial, pid.slot) == _table.EXITED:
             return False

@@ -329,3 +329,24 @@ def test_a_linked_server_crash_kills_its_non_trapping_starter():
         runtime.call(server, "crash")
     reason = wait_down(ref).reason
     assert isinstance(reason, runtime.Crash) and reason.message == "crash in handle_call"
+
+
+def test_a_call_after_is_alive_said_dead_raises_noproc_even_with_a_watch_on_it():
+    # Found by the TCP server's work: with a monitor (a watch) on it, the death was not
+    # handled yet when the call started, and the call raised ExitError.
+    import os
+    import signal
+
+    from runtime.testing import wait_until
+
+    class Quiet(runtime.GenServer):
+        pass
+
+    pid = Quiet.start(None)
+    ref = runtime.monitor(pid)
+    os.kill(pid.os_pid, signal.SIGKILL)
+    wait_until(lambda: not runtime.is_alive(pid), what="the server's death")
+    with pytest.raises(runtime.NoProcError):
+        runtime.call(pid, "hi")
+    assert runtime.receive(timeout=5, match=lambda m: getattr(m, "ref", None) == ref).reason \
+        == "killed"
