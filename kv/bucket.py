@@ -19,7 +19,10 @@ import runtime
 from runtime import Agent, Pid, Reply
 from runtime import child_spec as specs
 
-__all__ = ["Bucket", "OPERATIONS", "child_spec", "delete", "get", "put", "run", "start_link"]
+__all__ = [
+    "Bucket", "OPERATIONS", "adelete", "aget", "aput", "arun", "child_spec", "delete", "get",
+    "put", "run", "start_link",
+]
 
 OPERATIONS = ("get", "put", "delete")
 
@@ -55,10 +58,37 @@ def run(bucket: Any, operations: Sequence[tuple[Any, ...]],
         runtime.ExitError: the bucket died while it held the request.
         runtime.CallTimeout: no answer in time.
     """
+    return runtime.call(bucket, _request(operations), timeout)  # type: ignore[no-any-return]
+
+
+def _request(operations: Sequence[tuple[Any, ...]]) -> tuple[str, Sequence[tuple[Any, ...]]]:
     for operation in operations:
         if operation[0] not in OPERATIONS or len(operation) != (3 if operation[0] == "put" else 2):
             raise ValueError(f"not a bucket operation: {operation!r}")
-    return runtime.call(bucket, ("$kv", operations), timeout)  # type: ignore[no-any-return]
+    return ("$kv", operations)
+
+
+async def arun(bucket: Any, operations: Sequence[tuple[Any, ...]],
+               timeout: float | None = 5.0) -> list[Any]:
+    """:func:`run` for coroutines (``runtime.acall``): the same operations, results
+    and errors, awaited instead of blocking."""
+    result: list[Any] = await runtime.acall(bucket, _request(operations), timeout)
+    return result
+
+
+async def aget(bucket: Any, key: Any) -> Any:
+    """:func:`get`, awaited."""
+    return (await arun(bucket, (("get", key),)))[0]
+
+
+async def aput(bucket: Any, key: Any, value: Any) -> None:
+    """:func:`put`, awaited."""
+    await arun(bucket, (("put", key, value),))
+
+
+async def adelete(bucket: Any, key: Any) -> Any:
+    """:func:`delete`, awaited."""
+    return (await arun(bucket, (("delete", key),)))[0]
 
 
 def get(bucket: Any, key: Any) -> Any:

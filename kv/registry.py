@@ -25,7 +25,7 @@ from runtime import child_spec as specs
 
 from . import bucket
 
-__all__ = ["Registry", "create", "lookup", "start_link"]
+__all__ = ["Registry", "acreate", "alookup", "create", "lookup", "start_link"]
 
 
 def start_link(name: str | None = None, bucket_supervisor: Any = "kv.bucket_supervisor") -> Pid:
@@ -43,6 +43,20 @@ def lookup(server: Any, name: str) -> Pid | None:
     """The live bucket for ``name``, or None."""
     _check(name)
     return runtime.call(server, ("lookup", name))  # type: ignore[no-any-return]
+
+
+async def acreate(server: Any, name: str) -> Pid:
+    """:func:`create` for coroutines (``runtime.acall``)."""
+    _check(name)
+    pid: Pid = await runtime.acall(server, ("create", name))
+    return pid
+
+
+async def alookup(server: Any, name: str) -> Pid | None:
+    """:func:`lookup` for coroutines (``runtime.acall``)."""
+    _check(name)
+    pid: Pid | None = await runtime.acall(server, ("lookup", name))
+    return pid
 
 
 def _check(name: Any) -> None:

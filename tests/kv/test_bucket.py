@@ -56,3 +56,19 @@ def test_a_put_to_a_stopped_bucket_raises_and_does_not_hang(b):
     with pytest.raises(runtime.NoProcError):
         bucket.put(b, "milk", 3)
     runtime.receive(timeout=5, match=lambda m: isinstance(m, runtime.Exit) and m.pid == b)
+
+
+def test_the_async_client_reads_and_writes_like_the_sync_one(app):
+    import asyncio
+
+    from kv import registry
+
+    async def main():
+        b = await registry.acreate("kv.registry", "async shopping")
+        assert await registry.alookup("kv.registry", "async shopping") == b
+        await bucket.aput(b, "milk", 3)
+        assert await bucket.aget(b, "milk") == 3
+        assert await bucket.adelete(b, "milk") == 3
+        return await asyncio.gather(*(bucket.aget(b, k) for k in range(50)))
+
+    assert asyncio.run(main()) == [None] * 50
