@@ -52,7 +52,11 @@ async def answer(words: list[str]) -> str:
     return "ERROR"
 
 
+CLIENTS: set[asyncio.StreamWriter] = set()
+
+
 async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    CLIENTS.add(writer)
     try:
         while line := await reader.readline():
             reply = await answer(line.decode("utf-8", "replace").split())
@@ -61,6 +65,7 @@ async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     except (ConnectionError, runtime.ProcessError):
         pass
     finally:
+        CLIENTS.discard(writer)
         writer.close()
 
 
@@ -71,8 +76,11 @@ async def main(port: int) -> None:
         loop.add_signal_handler(signo, stop.set)
     server = await asyncio.start_server(serve_client, "127.0.0.1", port)
     print(server.sockets[0].getsockname()[1], flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    server.close()
+    for writer in list(CLIENTS):  # their handlers see the end of input and return
+        writer.transport.abort()
+    await server.wait_closed()
 
 
 if __name__ == "__main__":
