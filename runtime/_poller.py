@@ -10,12 +10,15 @@ reused) does no harm.
 
 Threads. Any thread may use the node. All node state is guarded by
 :attr:`Poller.lock`, taken only for short sections that never block and never
-run user code. One thread at a time polls (the *leader*); the others wait on a
-condition over the same lock and are woken when something was delivered. A
-thread that delivers something while another one polls wakes it through an
-eventfd, made the first time a second thread needs it. Should a leader vanish
-without handing over (an exception from a signal handler at the wrong moment),
-a follower takes over after ``LEASE`` seconds.
+run user code. One thread at a time polls (the *leader*); the others (the
+*followers*) wait with the lock released, each on a lock of its own that is
+released when something was delivered, so that an exception while they wait
+(Ctrl-C) leaves no lock half-taken. A thread that delivers something while
+another one polls wakes it through an eventfd, made the first time a second
+thread needs it. Should a leader vanish without handing over (an exception from
+a signal handler at the wrong moment), a follower that finds it gone for
+``LEASE`` seconds wakes it, and takes over if it has not come back a ``LEASE``
+later.
 
 Signals. A signal handler runs in the main thread between two bytecodes, so it
 could land inside a section and leave the node half-changed. The handlers the
@@ -43,6 +46,7 @@ from .errors import ProcessError
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 POLL_MAX = 1024  # events one epoll.poll returns at most
+_POLL_LONGEST = 86400.0  # one poll's timeout at most (epoll takes at most ~24 days)
 LEASE = 1.0
 # Cleanup jobs wait for an idle moment: this long without events. Once the oldest
 # has waited CLEANUP_DUE, or CLEANUP_MAX are pending, each wait runs one anyway.
@@ -129,13 +133,12 @@ class Poller:
     def __init__(self, on_events: OnEvents,
                  after_events: Callable[[], None]) -> None:
         self.lock = threading.Lock()
-        self._cond = threading.Condition(self.lock)
         self._epoll = select.epoll()
         self._owners: dict[int, Any] = {}
         self.fds = FdSet()
         self._leader = 0
-        self._lease = 0
-        self._followers = 0
+        self._followers: list[threading.Lock] = []  # one held lock each, released to wake
+        self._leader_since = 0.0  # when the leader last started or came back from a poll
         self._wake: _Wake | None = None
         self._jobs: list[Callable[[], None]] = []
         self._jobs_due = 0.0
@@ -210,8 +213,10 @@ class Poller:
     def _wait(self, ready: Callable[[], Any], deadline: float | None, me: int) -> Any:
         lock = self.lock
         polled = False
+        kicked = False
         while True:
             leading = False
+            waiter: threading.Lock | None = None
             events: list[tuple[int, int]] = []
             try:
                 with lock:
@@ -228,42 +233,52 @@ class Poller:
                         events = self._epoll.poll(0, POLL_MAX)
                         if events:
                             self._process(events)
-                            if self._followers:
-                                self._cond.notify_all()
-                    elif self._leader and self._leader != me and self._follow(timeout):
-                        continue
+                            self._wake_followers()
+                    elif self._leader and self._leader != me and not (
+                            kicked and self._leader_gone()):
+                        # The leader polls. If it has not come back for LEASE seconds,
+                        # kick it; take over if it has not come back a LEASE later.
+                        kicked = self._leader_gone()
+                        if kicked:
+                            self._wake_leader()
+                        waiter = threading.Lock()
+                        waiter.acquire()
+                        self._followers.append(waiter)
                     else:
                         self._leader = me
+                        self._leader_since = time.monotonic()
                         leading = True
                         timeout = self._poll_timeout(timeout)
+                if waiter is not None:
+                    # Another thread polls: wait to be woken (lock released: an exception
+                    # here, Ctrl-C, leaves nothing half-done).
+                    waiter.acquire(True, LEASE if timeout < 0 else min(timeout, LEASE))
+                    continue
                 if leading:
-                    events = self._epoll.poll(timeout, POLL_MAX)
+                    events = self._epoll.poll(min(timeout, _POLL_LONGEST), POLL_MAX)
             finally:
                 if leading:
                     with lock:
                         if self._leader == me:
                             self._leader = 0
-                        self._lease += 1
+                        self._leader_since = time.monotonic()
                         if events:
                             self._process(events)
                         elif self._jobs and not self._closed:
                             self._clean_up_idle()
-                        if self._followers:
-                            self._cond.notify_all()
+                        self._wake_followers()
             polled = True
             self._after_events()
 
-    def _follow(self, timeout: float) -> bool:
-        """Wait (lock held) while another thread polls. False if that thread has not
-        come back from a poll for LEASE seconds: the caller polls itself then."""
-        lease = self._lease
-        start = time.monotonic()
-        self._followers += 1
-        try:
-            self._cond.wait(LEASE if timeout < 0 else min(timeout, LEASE))
-        finally:
-            self._followers -= 1
-        return self._lease != lease or time.monotonic() - start < LEASE
+    def _leader_gone(self) -> bool:
+        return time.monotonic() - self._leader_since >= LEASE
+
+    def _wake_followers(self) -> None:
+        """Wake every thread waiting while another polls (lock held)."""
+        if self._followers:
+            followers, self._followers = self._followers, []
+            for waiter in followers:
+                waiter.release()
 
     def listen(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` (lock held, in whichever thread delivers) whenever
@@ -279,10 +294,13 @@ class Poller:
 
     def notify(self) -> None:
         """Something was delivered (lock held): wake the threads waiting for it."""
-        if self._followers:
-            self._cond.notify_all()
+        self._wake_followers()
         for listener in self._listeners:
             listener()
+        self._wake_leader()
+
+    def _wake_leader(self) -> None:
+        """Make a thread blocked in the poll come back (lock held)."""
         leader = self._leader
         if leader and leader != threading.get_ident():
             wake = self._wake
@@ -305,8 +323,7 @@ class Poller:
             if self._jobs:
                 self.run_jobs()
             self.poll_now()
-            if self._followers:
-                self._cond.notify_all()
+            self._wake_followers()
         self._after_events()
 
     def _process(self, events: list[tuple[int, int]]) -> None:
@@ -390,17 +407,18 @@ class Poller:
         self._epoll.close()
 
     def close(self, close_owner: Callable[[int, Any], None]) -> None:
-        """Wake every waiting thread (they raise ProcessError), give each registered
-        descriptor to ``close_owner(fd, owner)``, and close the epoll. Waits up to 2 s
-        for a polling thread to come back."""
+        """Wake every waiting thread (they raise ProcessError) and every listener, give
+        each registered descriptor to ``close_owner(fd, owner)``, and close the epoll.
+        Waits up to 2 s for a polling thread to come back."""
         with self.lock:
             self.run_jobs()
             self._closed = True
-            if self._leader and self._leader != threading.get_ident():
-                self.notify()
-                deadline = time.monotonic() + 2.0
-                while self._leader and time.monotonic() < deadline:
-                    self._cond.wait(0.05)
+            self.notify()
+        deadline = time.monotonic() + 2.0
+        while self._leader and self._leader != threading.get_ident() \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)  # (the poller wakes at once: notify wrote its eventfd)
+        with self.lock:
             for fd, owner in list(self._owners.items()):
                 if owner.__class__ is _Wake:
                     os.close(fd)
@@ -410,4 +428,8 @@ class Poller:
             self.fds = FdSet()
             self._wake = None
             self._epoll.close()
-            self._cond.notify_all()
+            self._wake_followers()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
