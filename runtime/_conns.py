@@ -150,7 +150,9 @@ class Connections:
                 of.discard(conn)
                 if not of:
                     del self._of[peer.serial]
-        conn.out.clear()
+        if conn.out:
+            conn.out.clear()
+            self._poller.notify()  # (a thread may wait for a write to it to end)
         conn.sock.close()
 
     def close_peer(self, serial: int) -> None:

@@ -89,13 +89,16 @@ def _after_fork_in_child() -> None:
         return
     _foreign_fork = True
     bury(node)
-    keep = node.table.fd
+    try:
+        node.table.mm.close()  # (the node's table is not this process's to write)
+    except (BufferError, ValueError):
+        pass
     try:
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         null = -1
-    for fd in node.descriptors().numbers():
-        if fd != keep and fd != null:
+    for fd in [*node.descriptors().numbers(), node.table.fd]:
+        if fd != null:
             try:
                 if null >= 0:
                     os.dup2(null, fd, inheritable=False)

@@ -265,8 +265,11 @@ def _wait_gone(popen: Any, timeout: float) -> bool:
 
         waiter = select.poll()
         waiter.register(fd, select.POLLIN)
-        if not waiter.poll(timeout * 1000):
-            return False
+        deadline = time.monotonic() + timeout
+        while not waiter.poll(min(timeout, 86400.0) * 1000):  # (poll takes an int)
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return False
     finally:
         os.close(fd)
     try:

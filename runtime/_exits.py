@@ -303,7 +303,7 @@ class Exits:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for fd, _ in waiter.poll(left * 1000):
+            for fd, _ in waiter.poll(min(left, 86400.0) * 1000):  # (poll takes an int)
                 waiter.unregister(fd)
                 waiting -= 1
         with self._poller.lock:

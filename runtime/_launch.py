@@ -42,7 +42,7 @@ from typing import Any
 from . import _compat, _current, _table, _wire
 from ._exits import SIG_EXIT
 from ._node import Node, NodeInfo
-from .errors import Crash, ProcessError
+from .errors import Crash, NoProcError, ProcessError
 from .pid import Pid
 
 _SIGINT = int(signal.SIGINT)
@@ -299,7 +299,12 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if node.is_main:
         root = node.info.root
         assert root is not None
-        pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args)), link, trap), 30.0)
+        try:
+            pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args)), link, trap), 30.0)
+        except NoProcError:
+            raise ProcessError(
+                "the node's root process has died, and every process of the node with "
+                "it: call runtime.shutdown(), then the next use starts a new node") from None
         if pid.__class__ is tuple and pid[0] == "$error":
             raise pid[1]  # the root could not fork (out of descriptors or processes)
         if not isinstance(pid, Pid):

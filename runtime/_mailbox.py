@@ -203,7 +203,11 @@ class Mailbox:
                 return None
             msg = got[0]
             if msg.__class__ is Raw:
-                msg = self._load(msg)
+                try:
+                    msg = self._load(msg)
+                except BaseException:  # Ctrl-C while it unpickled: the message stays
+                    self.put_back(got[0])
+                    raise
                 if msg is _BAD:
                     continue
             return (msg,)
@@ -311,7 +315,7 @@ class Mailbox:
     def _load(self, raw: Raw) -> Any:
         try:
             return raw.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # (its own code ran: a sys.exit too)
             log.error("%r dropped a message that cannot be unpickled here: %r",
                       self._owner, exc)
             return _BAD

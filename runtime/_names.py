@@ -22,6 +22,9 @@ from .errors import AlreadyRegisteredError, NoProcError
 from .pid import Pid
 
 _CACHE_MAX = 1024
+# The name as a symlink holds it, for registered(): hex-encoded, at most this many
+# bytes of it (a symlink holds at most 4,095; a longer name still works, shown cut).
+LABEL_MAX = 1900
 
 
 class Names:
@@ -68,7 +71,7 @@ class Names:
             AlreadyRegisteredError: a live process has the name.
         """
         path = self._path(name)
-        label = name.encode("utf-8", "surrogatepass")[:120].hex()
+        label = name.encode("utf-8", "surrogatepass")[:LABEL_MAX].hex()
         target = f"{pid.serial}:{pid.slot}:{pid.os_pid}:{label}"
         try:
             os.symlink(target, path)

@@ -295,7 +295,13 @@ class Node:
         if pid == self.me:
             raise ProcessError(f"{pid!r} called itself: that would deadlock")
         ref = next(self._refs)
-        frame = _wire.call(ref, _wire.dumps(request))
+        self._ask(pid, ref, _wire.call(ref, _wire.dumps(request)))
+        return ref
+
+    def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
+        """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting
+        for the write: a request that times out stays queued, as the messages before
+        it on the connection do (closing it would lose them)."""
         lock = self.poller.lock
         conns = self.conns
         with lock:
@@ -314,7 +320,6 @@ class Node:
             except BaseException:
                 self.end_call(pid, ref)
                 raise
-        return ref
 
     def call_result(self, ref: int) -> CallResult | None:
         """How the call ``ref`` ended, if it has."""
@@ -538,13 +543,11 @@ class Node:
             with self.poller.lock:
                 return self.state()
         ref = next(self._refs)
-        with self.poller.lock:
-            if not self.watches.add_call(pid, ref):
-                return None
-            self.mailbox.expect_reply(ref)
         try:
-            if not self._send(pid, _wire.info(ref), time.monotonic() + timeout):
-                return None
+            self._ask(pid, ref, _wire.info(ref))
+        except NoProcError:
+            return None
+        try:
             mailbox = self.mailbox
             result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
                                                          time.monotonic() + timeout)

@@ -50,6 +50,7 @@ class _Driver:
         self.downs: dict[Ref, asyncio.Future[Down]] = {}
         self.receives: list[tuple[Callable[[Any], bool] | None, asyncio.Future[Any]]] = []
         self.attached = False
+        self.fd = -1  # the node's descriptor, while attached (kept: it may close first)
         self.scheduled = False
 
     # -- the loop's watch -----------------------------------------------------
@@ -57,7 +58,8 @@ class _Driver:
     def _attach(self) -> None:
         if not self.attached:
             self.attached = True
-            self.loop.add_reader(self.node.fileno(), self._ready)
+            self.fd = self.node.fileno()
+            self.loop.add_reader(self.fd, self._ready)
             self.node.poller.listen(self._delivered)
         self._schedule()  # (it may be there already)
 
@@ -66,9 +68,9 @@ class _Driver:
             self.attached = False
             self.node.poller.unlisten(self._delivered)
             try:
-                self.loop.remove_reader(self.node.fileno())
+                self.loop.remove_reader(self.fd)
             except (ValueError, OSError):
-                pass  # the node was shut down
+                pass  # (the descriptor was closed with the node)
 
     def _delivered(self) -> None:
         """Something was delivered (any thread, the node's lock held): look soon."""
@@ -93,6 +95,9 @@ class _Driver:
     def _settle(self) -> None:
         """Resolve what has come (the loop's thread)."""
         self.scheduled = False
+        if self.node.poller.closed:
+            self._fail_all(ProcessError("the runtime node has been shut down"))
+            return
         mailbox = self.node.mailbox
         if self.calls or self.downs:
             with self.node.poller.lock:

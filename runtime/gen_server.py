@@ -254,8 +254,8 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
     """Start ``cls`` as a server process; see ``GenServer.start_link``."""
     if not (isinstance(cls, type) and issubclass(cls, GenServer)):
         raise TypeError(f"{cls!r} is not a GenServer subclass")
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"a registered name must be a str, got {name!r}")
+    if name is not None:
+        _checks.name(name)
     timeout = _checks.timeout(timeout, none=False)  # type: ignore[assignment]
     node = _embed.current()
     ref, starter = node.start_ack()

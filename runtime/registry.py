@@ -10,17 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _embed
+from . import _checks, _embed
 from .errors import NoProcError
 from .pid import Pid
 
 __all__ = ["register", "unregister", "whereis"]
-
-
-def _check(name: object) -> str:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a registered name must be a non-empty str, got {name!r}")
-    return name
 
 
 def register(name: str, pid: Pid) -> None:
@@ -29,9 +23,9 @@ def register(name: str, pid: Pid) -> None:
     Raises:
         AlreadyRegisteredError: a live process already has the name.
         NoProcError: ``pid`` is not alive.
-        TypeError: ``name`` is not a non-empty str.
+        TypeError, ValueError: ``name`` is not a str, or is empty.
     """
-    _check(name)
+    _checks.name(name)
     node = _embed.current()
     if not isinstance(pid, Pid) or not node.is_alive(pid):
         raise NoProcError(pid, "cannot register a dead process")
@@ -40,7 +34,7 @@ def register(name: str, pid: Pid) -> None:
 
 def whereis(name: str) -> Pid | None:
     """The live process registered under ``name``, or None. Never blocks."""
-    return _embed.current().names.whereis(_check(name))
+    return _embed.current().names.whereis(_checks.name(name))
 
 
 def unregister(name: str) -> None:
@@ -49,7 +43,7 @@ def unregister(name: str) -> None:
     Raises:
         NoProcError: no live process has the name.
     """
-    _embed.current().names.unregister(_check(name))
+    _embed.current().names.unregister(_checks.name(name))
 
 
 def resolve(dest: Any) -> Pid:

@@ -84,7 +84,7 @@ def test_names_are_arbitrary_strings(name):
 
 
 def test_bad_names_and_dead_processes_are_rejected():
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         runtime.register("", runtime.self())
     with pytest.raises(TypeError):
         runtime.register(42, runtime.self())

@@ -1,0 +1,287 @@
+"""Regression tests for what a user found by using the runtime adversarially, after
+the core's second pass was green: each failed before its fix.
+
+A case that wedges the node or the interpreter runs in a subprocess with a bounded
+wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+
+import pytest
+
+import runtime
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
+
+from .test_node import run_script
+
+# ------------------------------------------------------------------ helpers
+
+
+def _unsent_bytes(pid: runtime.Pid) -> int:
+    """(Internal) bytes queued to ``pid`` that the kernel has not taken yet."""
+    node = runtime._embed.current()
+    with node.poller.lock:
+        conn = node.conns.out_to(pid.serial)
+        return 0 if conn is None else conn.queued - conn.sent
+
+
+def _slow_reader(parent, delay):
+    """Busy in its own code for ``delay`` s (reads nothing), then reports what came."""
+    import time
+
+    time.sleep(delay)  # sleep-ok: a process busy in its own code
+    got = []
+    while True:
+        msg = runtime.receive(timeout=30)
+        if msg == "done":
+            break
+        got.append(msg[0])
+    runtime.send(parent, ("got", got))
+
+
+# --------------------------------------------- a request that times out
+
+
+def test_info_that_times_out_loses_no_message_queued_before_it():
+    """info() with a short timeout to a process that does not read: its INFO frame
+    waits behind big messages another thread is sending. It used to close the
+    connection at its timeout, losing those messages and leaving the sender blocked."""
+    me = runtime.self()
+    pid = runtime.spawn(_slow_reader, me, 1.5)
+    big = b"x" * (4 << 20)  # more than the socket buffers hold
+    sent = []
+
+    def sender():
+        for i in range(3):
+            runtime.send(pid, (i, big))
+            sent.append(i)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    wait_until(lambda: _unsent_bytes(pid) > 0, what="the big message queued")
+    info = runtime.info(pid, timeout=0.2)
+    assert info["status"] == "running"  # it did not answer: busy in its own code
+    thread.join(20)
+    assert not thread.is_alive() and sent == [0, 1, 2]
+    runtime.send(pid, "done")
+    assert assert_receive(tagged("got"), timeout=20)[1] == [0, 1, 2]
+
+
+def test_a_call_that_times_out_while_its_request_is_queued_loses_nothing():
+    me = runtime.self()
+    pid = runtime.spawn(_slow_reader, me, 1.0)
+    runtime.send(pid, (0, b"x" * (4 << 20)))  # (queued: the reader is busy)
+    with pytest.raises(runtime.CallTimeout):
+        runtime.call(pid, "anything", timeout=0.05)
+    runtime.send(pid, (1, b""))
+    runtime.send(pid, "done")
+    # (A guard: calls never waited for their write. It sees 0, the call, then 1.)
+    got = assert_receive(tagged("got"), timeout=20)[1]
+    assert got[0] == 0 and got[-1] == 1
+
+
+# ------------------------------------------------- messages and unpickling
+
+_interrupts: list[type[BaseException]] = []
+
+
+class _Interrupting:
+    """A message whose unpickling raises what ``_interrupts`` holds, once each."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if _interrupts:
+            raise _interrupts.pop(0)()
+
+
+def _receiver_interrupted(parent):
+    _interrupts.append(KeyboardInterrupt)
+    try:
+        runtime.receive(timeout=10)
+    except KeyboardInterrupt:
+        pass
+    msg = runtime.receive(timeout=10)  # the same message: it went back
+    runtime.send(parent, ("got", msg.value))
+
+
+def test_ctrl_c_while_a_taken_message_unpickles_puts_it_back():
+    pid = runtime.spawn(_receiver_interrupted, runtime.self())
+    runtime.send(pid, _Interrupting("kept"))
+    assert assert_receive(tagged("got"))[1] == "kept"
+    wait_down(runtime.monitor(pid))
+
+
+def _receiver_exiting(parent):
+    _interrupts.append(SystemExit)
+    first = runtime.receive(timeout=10)  # the bad one is dropped (and logged)
+    runtime.send(parent, ("got", first))
+
+
+def test_a_message_whose_unpickling_calls_sys_exit_is_dropped_not_obeyed():
+    pid = runtime.spawn(_receiver_exiting, runtime.self())
+    runtime.send(pid, _Interrupting("bad"))
+    runtime.send(pid, "next")
+    assert assert_receive(tagged("got"))[1] == "next"
+    wait_down(runtime.monitor(pid))
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+class _Echo(runtime.GenServer):
+    def handle_call(self, request, from_, state):
+        return runtime.Reply(request, state)
+
+
+@pytest.mark.parametrize("forever", [math.inf, 1e10, 30 * 86400.0])
+def test_huge_timeouts_wait_like_none(forever):
+    """They used to raise OverflowError from epoll, after the call was sent."""
+    pid = _Echo.start_link(None, timeout=forever)
+    try:
+        assert runtime.call(pid, "hi", timeout=forever) == "hi"
+        runtime.send(runtime.self(), "there")
+        assert runtime.receive(timeout=forever) == "there"
+    finally:
+        runtime.stop(pid, timeout=forever)
+
+
+def test_shutdown_with_an_infinite_timeout():
+    proc = run_script("""
+        import math, runtime
+        runtime.spawn(print, "x")
+        runtime.shutdown(math.inf)
+        runtime.shutdown(30 * 86400.0)
+        print("done")
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.endswith("done\n")
+
+
+def test_nan_timeout_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="timeout"):
+        runtime.receive(timeout=math.nan)
+
+
+# ------------------------------------------------------------------ asyncio
+
+
+def test_pending_areceive_and_acall_fail_at_once_when_another_thread_shuts_down():
+    proc = run_script("""
+        import asyncio, threading, time, runtime
+
+        class Slow(runtime.GenServer):
+            def handle_call(self, request, from_, state):
+                return runtime.NoReply(state)      # never answers
+
+        async def main():
+            pid = Slow.start(None)                 # (not linked: no Exit for us)
+            threading.Timer(0.3, runtime.shutdown).start()
+            t0 = time.monotonic()
+            results = await asyncio.gather(runtime.areceive(timeout=None),
+                                           runtime.acall(pid, "x", timeout=30),
+                                           return_exceptions=True)
+            print([type(r).__name__ for r in results], round(time.monotonic() - t0))
+
+        asyncio.run(main())
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # (the server is stopped first, then the node closes)
+    assert out.strip() == "['ProcessError', 'ExitError'] 0", (out, err)
+
+
+# ------------------------------------------------------------- a dead root
+
+
+def test_spawn_after_the_root_died_says_so_and_shutdown_recovers():
+    proc = run_script("""
+        import os, signal, runtime, runtime.testing
+        runtime.spawn(print, "warm")
+        root = runtime.testing.root()
+        ref = runtime.monitor(root)
+        os.kill(root.os_pid, signal.SIGKILL)
+        runtime.receive(timeout=10, match=lambda m: isinstance(m, runtime.Down) and m.ref == ref)
+        try:
+            runtime.spawn(print, "x")
+        except runtime.ProcessError as e:
+            print(type(e).__name__, "|", e)
+        runtime.shutdown()
+        pid = runtime.spawn(print, "again")
+        print("new node", runtime.is_alive(pid) in (True, False))
+        runtime.shutdown()
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "ProcessError | the node's root process has died" in out, out
+    assert "call runtime.shutdown()" in out
+    assert "new node True" in out
+
+
+# ------------------------------------------------------------------- names
+
+
+def _sleep_until_told():
+    runtime.receive(timeout=30)
+
+
+def test_a_long_name_is_listed_whole():
+    name = "n" * 1500 + "é"
+    pid = runtime.spawn(_sleep_until_told)
+    runtime.register(name, pid)
+    try:
+        assert runtime.whereis(name) == pid
+        assert name in runtime.testing.registered_names()
+    finally:
+        runtime.unregister(name)
+        runtime.send(pid, "go")
+        wait_down(runtime.monitor(pid))
+
+
+@pytest.mark.parametrize("bad, error", [("", ValueError), (3, TypeError)])
+def test_an_empty_or_non_str_name_is_rejected(bad, error):
+    with pytest.raises(error, match="registered name"):
+        _Echo.start_link(None, name=bad)
+    with pytest.raises(error, match="registered name"):
+        runtime.register(bad, runtime.self())
+    with pytest.raises(error, match="registered name"):
+        runtime.whereis(bad)
+
+
+# ------------------------------------------------------------- foreign fork
+
+
+def test_a_foreign_fork_keeps_none_of_the_nodes_files_open():
+    runtime.self()
+    table = runtime._embed.current().table.path
+    node_dir = os.path.dirname(table)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            held = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(node_dir):
+                    held.append(target)
+            with open("/proc/self/maps") as maps:
+                held += [line.split()[-1] for line in maps if node_dir in line]
+            os.write(w, repr(held).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        held = pipe.read()
+    os.waitpid(child, 0)
+    assert held == "[]", held
