@@ -42,7 +42,7 @@ def start_link() -> Pid:
 
 
 def run(bucket: Any, operations: Sequence[tuple[Any, ...]],
-        timeout: float | None = 5.0) -> list[Any]:
+        timeout: float | None = runtime.DEFAULT_TIMEOUT) -> list[Any]:
     """Apply ``operations`` in order inside the bucket, as one request (no other
     request runs in between), and return their results in a list:
 
@@ -69,7 +69,7 @@ def _request(operations: Sequence[tuple[Any, ...]]) -> tuple[str, Sequence[tuple
 
 
 async def arun(bucket: Any, operations: Sequence[tuple[Any, ...]],
-               timeout: float | None = 5.0) -> list[Any]:
+               timeout: float | None = runtime.DEFAULT_TIMEOUT) -> list[Any]:
     """:func:`run` for coroutines (``runtime.acall``): the same operations, results
     and errors, awaited instead of blocking."""
     result: list[Any] = await runtime.acall(bucket, _request(operations), timeout)

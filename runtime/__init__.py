@@ -26,6 +26,8 @@ from .gen_server import GenServer, NoReply, Reply, Stop, call, cast, reply, stop
 from .messages import Down, Exit
 from .pid import Pid, Ref
 from .process import (
+    DEFAULT_TIMEOUT,
+    Config,
     configure,
     demonitor,
     exit,
@@ -33,6 +35,7 @@ from .process import (
     is_alive,
     link,
     monitor,
+    options,
     processes,
     receive,
     self,
@@ -50,7 +53,9 @@ __all__ = [
     "Agent",
     "AlreadyRegisteredError",
     "CallTimeout",
+    "Config",
     "Crash",
+    "DEFAULT_TIMEOUT",
     "Down",
     "DynamicSupervisor",
     "Exit",
@@ -80,6 +85,7 @@ __all__ = [
     "is_clean_exit",
     "link",
     "monitor",
+    "options",
     "processes",
     "receive",
     "register",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import _config
 
 FOREVER = 1e8  # seconds (three years): a longer timeout waits as long as None does
 
@@ -44,3 +45,10 @@ def name(value: Any) -> str:
     if not value:
         raise ValueError("a registered name must not be empty")
     return value
+
+
+def call_timeout(value: Any) -> float | None:
+    """``timeout`` of a call: the configured one if ``DEFAULT_TIMEOUT``, else checked."""
+    if value is _config.DEFAULT_TIMEOUT:
+        return _config.call_timeout()
+    return timeout(value)

@@ -32,40 +32,27 @@ import threading
 import time
 from typing import Any
 
-from . import _current, _launch, _root, _table
+from . import _config, _current, _launch, _root, _table
 from ._node import Node, NodeInfo
 from .errors import ProcessError
 from .pid import Pid
 
-START_METHODS = ("fork", "spawn")
 # A node directory without a lock file is one being made, or left by a crash while
 # it was made: removed once it is this old.
 _UNLOCKED_AGE = 60.0
 
-_start_method: str | None = None
-_preload: tuple[str, ...] | None = None
-_node_dir: str | None = None
 _start_lock = threading.Lock()
 _lock_fd = -1
+NODE_OPTIONS = ("start_method", "preload", "node_dir", "warm_children")
 
 
-def configure(start_method: str | None, preload: Any, node_dir: str | None) -> None:
-    global _start_method, _preload, _node_dir
-    if start_method is not None and start_method not in START_METHODS:
-        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
-    if preload is not None:
-        if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
-            raise TypeError(f"preload must be a list of module names, got {preload!r}")
-    if _current.get() is not None:
-        raise ProcessError("configure() must be called before the runtime is first used")
-    if start_method is not None:
-        _start_method = start_method
-    if preload is not None:
-        _preload = tuple(preload)
-    if node_dir is not None:
-        if not isinstance(node_dir, str) or not os.path.isdir(node_dir):
-            raise ValueError(f"node_dir must be an existing directory, got {node_dir!r}")
-        _node_dir = node_dir
+def configure(options: dict[str, Any]) -> None:
+    """See ``runtime.configure``."""
+    checked = _config.check_options(options)
+    if _current.get() is not None and any(k in checked for k in NODE_OPTIONS):
+        raise ProcessError("configure() must be called before the runtime is first used "
+                           "(only call_timeout may change later)")
+    _config.set_options(checked)
 
 
 def current() -> Node:
@@ -81,8 +68,7 @@ def current() -> Node:
         return node
 
 
-def _base_dir() -> str:
-    chosen = _node_dir or os.environ.get("RUNTIME_NODE_DIR")
+def _base_dir(chosen: str | None) -> str:
     if chosen:
         return chosen
     for candidate in ("/dev/shm", tempfile.gettempdir()):
@@ -127,13 +113,6 @@ def _remove_dead_nodes(base: str) -> None:
             os.close(fd)
 
 
-def _preloaded() -> tuple[str, ...]:
-    if _preload is not None:
-        return _preload
-    names = os.environ.get("RUNTIME_PRELOAD", "")
-    return tuple(name.strip() for name in names.split(",") if name.strip())
-
-
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -153,11 +132,10 @@ def _listen_at(path: str) -> socket.socket:
 def _start_node() -> Node:
     """Start a node with the calling (embedding) process as its main process."""
     global _lock_fd
-    method = _start_method or os.environ.get("RUNTIME_START_METHOD") or "fork"
-    if method not in START_METHODS:
-        raise ValueError(f"RUNTIME_START_METHOD must be one of {START_METHODS}, got {method!r}")
+    config = _config.current()
+    method = config.start_method
     _raise_nofile()
-    base = _base_dir()
+    base = _base_dir(config.node_dir)
     _remove_dead_nodes(base)
     directory = tempfile.mkdtemp(prefix=f"rt-{os.getpid()}-", dir=base)
     lock_fd = -1
@@ -174,7 +152,7 @@ def _start_node() -> Node:
         info = NodeInfo(directory, os.urandom(32), node_id, me, root, method)
         node = Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
         node.extra_fds.append(lock_fd)
-        _start_root(node)
+        _start_root(node, config)
     except BaseException:
         if lock_fd >= 0:
             os.close(lock_fd)
@@ -186,7 +164,7 @@ def _start_node() -> Node:
     return node
 
 
-def _start_root(node: Node) -> None:
+def _start_root(node: Node, config: _config.Config) -> None:
     info = node.info
     assert info.root is not None
     serial, slot = info.root.serial, info.root.slot
@@ -194,7 +172,8 @@ def _start_root(node: Node) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     plan = _launch.Plan(info, serial, slot, node.me, os.getpid(),
                         _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
-                        trap=True, target=(_root.main, (_preloaded(),)), pdeathsig=False)
+                        trap=True, target=(_root.main, (config.preload, config.warm_children)),
+                        pdeathsig=False)
     try:
         popen = _launch.SpawnPopen(_launch.RuntimeProcess(plan, "runtime-root"))
     finally:

@@ -94,6 +94,7 @@ class Plan:
     default_signals: tuple[int, ...] = ()  # handlers of the parent's to drop
     sentinel: int = -1  # its end of its sentinel pipe, once known
     sigmask: Any = None  # under fork: the signal mask to restore once its handlers are set
+    warm: bool = False  # started ahead: waits for its target (see ``_root``)
     close: list[tuple[int, int]] | None = None  # under fork: the parent's descriptors
 
 
@@ -231,7 +232,8 @@ def _spawned_main(plan: Plan) -> None:
     _close_all_but([0, 1, 2, listen_fd, conn_fd, plan.sentinel])
     table = _table.Table(os.path.join(plan.info.dir, "table"))
     me = Pid(plan.info.node_id, plan.serial, plan.slot, os.getpid())
-    table.set_os_pid(plan.slot, me.os_pid)
+    if not plan.warm:  # (a warm child's is set when it is handed over)
+        table.set_os_pid(plan.slot, me.os_pid)
     node = Node(plan.info, me, socket.socket(fileno=listen_fd), table, is_main=False,
                 parent=plan.parent, trap=plan.trap)
     if plan.sentinel >= 0:
@@ -256,6 +258,8 @@ def _run(node: Node, plan: Plan) -> None:
         node.exit_process(doomed[0], log_crash=False)
     reason: Any = "normal"
     try:
+        if plan.warm:
+            plan.payload = _wait_for_target(node)
         fn, args = pickle.loads(plan.payload) if plan.payload is not None else plan.target
         plan.target = plan.payload = None
         fn(*args)
@@ -265,6 +269,22 @@ def _run(node: Node, plan: Plan) -> None:
     except BaseException as exc:
         reason = Crash.from_exception(exc)
     node.exit_process(reason)
+
+
+def _wait_for_target(node: Node) -> bytes:
+    """A warm child: connect to the embedding process ahead (what it spawns mostly
+    talks to it first), then wait for the target its parent, the root, hands over."""
+    main = node.info.main
+    node.connect_ahead(main)
+    msg = node.receive(None, _is_run)
+    _, payload, link_to = msg
+    if link_to is not None:
+        node.linked_by(link_to)
+    return payload  # type: ignore[no-any-return]
+
+
+def _is_run(msg: Any) -> bool:
+    return msg.__class__ is tuple and len(msg) == 3 and msg[0] == "$run"
 
 
 def _become_orphan_proof(parent_os_pid: int | None, default_signals: tuple[int, ...]) -> None:
@@ -320,10 +340,13 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
 
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
-                default_signals: tuple[int, ...] = (), name: str = "runtime") -> Pid:
+                default_signals: tuple[int, ...] = (), name: str = "runtime",
+                warm: bool = False) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
-    or the cloudpickled ``payload``. Returns once the OS process exists and can be
-    sent to; does not wait for it to run."""
+    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a ``("$run",
+    payload, link_to)`` message). Returns once the OS process exists and can be sent
+    to; does not wait for it to run. A warm child's OS pid is not in the table (it
+    is not listed among the node's processes) until it is handed over."""
     info = node.info
     spawned = info.start_method == "spawn"
     if spawned and payload is None:
@@ -350,7 +373,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
         plan = Plan(info, serial, slot, node.me, os.getpid(), InheritFd(listen.fileno()),
                     InheritFd(theirs.fileno()), link=link, link_to=link_to, trap=trap,
                     target=target, payload=payload, default_signals=default_signals,
-                    sentinel=sentinel[1])
+                    sentinel=sentinel[1], warm=warm)
         proc = RuntimeProcess(plan, f"{name}-{serial}")
         if spawned:
             popen = SpawnPopen(proc)
@@ -384,7 +407,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     node.poller.defer(held.clear)
             finally:
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
-        table.set_os_pid(slot, popen.pid)
+        if not warm:
+            table.set_os_pid(slot, popen.pid)
     except BaseException:
         if popen is None:
             if watch is not None:

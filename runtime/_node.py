@@ -298,6 +298,17 @@ class Node:
         self._ask(pid, ref, _wire.call(ref, _wire.dumps(request)))
         return ref
 
+    def connect_ahead(self, pid: Pid) -> None:
+        """Connect to ``pid`` now, if not yet, so that a first message to it later
+        costs no connection (best effort: nothing happens if it is gone)."""
+        with self.poller.lock:
+            if self.conns.out_to(pid.serial) is not None:
+                return
+        sock = self.conns.connect(pid, 1.0)
+        if sock is not None:
+            with self.poller.lock:
+                self.conns.adopt(sock, pid, hello=True)
+
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting
         for the write: a request that times out stays queued, as the messages before

@@ -334,10 +334,13 @@ class Poller:
             if owner is None:
                 continue
             if owner.__class__ is _Wake:
-                try:
-                    os.eventfd_read(fd)
-                except OSError:
-                    pass
+                # Only the thread it wakes clears it: had another thread (an event
+                # loop's pump) taken it, the leader would sleep on.
+                if self._leader == 0 or self._leader == threading.get_ident():
+                    try:
+                        os.eventfd_read(fd)
+                    except OSError:
+                        pass
                 continue
             batch.append((fd, mask, owner))
         if batch:

@@ -6,6 +6,10 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
 - forks the processes the embedding process spawns (the embedding process must
   never fork), so it is their parent and reaps them; it runs no user code: the
   targets it is given stay pickled until the new process unpickles them;
+- keeps ``warm_children`` of them started ahead, whenever it has nothing else to
+  do: a warm child has closed what it inherited, made its node and connected to
+  the embedding process, and waits for a target. A spawn hands one over, and is
+  then two messages (the request, the target) instead of a fork;
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -24,11 +28,13 @@ from __future__ import annotations
 import fcntl
 import heapq
 import importlib
+import logging
 import os
 import select
 import shutil
 import signal
 import time
+from collections import deque
 from typing import Any, NamedTuple
 
 from . import _current, _launch, _table
@@ -37,6 +43,8 @@ from ._node import Node
 from .errors import ReceiveTimeout
 from .messages import Down
 from .pid import Pid
+
+log = logging.getLogger(__name__)
 
 # Signals that end the whole node when the root gets them.
 ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -65,10 +73,11 @@ def hold_node_lock(node_dir: str, create: bool = False) -> int:
     return fd
 
 
-def main(preload: tuple[str, ...]) -> None:
+def main(preload: tuple[str, ...], warm_children: int) -> None:
     """The root's process function (its target). ``preload``: modules the user asked
     the root to import (``runtime.configure``), which the processes it forks then
-    inherit instead of importing each."""
+    inherit instead of importing each; ``warm_children``: how many to keep started
+    ahead."""
     # The runtime's own dependency, imported once here rather than in every child the
     # root forks: a target from the embedding process is unpickled with it.
     import cloudpickle  # noqa: F401
@@ -81,13 +90,13 @@ def main(preload: tuple[str, ...]) -> None:
                            f"{threads} threads: the processes it forks would inherit "
                            "locks those threads hold; preload only modules that start "
                            "no thread at import")
-    Root().run()
+    Root(warm_children).run()
 
 
 class Root:
     """The root's loop: spawn requests, escalations, orphans, the end of the node."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm_children: int) -> None:
         node = _current.get()
         assert node is not None
         self.node: Node = node
@@ -103,6 +112,9 @@ class Root:
         node.extra_fds.append(w)
         node.add_reader(r, self._on_signals)
         self.timers: list[Escalation] = []
+        self.warm: deque[Pid] = deque()  # started ahead, oldest first
+        self.warm_target = warm_children
+        self.warm_blocked = False  # the last start failed: none until the next spawn
 
     def run(self) -> None:
         node = self.node
@@ -110,10 +122,14 @@ class Root:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0].due - time.monotonic())
+            refill = len(self.warm) < self.warm_target and not self.warm_blocked
             try:
-                msg = node.receive(timeout, None)
+                msg = node.receive(0.0 if refill else timeout, None)
             except ReceiveTimeout:
                 msg = None
+                if refill:  # nothing else to do: start one ahead
+                    self._warm_one()
+                    continue
             if self.timers:
                 self._escalate_due()
             if msg.__class__ is tuple and msg:
@@ -142,15 +158,48 @@ class Root:
         if kind == "$spawn":
             _, payload, link, trap = request
             node = self.node
+            main = node.info.main if link else None
+            self.warm_blocked = False
+            if not trap:  # (a warm child could see an exit signal before its trap)
+                pid = self._take_warm()
+                if pid is not None:
+                    node.table.set_os_pid(pid.slot, pid.os_pid)
+                    node.send(pid, ("$run", payload, main))
+                    return pid
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,
                                        default_signals=(signal.SIGCHLD, *ENDING))
+        if kind == "$warm":
+            return [pid.os_pid for pid in self.warm]
         if kind == "$ping":
             return "pong"
         if kind == "$shutdown":
             self._teardown(graceful=True, timeout=request[1])
             return "ok"
         return ("$error", ValueError(f"unknown request {request!r}"))
+
+    def _warm_one(self) -> None:
+        """Start one child ahead; if that fails (no descriptors or processes left),
+        start no more until the next spawn."""
+        node = self.node
+        self.warm = deque(pid for pid in self.warm if node.is_alive(pid))
+        try:
+            pid = _launch.start_child(node, warm=True, default_signals=(signal.SIGCHLD, *ENDING))
+        except OSError as exc:
+            log.warning("could not start a child ahead (%s); trying again at the next "
+                        "spawn", exc)
+            self.warm_blocked = True
+            return
+        self.warm.append(pid)
+
+    def _take_warm(self) -> Pid | None:
+        """The oldest live warm child, taken out of the pool; None if there is none."""
+        node = self.node
+        while self.warm:
+            pid = self.warm.popleft()
+            if node.is_alive(pid):
+                return pid
+        return None
 
     def _escalate_due(self) -> None:
         """SIGKILL the doomed processes that did not run their exit path in time."""
@@ -242,6 +291,10 @@ class Root:
         node = self.node
         table = node.table
         skip = {node.me.serial, node.info.main.serial}
+        self.warm_target = 0
+        for pid in self.warm:  # (not in the table's list: their OS pid is not there)
+            table.set_os_pid(pid.slot, pid.os_pid)
+        self.warm.clear()
         if graceful:
             # One at a time, last started first, each gone before the next is asked (as
             # OTP stops applications), each with up to ``timeout`` seconds.

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._config import DEFAULT_TIMEOUT
 from .gen_server import GenServer, NoReply, Reply, call, cast, start_server, stop
 from .pid import Pid
 
@@ -75,19 +76,21 @@ class Agent(GenServer):
         return super().child_spec(fn)
 
     @staticmethod
-    def get(agent: Any, fn: Callable[[Any], Any], timeout: float | None = 5.0) -> Any:
+    def get(agent: Any, fn: Callable[[Any], Any],
+            timeout: float | None = DEFAULT_TIMEOUT) -> Any:
         """Return ``fn(state)``, computed in the agent. Blocks up to ``timeout`` seconds.
         Raises as ``call`` does (NoProcError for a dead agent)."""
         return call(agent, ("$agent_get", fn), timeout)
 
     @staticmethod
-    def update(agent: Any, fn: Callable[[Any], Any], timeout: float | None = 5.0) -> None:
+    def update(agent: Any, fn: Callable[[Any], Any],
+               timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Replace the state with ``fn(state)``; returns once done. Raises as ``call``."""
         call(agent, ("$agent_update", fn), timeout)
 
     @staticmethod
     def get_and_update(agent: Any, fn: Callable[[Any], tuple[Any, Any]],
-                       timeout: float | None = 5.0) -> Any:
+                       timeout: float | None = DEFAULT_TIMEOUT) -> Any:
         """``fn(state)`` returns ``(reply, new_state)``: store the new state, return the
         reply, atomically. Raises as ``call``."""
         return call(agent, ("$agent_get_and_update", fn), timeout)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _checks, _embed
+from ._config import DEFAULT_TIMEOUT
 from ._mailbox import CallResult
 from ._node import Node, call_outcome
 from .errors import CallTimeout, ExitError, NoProcError, ProcessError, ReceiveTimeout
@@ -181,7 +182,7 @@ async def _outcome(fut: asyncio.Future[Any], timeout: float | None) -> Any:
         return None
 
 
-async def acall(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
+async def acall(dest: Any, request: Any, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
     """``runtime.call`` for coroutines: send ``request`` to the GenServer ``dest`` and
     await its reply, the server's exit, or ``timeout`` seconds (None: forever).
 
@@ -190,7 +191,7 @@ async def acall(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
     timeout). Cancelling the await drops the call: a reply that comes later is
     discarded.
     """
-    timeout = _checks.timeout(timeout)
+    timeout = _checks.call_timeout(timeout)
     pid = resolve(dest)
     driver = _driver()
     node = driver.node

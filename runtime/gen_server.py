@@ -63,6 +63,7 @@ from typing import Any
 
 from . import _checks, _embed, _launch
 from . import child_spec as specs
+from ._config import DEFAULT_TIMEOUT
 from .errors import (
     AlreadyRegisteredError,
     CallTimeout,
@@ -110,12 +111,13 @@ class Stop:
     reply: Any = _NO_REPLY
 
 
-def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
+def call(dest: Any, request: Any, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
     """Send ``request`` to the GenServer ``dest`` and wait for its reply.
 
     Blocks until the reply, the server's exit, or ``timeout`` seconds (None waits
-    forever; 0 takes only a reply that is already there, so it times out). Safe
-    from any thread.
+    forever; 0 takes only a reply that is already there, so it times out; by
+    default ``runtime.configure(call_timeout=)``, 5 s unless set). Safe from any
+    thread.
 
     Raises:
         NoProcError: ``dest`` is dead, or no process has that name.
@@ -125,7 +127,7 @@ def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
         ProcessError: ``dest`` is the calling process (it would wait for itself).
         TypeError, ValueError: ``timeout`` is not a non-negative number or None.
     """
-    timeout = _checks.timeout(timeout)
+    timeout = _checks.call_timeout(timeout)
     return _embed.current().call(resolve(dest), request, timeout)
 
 

@@ -24,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _checks, _embed, _launch
+from . import _checks, _config, _embed, _launch
+from ._config import DEFAULT_TIMEOUT, Config
 from .errors import NoProcError
 from .pid import Pid, Ref
 from .registry import resolve
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "Config",
     "configure",
     "demonitor",
     "exit",
@@ -37,6 +40,7 @@ __all__ = [
     "is_alive",
     "link",
     "monitor",
+    "options",
     "processes",
     "receive",
     "self",
@@ -50,10 +54,12 @@ __all__ = [
 
 
 def configure(*, start_method: str | None = None, preload: Any = None,
-              node_dir: str | None = None) -> None:
-    """Set node options; call before the first use of the runtime in this program.
-    Options left as None keep their value; each has an environment variable that
-    sets its default.
+              node_dir: str | None = None, warm_children: int | None = None,
+              call_timeout: Any = None) -> None:
+    """Set the runtime's options, in code. Never blocks. Options left as None keep
+    their value; each has an environment variable that sets it when neither code
+    nor an earlier ``configure`` did. All but ``call_timeout`` are the node's: set
+    them before the first use of the runtime in this program.
 
     Args:
         start_method: ``"fork"`` (default; runtime processes fork their children,
@@ -71,13 +77,36 @@ def configure(*, start_method: str | None = None, preload: Any = None,
         node_dir: where the node's directory is made (its sockets, process table
             and names): ``/dev/shm`` by default, else the temporary directory.
             ``RUNTIME_NODE_DIR``.
+        warm_children: how many processes the root keeps started ahead for the
+            embedding process's spawns (default 2; 0 turns them off). A warm child
+            was forked from the root before the spawn and waits for its target: it
+            holds the root's state, which is the runtime, ``preload``'s modules and
+            no user state. ``RUNTIME_WARM_CHILDREN``.
+        call_timeout: the timeout of ``call``, ``acall`` and the Agent's calls when
+            none is given (default 5.0 s; ``math.inf``: none). May change at any
+            time. ``RUNTIME_CALL_TIMEOUT`` (seconds, or ``none``).
 
     Raises:
-        ValueError: unknown start method, or ``node_dir`` is not a directory.
-        TypeError: ``preload`` is not a list of module names.
-        ProcessError: the node has already started.
+        ValueError: unknown start method, ``node_dir`` is not a directory,
+            ``warm_children`` out of 0..64, a negative ``call_timeout``.
+        TypeError: ``preload`` is not a list of module names, or another option
+            has the wrong type.
+        ProcessError: a node option after the node has started.
     """
-    _embed.configure(start_method, preload, node_dir)
+    _embed.configure({"start_method": start_method, "preload": preload,
+                      "node_dir": node_dir, "warm_children": warm_children,
+                      "call_timeout": call_timeout})
+
+
+def options() -> Config:
+    """The options in force (a frozen ``Config`` record): ``configure``'s, else the
+    environment's, else the defaults. The node reads its options when it starts;
+    ``call_timeout`` is read at each call. Never blocks.
+
+    Raises:
+        ValueError, TypeError: an environment variable holds a bad value (it is named).
+    """
+    return _config.current()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:

@@ -80,6 +80,16 @@ def node_dir() -> str | None:
     return None if node is None else node.info.dir
 
 
+def warm_children() -> list[int]:
+    """OS pids of the processes the node's root keeps started ahead for spawns
+    (``runtime.configure(warm_children=)``): they are not the node's processes yet."""
+    node = _current.get()
+    if node is None or node.info.root is None or not node.is_main:
+        return []
+    pids: list[int] = node.call(node.info.root, ("$warm",), 10.0)
+    return pids
+
+
 def node_processes() -> list[int]:
     """OS pids of every live runtime process of this node except the embedding
     process and the node's root."""

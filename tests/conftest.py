@@ -16,9 +16,10 @@ runtime.configure(preload=["pytest", "psutil"])
 
 def _leftover_processes() -> list[psutil.Process]:
     root = testing.root()
+    warm = set(testing.warm_children())
     out = []
     for proc in psutil.Process().children(recursive=True):
-        if root is not None and proc.pid == root.os_pid:
+        if root is not None and proc.pid == root.os_pid or proc.pid in warm:
             continue
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:

@@ -10,7 +10,7 @@ PUBLIC = {
     "call", "cast", "configure", "demonitor", "exit", "info", "is_alive", "processes",
     "is_clean_exit", "link", "monitor", "receive",
     "register", "reply", "self", "send", "shutdown", "spawn", "spawn_monitor", "stop",
-    "trap_exit", "unlink", "unregister", "whereis",
+    "trap_exit", "unlink", "unregister", "whereis", "Config", "DEFAULT_TIMEOUT", "options",
 }
 
 

@@ -1,0 +1,161 @@
+"""The runtime's options (``configure``, ``options``, the environment) and the
+children the root starts ahead for the embedding process's spawns."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+
+import runtime
+from runtime import testing
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
+
+from .test_node import run_script
+
+
+class _Mute(runtime.GenServer):
+    def handle_call(self, request, from_, state):
+        return runtime.NoReply(state)
+
+
+# ------------------------------------------------------------------- options
+
+
+def test_options_shows_what_is_in_force():
+    opts = runtime.options()
+    assert isinstance(opts, runtime.Config)
+    assert opts.start_method in ("fork", "spawn")
+    assert opts.call_timeout == 5.0 and opts.warm_children == 2
+
+
+def test_the_default_call_timeout_is_configurable_at_any_time():
+    pid = _Mute.start_link(None)
+    try:
+        runtime.configure(call_timeout=0.2)
+        assert runtime.options().call_timeout == 0.2
+        with pytest.raises(runtime.CallTimeout, match="0.2"):
+            runtime.call(pid, "hi")
+        with pytest.raises(runtime.CallTimeout):
+            runtime.Agent.get(pid, lambda s: s)  # (Agent calls follow it too)
+        runtime.configure(call_timeout=math.inf)
+        assert runtime.options().call_timeout is None
+    finally:
+        runtime.configure(call_timeout=5.0)
+        runtime.stop(pid)
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("warm_children", -1, ValueError), ("warm_children", 65, ValueError),
+    ("warm_children", 1.5, TypeError), ("call_timeout", -1, ValueError),
+    ("call_timeout", "5", TypeError), ("start_method", "forkserver", ValueError),
+    ("node_dir", "/no/such/dir", ValueError), ("preload", "json", TypeError),
+])
+def test_configure_names_a_bad_option(option, value, error):
+    with pytest.raises(error, match=option):
+        runtime.configure(**{option: value})
+
+
+def test_node_options_cannot_change_once_it_runs():
+    runtime.self()
+    with pytest.raises(runtime.ProcessError, match="before the runtime is first used"):
+        runtime.configure(warm_children=0)
+
+
+def test_the_environment_sets_options_and_a_bad_value_is_named():
+    proc = run_script("""
+        import runtime
+        o = runtime.options()
+        print(o.warm_children, o.call_timeout, o.start_method)
+    """, env={"RUNTIME_WARM_CHILDREN": "0", "RUNTIME_CALL_TIMEOUT": "none",
+              "RUNTIME_START_METHOD": "fork"})
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == ["0", "None", "fork"], err
+    proc = run_script("""
+        import runtime
+        try:
+            runtime.spawn(len, "x")
+        except ValueError as e:
+            print(e)
+    """, env={"RUNTIME_WARM_CHILDREN": "many"})
+    out, err = proc.communicate(timeout=60)
+    assert "RUNTIME_WARM_CHILDREN must be an int, got 'many'" in out, err
+
+
+# ------------------------------------------------------------- warm children
+
+
+def _report(parent):
+    runtime.send(parent, ("ran", os.getpid(), os.getppid()))
+    runtime.receive(timeout=30)
+
+
+def _pool_full():
+    return len(testing.warm_children()) == runtime.options().warm_children
+
+
+def test_a_spawn_hands_over_a_child_started_ahead_and_the_pool_refills():
+    wait_until(_pool_full, what="the pool of warm children")
+    warm = testing.warm_children()
+    assert not set(warm) & {p.os_pid for p in runtime.processes()}  # not listed yet
+    pid = runtime.spawn(_report, runtime.self())
+    _, os_pid, parent = assert_receive(tagged("ran"))
+    assert os_pid == pid.os_pid == warm[0]  # the oldest one
+    assert parent == testing.root().os_pid
+    assert pid in runtime.processes()
+    wait_until(_pool_full, what="the pool refilled")
+    assert pid.os_pid not in testing.warm_children()
+    ref = runtime.monitor(pid)
+    runtime.send(pid, "go")
+    assert wait_down(ref).reason == "normal"
+
+
+def test_a_warm_child_spawned_linked_is_linked_and_its_crash_reason_is_true():
+    wait_until(_pool_full, what="the pool of warm children")
+    pid = runtime.spawn(_crash_when_told, link=True)
+    assert runtime.self() in runtime.info(pid)["links"]
+    ref = runtime.monitor(pid)
+    runtime.send(pid, "crash")
+    down = wait_down(ref)
+    assert isinstance(down.reason, runtime.Crash) and "told to" in str(down.reason)
+    exit_msg = assert_receive(lambda m: isinstance(m, runtime.Exit) and m.pid == pid)
+    assert exit_msg.reason == down.reason
+
+
+def _crash_when_told():
+    runtime.receive(timeout=30)
+    raise RuntimeError("told to")
+
+
+def test_a_dead_warm_child_is_skipped_and_replaced():
+    wait_until(_pool_full, what="the pool of warm children")
+    victim = testing.warm_children()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{victim}") or testing.is_zombie(victim),
+               what="the warm child dead")
+    pid = runtime.spawn(_report, runtime.self())
+    _, os_pid, _ = assert_receive(tagged("ran"))
+    assert os_pid != victim
+    wait_until(_pool_full, what="the pool refilled")
+    assert victim not in testing.warm_children()
+    ref = runtime.monitor(pid)
+    runtime.send(pid, "go")
+    wait_down(ref)
+
+
+def test_no_warm_children_when_turned_off_and_none_left_at_shutdown():
+    proc = run_script("""
+        import os, runtime, runtime.testing as t
+        def report(parent):
+            runtime.send(parent, os.getpid())
+        runtime.spawn(report, runtime.self())
+        runtime.receive(timeout=10)
+        print(t.warm_children(), runtime.options().warm_children)
+        root = t.root().os_pid
+        runtime.shutdown()
+        print(os.path.exists(f"/proc/{root}"))
+    """, env={"RUNTIME_WARM_CHILDREN": "0"})
+    out, err = proc.communicate(timeout=60)
+    assert out.split("\n")[:2] == ["[] 0", "False"], err
