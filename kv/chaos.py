@@ -836,7 +836,7 @@ class Chaos:
         DynamicSupervisor.which_children(kv_server.TASKS)
         _poll(lambda: self._connections() == 0, opts.recovery_timeout)
         fds = {name: _fds(os_pid) for name, os_pid in long_lived.items()}
-        files = self._dir_surplus()
+        files = self._dir_extra()
 
         deadline = time.monotonic() + opts.seconds
         self.clients = [Client(i, self.port, opts, self.seed * 1000 + i, deadline, self.stop,
@@ -893,12 +893,14 @@ class Chaos:
         except runtime.ProcessError:
             return -1
 
-    def _dir_surplus(self) -> int:
-        """Files in the node's directory beyond one per live process."""
+    def _dir_extra(self) -> set[str]:
+        """Files in the node's directory other than the live processes' (each has one,
+        named by its serial)."""
         directory = testing.node_dir()
         if directory is None:
-            return 0
-        return len(os.listdir(directory)) - len(runtime.processes())
+            return set()
+        live = {str(p.serial) for p in runtime.processes()}
+        return set(os.listdir(directory)) - live
 
     def _collect(self, stopped: float) -> None:
         r = self.report
@@ -931,7 +933,7 @@ class Chaos:
                                                   "intensity or was killed")
 
     def _check_leftovers(self, kv_sup: Pid, server_sup: Pid, root: Pid,
-                         long_lived: dict[str, int], fds: dict[str, int], files: int) -> None:
+                         long_lived: dict[str, int], fds: dict[str, int], files: set[str]) -> None:
         import psutil
 
         r = self.report
@@ -992,12 +994,14 @@ class Chaos:
             if now > before:
                 r.violation("leak", f"{name} (OS pid {os_pid}) has {now - before} more open "
                                     f"descriptors than at the start ({before} -> {now})")
-        _poll(lambda: self._dir_surplus() <= files, timeout)
-        now_files = self._dir_surplus()
-        r.checks["node directory files beyond one per process"] = f"{files} -> {now_files}"
-        if now_files > files:
-            r.violation("leak", f"the node's directory holds {now_files - files} more files "
-                                "(beyond one per live process) than at the start")
+        _poll(lambda: self._dir_extra() <= files, timeout)
+        stray = self._dir_extra() - files
+        r.checks["node directory"] = (f"{len(files)} files beside the live processes' at the "
+                                      f"start ({', '.join(sorted(files))}), "
+                                      f"{len(files) + len(stray)} at the end")
+        if stray:
+            r.violation("leak", f"the node's directory holds files of no live process: "
+                                f"{sorted(stray)} (named by serial)")
         self.family = psutil.Process().children(recursive=True)
 
 
@@ -1024,6 +1028,7 @@ class _Progress(threading.Thread):
         self.tty = self.out.isatty()
         self.done = threading.Event()
         self.started_at = time.monotonic()
+        self.last = ""
 
     def run(self) -> None:
         period = 0.25 if self.tty else 5.0
@@ -1053,8 +1058,9 @@ class _Progress(threading.Thread):
                 f"{errors} ERROR/closed; violations {violations}")
         if self.tty:
             self.out.write("\r\033[K" + line + ("\n" if final else ""))
-        else:
+        elif line != self.last:
             self.out.write(line + "\n")
+        self.last = line
         self.out.flush()
 
 
@@ -1083,9 +1089,7 @@ def format_report(r: Report, kinds: Iterable[str]) -> str:
         f"  connections: {r.connects:,} ({r.refused:,} attempts refused); longest stretch "
         f"without an answer: {_ms(r.longest_gap)}",
         "",
-        f"faults injected: {len(r.faults)}"
-        + (" (not injected: " + ", ".join(f"{k} {n}" for k, n in sorted(r.skipped.items()))
-           + ")" if r.skipped else ""),
+        f"faults injected: {len(r.faults)}",
         f"  {'kind':<24} {'n':>4} {'recovery p50':>13} {'p99':>10} {'max':>10}",
     ]
     for kind in kinds:
@@ -1097,9 +1101,14 @@ def format_report(r: Report, kinds: Iterable[str]) -> str:
         lines.append(f"  {kind:<24} {n:>4} {_ms(_percentile(times, 0.5)):>13} "
                      f"{_ms(_percentile(times, 0.99)):>10} {_ms(max(times)):>10}")
     lines += [
-        "  (recovery: from the fault until the name answers again (a bucket: its Down and a",
-        "  lookup without it; the registry or the bucket supervisor: a new tree answering),",
-        "  or until a new connection to the port is answered)",
+        "  (recovery: from the fault until the name answers again: for a bucket, its Down and",
+        "  a lookup without it; for the registry or the bucket supervisor, a new tree; for the",
+        "  others, a new connection to the port is answered)",
+    ]
+    if r.skipped:
+        lines.append("  not injected: "
+                     + ", ".join(f"{k} {n}" for k, n in sorted(r.skipped.items())))
+    lines += [
         "",
         "checks:",
         f"  values read back and checked: {r.values_checked:,}",
