@@ -335,7 +335,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
     try:
         if not spawned:
             sentinel = os.pipe()
-        serial, slot = table.allocate()
+        serial, slot = table.allocate(node.me.slot)
         path = info.sock_path(serial)
         listen.bind(path)
         listen.listen(BACKLOG)
@@ -380,6 +380,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
             finally:
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
         table.set_os_pid(slot, popen.pid)
+        table.started(node.me.slot)
     except BaseException:
         if popen is None:
             if watch is not None:
@@ -393,6 +394,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     os.close(fd)
             if slot >= 0:
                 table.free(slot)
+                table.started(node.me.slot)
             if path:
                 try:
                     os.unlink(path)
