@@ -1,5 +1,6 @@
 """Command line: ``python -m kv demo`` runs the crash-recovery demo; ``python -m kv
-serve`` runs the TCP server until SIGINT or SIGTERM."""
+serve`` runs the TCP server until SIGINT or SIGTERM; ``python -m kv chaos`` runs the
+server under load while it injects faults, and checks what the store promises."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ command per line), until SIGINT or SIGTERM, sent to this process or to its proce
 group. Then it stops accepting, answers the complete lines it has read, closes every
 connection, stops every process and exits with status 0. Any line-based client
 works, e.g. `nc 127.0.0.1 4040`.
+"""
+
+CHAOS_HELP = """\
+Run the kv tree and the TCP server (as `serve` does, on 127.0.0.1), drive load from
+several clients (PUT, GET, DELETE over TCP, each on buckets of its own, each
+checking what it reads back against what it wrote), and meanwhile SIGKILL or crash
+buckets, the registry, the bucket supervisor, connection processes, the task
+supervisor and the acceptor at random intervals. Live progress goes to stderr; at
+the end a report (operations, faults by kind, recovery times, the checks) goes to
+stdout. Exits with status 1 if any violation was found (a lookup that returns a
+bucket known dead, a value that was not written to that bucket since it was
+created, a stretch with no request answered, a process, zombie, descriptor or file
+left behind), and says which.
 """
 
 
@@ -68,7 +82,60 @@ def parser() -> argparse.ArgumentParser:
                        metavar="N",
                        help="clients served at once (each is a process); one more gets "
                             "ERROR and is closed (default: %(default)s)")
+    chaos = sub.add_parser("chaos", help="crash-recovery under load, with checks",
+                           description=CHAOS_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    chaos.add_argument("--seconds", type=_positive_float, default=30.0,
+                       help="how long the load and the faults last (default: %(default)s)")
+    chaos.add_argument("--clients", type=_positive, default=8,
+                       help="clients, each a thread with one connection at a time "
+                            "(default: %(default)s)")
+    chaos.add_argument("--seed", type=int, default=None,
+                       help="makes the faults (kinds, targets, order, intervals) and the "
+                            "clients' requests reproducible, timing aside (default: random, "
+                            "printed in the report)")
+    chaos.add_argument("--port", type=_port, default=0,
+                       help="the TCP port on 127.0.0.1 (default: 0, a free one)")
+    chaos.add_argument("--buckets", type=_positive, default=4,
+                       help="buckets per client (default: %(default)s)")
+    chaos.add_argument("--interval", type=_positive_float, default=0.25, metavar="SECONDS",
+                       help="mean time between faults (default: %(default)s)")
+    chaos.add_argument("--max-gap", type=_positive_float, default=2.0, metavar="SECONDS",
+                       help="the longest stretch with no request answered that is not a "
+                            "violation (default: %(default)s)")
+    chaos.add_argument("--kinds", type=_kinds, default=None, metavar="KIND,...",
+                       help="only these faults (default: all of "
+                            + ", ".join(_chaos_kinds()) + ")")
+    chaos.add_argument("--log", default=None, metavar="FILE",
+                       help="keep the processes' log (crash reports) in FILE (default: read "
+                            "for restart failures, then removed)")
+    chaos.add_argument("--json", default=None, metavar="FILE",
+                       help="also write the report as JSON to FILE")
     return top
+
+
+def _chaos_kinds() -> tuple[str, ...]:
+    from .chaos import KINDS
+
+    return KINDS
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in _chaos_kinds()]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds: {', '.join(unknown) or text!r}")
+    return kinds
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo()
+    if args.command == "chaos":
+        return _chaos(args)
     if os.environ.get(_SERVICE) == "1":
         return _serve_service(args)
     return _serve_front(argv)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from .chaos import KINDS, Options, run
+
+    return run(Options(seconds=args.seconds, clients=args.clients, seed=args.seed,
+                       port=args.port, buckets=args.buckets, interval=args.interval,
+                       max_gap=args.max_gap, kinds=args.kinds or KINDS, log=args.log,
+                       json=args.json))
 
 
 def _serve_front(argv: list[str]) -> int:

@@ -363,7 +363,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
     try:
         if not spawned:
             sentinel = os.pipe()
-        serial, slot = table.allocate()
+        serial, slot = table.allocate(node.me.slot)
         path = info.sock_path(serial)
         listen.bind(path)
         listen.listen(BACKLOG)
@@ -409,6 +409,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
         if not warm:
             table.set_os_pid(slot, popen.pid)
+        table.started(node.me.slot)
     except BaseException:
         if popen is None:
             if watch is not None:
@@ -422,6 +423,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     os.close(fd)
             if slot >= 0:
                 table.free(slot)
+                table.started(node.me.slot)
             if path:
                 try:
                     os.unlink(path)

@@ -257,10 +257,13 @@ class Root:
                 found = table.exited_slot_of(info.si_pid)
             if found is not None:
                 table.publish(found[0], found[1], info.si_code, info.si_status)
-                try:
-                    os.unlink(node.info.sock_path(found[0]))
-                except OSError:
-                    pass
+                unstarted = table.take_unstarted(found[1])  # (killed while it forked one)
+                for serial in (found[0], unstarted):
+                    if serial is not None:
+                        try:
+                            os.unlink(node.info.sock_path(serial))
+                        except OSError:
+                            pass
             try:
                 os.waitpid(info.si_pid, 0)
             except ChildProcessError:

@@ -64,6 +64,10 @@ _SERIAL = struct.Struct("<Q")
 _OS_PID_OFF = 8
 _STATE_OFF = 12
 _TRAP_OFF = 13
+# In the 8 bytes after a slot's fields: the slot (+1) of the child the process is
+# starting, until that child has its OS pid (see allocate and take_unstarted).
+_UNSTARTED_OFF = _SLOT.size
+_UNSTARTED = struct.Struct("<I")
 _ENTRY = struct.Struct("<QI4x")  # an entry's position and length, before its pickle
 _PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
 
@@ -199,9 +203,13 @@ class Table:
 
     # -- slots -----------------------------------------------------------------
 
-    def allocate(self) -> tuple[int, int]:
+    def allocate(self, owner: int | None = None) -> tuple[int, int]:
         """Reserve a slot for a new process. Returns (serial, slot). The slot is ALIVE
-        with os_pid 0 until :meth:`set_os_pid`."""
+        with os_pid 0 until :meth:`set_os_pid`.
+
+        ``owner``, the slot of the process starting it, records the new slot as that
+        process's unstarted child until :meth:`started`: if the owner is killed
+        before, whoever handles its death frees the slot (:meth:`take_unstarted`)."""
         mm = self.mm
         self._lock()
         try:
@@ -214,8 +222,36 @@ class Table:
             else:
                 raise RuntimeError("the node's process table is full")
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
+            _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _UNSTARTED_OFF, 0)
+            if owner is not None:
+                _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
             return serial, slot
+        finally:
+            self._unlock()
+
+    def started(self, owner: int) -> None:
+        """The child that ``owner`` was starting has its OS pid (or was given back)."""
+        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, 0)
+
+    def take_unstarted(self, owner: int) -> int | None:
+        """Called for a dead process (slot ``owner``): if it died while starting a child
+        that has no OS pid yet, free that child's slot and return its serial (its socket
+        file is for the caller to remove). Such a child never ran, or dies now of its
+        parent's death before it runs anything; nobody was given its Pid."""
+        mm = self.mm
+        self._lock()
+        try:
+            off = _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF
+            child = _UNSTARTED.unpack_from(mm, off)[0] - 1
+            if child < 0:
+                return None
+            _UNSTARTED.pack_into(mm, off, 0)
+            serial, os_pid = struct.unpack_from("<QI", mm, _SLOTS + _SLOT_SIZE * child)
+            if os_pid != 0 or mm[_SLOTS + _SLOT_SIZE * child + _STATE_OFF] != ALIVE:
+                return None
+            mm[_SLOTS + _SLOT_SIZE * child + _STATE_OFF] = FREE
+            return int(serial)
         finally:
             self._unlock()
 

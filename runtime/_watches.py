@@ -345,10 +345,13 @@ class Watches:
         if self._table.state(pid.serial, pid.slot) != _table.EXITED:
             code, value = IN_TABLE if status is None else status
             self._table.publish(pid.serial, pid.slot, code, value)
-        try:
-            os.unlink(self._sock_path(pid.serial))
-        except OSError:
-            pass
+        unstarted = self._table.take_unstarted(pid.slot)  # (killed while it forked one)
+        for serial in (pid.serial, unstarted):
+            if serial is not None:
+                try:
+                    os.unlink(self._sock_path(serial))
+                except OSError:
+                    pass
 
     def unreaped_fds(self) -> list[int]:
         """The sentinels of dead children not reaped yet (still open)."""
