@@ -959,7 +959,8 @@ class Chaos:
         left = [] if _poll(lambda: not extra(), timeout) else extra()
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
-        known = {p.os_pid for p in runtime.processes()}
+        # (the children the root keeps started ahead are not the node's processes yet)
+        known = {p.os_pid for p in runtime.processes()} | set(testing.warm_children())
 
         def family() -> tuple[list[int], list[int]]:
             unknown, zombies = [], []
