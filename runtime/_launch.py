@@ -294,12 +294,15 @@ def _close_all_but(keep: list[int]) -> None:
 
 
 def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
-          trap: bool = False) -> Pid:
-    """Start ``fn(*args)`` in a new runtime process; see ``runtime.spawn``."""
+          trap: bool = False, shown: Any = None) -> Pid:
+    """Start ``fn(*args)`` in a new runtime process; see ``runtime.spawn``. ``shown``:
+    what a TypeError names if the target must be pickled and cannot be (default
+    ``(fn, args)``)."""
     if node.is_main:
         root = node.info.root
         assert root is not None
-        pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args)), link, trap), 30.0)
+        pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args), shown), link, trap),
+                        30.0)
         if pid.__class__ is tuple and pid[0] == "$error":
             raise pid[1]  # the root could not fork (out of descriptors or processes)
         if not isinstance(pid, Pid):
@@ -310,19 +313,20 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if threading.get_ident() != threading.main_thread().ident:
         raise ProcessError("spawn from a runtime process must run on its main thread "
                            "(a fork from another thread would not be safe)")
-    return start_child(node, (fn, args), link=link, trap=trap)
+    return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
-                default_signals: tuple[int, ...] = (), name: str = "runtime") -> Pid:
+                default_signals: tuple[int, ...] = (), name: str = "runtime",
+                shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
     or the cloudpickled ``payload``. Returns once the OS process exists and can be
     sent to; does not wait for it to run."""
     info = node.info
     spawned = info.start_method == "spawn"
     if spawned and payload is None:
-        payload, target = _wire.dumps_code(target), None
+        payload, target = _wire.dumps_code(target, shown), None
     table = node.table
     listen: socket.socket | None
     theirs: socket.socket | None

@@ -78,3 +78,107 @@ def sends_its_hello(main: runtime.Pid, target_serial: int) -> None:
     node = _embed.current()
     runtime.send(main, ("hello", _wire.hello(node.info.key, node.me, target_serial)))
     time.sleep(600)  # sleep-ok: a process that blocks until it is killed
+
+
+class Echo(runtime.GenServer):
+    def handle_call(self, request: object, from_: object, state: object) -> runtime.Reply:
+        return runtime.Reply(request, state)
+
+
+class Trapping(Echo):
+    """Traps exits and tells ``state`` (a Pid) each message it gets."""
+
+    def init(self, arg: object) -> object:
+        runtime.trap_exit(True)
+        return arg
+
+    def handle_info(self, msg: object, state: object) -> runtime.NoReply:
+        runtime.send(state, ("info", msg))
+        return runtime.NoReply(state)
+
+
+class HangsInInit(runtime.GenServer):
+    """Starts a child, tells ``arg`` (a Pid) their OS pids, then never returns."""
+
+    def init(self, arg: object) -> object:
+        child = runtime.spawn(sleeper)
+        runtime.send(arg, ("in init", os.getpid(), child.os_pid))
+        time.sleep(600)  # sleep-ok: an init that never returns
+        return arg
+
+
+class NeverReturns(runtime.GenServer):
+    """``("hang", tell)``: tells ``tell`` it is in the callback, which never returns."""
+
+    def handle_call(self, request: object, from_: object, state: object) -> runtime.Reply:
+        runtime.send(request[1], ("in callback", runtime.self()))  # type: ignore[index]
+        time.sleep(600)  # sleep-ok: a callback that never returns
+        return runtime.Reply(None, state)
+
+
+class CallsItself(runtime.GenServer):
+    def handle_call(self, request: object, from_: object, state: object) -> runtime.Reply:
+        try:
+            runtime.call(runtime.self(), "again", timeout=60)
+        except runtime.ProcessError as exc:
+            return runtime.Reply((type(exc).__name__, str(exc)), state)
+        return runtime.Reply("no error", state)
+
+
+class BadReply(runtime.GenServer):
+    def handle_call(self, request: object, from_: object, state: object) -> runtime.Reply:
+        import threading
+
+        return runtime.Reply(threading.Lock(), state)
+
+
+def big_message_peak(size: int, to: runtime.Pid | None, main: runtime.Pid) -> None:
+    """Send ``size`` bytes to ``to`` (or receive them if None), then report to ``main``
+    the time it took and how far the peak RSS rose above the RSS before."""
+    import resource  # noqa: F401  (the peak comes from /proc: it can be reset there)
+
+    if to is None:
+        runtime.send(main, ("ready", runtime.self()))
+    before = reset_peak()
+    started = time.monotonic()
+    if to is None:
+        got = runtime.receive(timeout=120)
+        length = len(got)
+        del got
+    else:
+        runtime.send(to, filled(size))
+        length = size
+    runtime.send(main, ("peak", "receiver" if to is None else "sender", length,
+                        time.monotonic() - started, peak() - before))
+    runtime.receive(timeout=60, match=lambda m: m == "bye")
+
+
+def reset_peak() -> int:
+    """Reset this process's peak RSS to its RSS (``clear_refs``); the RSS, in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def peak() -> int:
+    """This process's peak RSS since the last reset, in bytes."""
+    return _status("VmHWM")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+
+def sends_on_go(main: runtime.Pid, msg: object) -> None:
+    runtime.receive(timeout=30, match=lambda m: m == "go")
+    runtime.send(main, msg)
+
+
+def filled(size: int) -> bytes:
+    """``size`` bytes on pages of their own (``bytes(size)`` maps the zero page, which
+    RSS does not count until written)."""
+    return bytes(range(256)) * (size // 256)
