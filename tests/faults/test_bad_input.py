@@ -64,6 +64,22 @@ def test_an_argument_to_start_that_cannot_be_pickled_is_a_type_error_naming_it(b
     assert sorted(os.listdir(testing.node_dir())) == files
 
 
+@pytest.mark.parametrize("trapping", [False, True], ids=["target-does-not-trap", "target-traps"])
+def test_an_exit_reason_that_cannot_be_pickled_is_a_type_error_whatever_the_target(
+        bystander, trapping):
+    # Found here: a target that traps raised TypeError, one that does not died with
+    # the reason's repr as its reason.
+    me = runtime.self()
+    target = (_actors.Trapping if trapping else _actors.Echo).start(me)
+    try:
+        with pytest.raises(TypeError, match="cannot send <unlocked _thread.lock"):
+            runtime.exit(target, threading.Lock())
+        assert runtime.call(target, "alive") == "alive"
+    finally:
+        runtime.stop(target)
+    testing.flush_mailbox()
+
+
 def test_a_request_or_message_that_cannot_be_pickled_is_a_type_error_and_changes_nothing(
         bystander):
     lock = threading.Lock()
