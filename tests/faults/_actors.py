@@ -182,3 +182,42 @@ def filled(size: int) -> bytes:
     """``size`` bytes on pages of their own (``bytes(size)`` maps the zero page, which
     RSS does not count until written)."""
     return bytes(range(256)) * (size // 256)
+
+
+class Actor(runtime.GenServer):
+    """The property test's process: ``arg = (main, trap)``. Calls: ``("link", pid)``
+    (answers "ok", or "noproc" when the link raised NoProcError), ``("exit", pid,
+    reason)`` (``runtime.exit``, then "ok"). Casts: "crash"
+    (raises). Messages: ``("ping", n)`` is answered with ``("pong", me, n)``; an
+    ``Exit`` (it traps) is told to ``main`` as ``("trapped", me, from, reason)``."""
+
+    def init(self, arg: tuple[runtime.Pid, bool]) -> runtime.Pid:
+        main, trap = arg
+        if trap:
+            runtime.trap_exit(True)
+        return main
+
+    def handle_call(self, request: object, from_: object, state: object) -> runtime.Reply:
+        if isinstance(request, tuple) and request[0] == "link":
+            try:
+                runtime.link(request[1])
+            except runtime.NoProcError:
+                return runtime.Reply("noproc", state)
+            return runtime.Reply("ok", state)
+        if isinstance(request, tuple) and request[0] == "exit":
+            runtime.exit(request[1], request[2])
+            return runtime.Reply("ok", state)
+        return super().handle_call(request, from_, state)  # type: ignore[return-value]
+
+    def handle_cast(self, request: object, state: object) -> runtime.NoReply:
+        if request == "crash":
+            raise RuntimeError("crash on request")
+        return super().handle_cast(request, state)  # type: ignore[return-value]
+
+    def handle_info(self, msg: object, state: object) -> runtime.NoReply:
+        me = runtime.self()
+        if isinstance(msg, runtime.Exit):
+            runtime.send(state, ("trapped", me, msg.pid, msg.reason))
+        elif isinstance(msg, tuple) and msg[0] == "ping":
+            runtime.send(state, ("pong", me, msg[1]))
+        return runtime.NoReply(state)
