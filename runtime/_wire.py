@@ -24,14 +24,10 @@ code that unpickling may run (``__setstate__``, an import) is free to use the
 runtime.
 
 The first frame of a connection is a HELLO, plain binary, which proves the
-node's random key: ``HMAC(key, connector serial | connector OS pid | its start
-time | target serial)``. The acceptor checks it against the peer pid the kernel
-reports (``SO_PEERCRED``) and that process's start time (``/proc/<pid>/stat``),
-and closes the connection unless it holds; nothing from a connection is
-unpickled before that. The start time makes a HELLO good only from the process
-that made it: a recording replayed by a later process that got the same pid
-fails (a challenge would do that too, but would make the first send to a
-process wait until that process polls).
+node's random key: ``HMAC(key, connector serial | connector OS pid | target
+serial)``. The acceptor checks it against the peer pid the kernel reports
+(``SO_PEERCRED``) and closes the connection unless it holds; nothing from a
+connection is unpickled before that.
 
 Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 (lambdas, closures, classes defined in ``__main__``): that is where code travels.
@@ -134,46 +130,22 @@ _HELLO = struct.Struct("!4sQII32s")
 _MAGIC = b"RTH1"
 
 
-_own_start = (0, 0)  # (OS pid, its start time): this process's, once read
-
-
-def start_time(os_pid: int) -> int | None:
-    """When the process ``os_pid`` started (clock ticks after boot, field 22 of
-    ``/proc/<pid>/stat``): with the pid, it names one process for good. None if there
-    is no such process."""
-    try:
-        fd = os.open(f"/proc/{os_pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return int(data[data.rindex(b")") + 2 :].split()[19])
-
-
-def _proof(key: bytes, serial: int, os_pid: int, started: int, target_serial: int) -> bytes:
-    return hmac.new(key, b"%d|%d|%d|%d" % (serial, os_pid, started, target_serial),
-                    "sha256").digest()
+def _proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
+    return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
 
 
 def hello(key: bytes, me: Pid, target_serial: int) -> bytes:
     """The first frame on a connection from ``me`` to the process ``target_serial``."""
-    global _own_start
     os_pid = os.getpid()
-    if _own_start[0] != os_pid:  # (a new process: a fork keeps its parent's value)
-        _own_start = (os_pid, start_time(os_pid) or 0)
     body = _HELLO.pack(_MAGIC, me.serial, me.slot, os_pid,
-                       _proof(key, me.serial, os_pid, _own_start[1], target_serial))
+                       _proof(key, me.serial, os_pid, target_serial))
     return LENGTH.pack(len(body)) + body
 
 
 def check_hello(key: bytes, sock: socket.socket, my_serial: int,
                 body: memoryview) -> tuple[int, int, int] | None:
     """(serial, slot, OS pid) of the peer if ``body`` is a valid HELLO from the process
-    at the other end of ``sock`` (that very process: its pid and start time), else None."""
+    at the other end of ``sock``, else None."""
     if len(body) != _HELLO.size:
         return None
     magic, serial, slot, os_pid, given = _HELLO.unpack(body)
@@ -184,10 +156,7 @@ def check_hello(key: bytes, sock: socket.socket, my_serial: int,
             return None
     except OSError:
         return None
-    started = start_time(os_pid)
-    if started is None:
-        return None
-    if not hmac.compare_digest(_proof(key, serial, os_pid, started, my_serial), given):
+    if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial), given):
         return None
     return serial, slot, os_pid
 
