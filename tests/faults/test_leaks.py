@@ -24,7 +24,7 @@ from runtime.testing import wait_down, wait_until
 FULL = os.environ.get("RUNTIME_FULL_FAULTS") == "1"
 # waves after the warm-up one, buckets per wave; each wave: 30% SIGKILLed, 30% stopped,
 # 40% crashed with an exception (the full run: 1,500 + 1,500 + 2,000).
-WAVES, PER_WAVE = (10, 500) if FULL else (4, 150)
+WAVES, PER_WAVE = (10, 500) if FULL else (5, 200)
 # Growth allowed to each long-lived process's unique memory (USS) between the end of
 # the warm-up wave and the end of the last one: allocator arenas and the free lists
 # of dicts that grew to a wave's size may stay; a leak of even 1 KiB per bucket
@@ -118,7 +118,7 @@ def kv_tree():
         wait_down(ref)
 
 
-@pytest.mark.timeout(900 if FULL else 120)
+@pytest.mark.timeout(900 if FULL else 180)
 def test_thousands_of_buckets_killed_stopped_and_crashed_in_waves_leave_nothing(
         kv_tree, capfd):
     available = psutil.virtual_memory().available

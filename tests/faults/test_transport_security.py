@@ -223,7 +223,7 @@ def test_a_handshake_replayed_by_a_process_that_reuses_the_recorder_s_pid_fails(
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(path)
         s.sendall(hello + _msg_frame(pickle.dumps(Evil(marker))))
-        return 0 if _closed_by_peer(s) else 1
+        return 0 if _closed_by_peer(s, timeout=2.0) else 1
 
     child = _fork_with_pid(recorder.os_pid, replay)
     if child is None:
