@@ -25,7 +25,7 @@ from runtime import child_spec as specs
 
 from . import bucket
 
-__all__ = ["Registry", "acreate", "alookup", "create", "lookup", "start_link"]
+__all__ = ["Registry", "acreate", "alookup", "create", "lookup", "sizes", "start_link"]
 
 
 def start_link(name: str | None = None, bucket_supervisor: Any = "kv.bucket_supervisor") -> Pid:
@@ -43,6 +43,13 @@ def lookup(server: Any, name: str) -> Pid | None:
     """The live bucket for ``name``, or None."""
     _check(name)
     return runtime.call(server, ("lookup", name))  # type: ignore[no-any-return]
+
+
+def sizes(server: Any) -> dict[str, int]:
+    """How many entries the registry's maps hold: ``names`` (name -> bucket) and
+    ``refs`` (monitor -> name). Both come back to 0 once every bucket is gone: a
+    check for leaks."""
+    return runtime.call(server, ("sizes",))  # type: ignore[no-any-return]
 
 
 async def acreate(server: Any, name: str) -> Pid:
@@ -93,6 +100,8 @@ class Registry(runtime.GenServer):
                 self.names[name] = (pid, ref)
                 self.refs[ref] = name
             return Reply(pid, state)
+        if kind == "sizes":
+            return Reply({"names": len(self.names), "refs": len(self.refs)}, state)
         return super().handle_call(request, from_, state)
 
     def handle_info(self, msg: Any, state: Any) -> Any:

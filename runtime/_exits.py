@@ -142,8 +142,15 @@ class Exits:
     # ---------------------------------------------------------- signals sent
 
     def exit(self, pid: Pid, reason: Any) -> None:
-        """OTP's exit/2: send an exit signal with ``reason`` to ``pid``."""
+        """OTP's exit/2: send an exit signal with ``reason`` to ``pid``.
+
+        Raises:
+            TypeError: ``reason`` cannot be pickled (whether the target traps exits
+                or not: checked before anything is done).
+        """
         me = self._me
+        if reason.__class__ is not str:
+            _wire.dumps(reason)
         if pid == me:
             if reason == "kill" and not self._is_main:
                 self.run("killed", log_crash=False)

@@ -314,13 +314,16 @@ def _close_all_but(keep: list[int]) -> None:
 
 
 def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
-          trap: bool = False) -> Pid:
-    """Start ``fn(*args)`` in a new runtime process; see ``runtime.spawn``."""
+          trap: bool = False, shown: Any = None) -> Pid:
+    """Start ``fn(*args)`` in a new runtime process; see ``runtime.spawn``. ``shown``:
+    what a TypeError names if the target must be pickled and cannot be (default
+    ``(fn, args)``)."""
     if node.is_main:
         root = node.info.root
         assert root is not None
         try:
-            pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args)), link, trap), 30.0)
+            pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args), shown), link, trap),
+                            30.0)
         except NoProcError:
             raise ProcessError(
                 "the node's root process has died, and every process of the node with "
@@ -335,13 +338,13 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if threading.get_ident() != threading.main_thread().ident:
         raise ProcessError("spawn from a runtime process must run on its main thread "
                            "(a fork from another thread would not be safe)")
-    return start_child(node, (fn, args), link=link, trap=trap)
+    return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
-                warm: bool = False) -> Pid:
+                warm: bool = False, shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
     or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a ``("$run",
     payload, link_to)`` message). Returns once the OS process exists and can be sent
@@ -350,7 +353,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
     info = node.info
     spawned = info.start_method == "spawn"
     if spawned and payload is None:
-        payload, target = _wire.dumps_code(target), None
+        payload, target = _wire.dumps_code(target, shown), None
     table = node.table
     listen: socket.socket | None
     theirs: socket.socket | None

@@ -261,7 +261,13 @@ def start_server(cls: type, arg: Any, name: str | None, timeout: float, link: bo
     timeout = _checks.timeout(timeout, none=False)  # type: ignore[assignment]
     node = _embed.current()
     ref, starter = node.start_ack()
-    pid = _launch.spawn(node, _server_main, (cls, arg, name, starter, link), trap=trap)
+    try:
+        pid = _launch.spawn(node, _server_main, (cls, arg, name, starter, link), trap=trap,
+                            shown=arg)
+    except BaseException:  # (an argument that cannot be pickled): nothing awaits the ack
+        with node.poller.lock:
+            node.mailbox.drop_reply(ref)
+        raise
     mref = node.monitor(pid, fresh=True, internal=True)
     result = node.wait_ack(ref, mref, time.monotonic() + timeout)
     if result is None:

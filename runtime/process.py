@@ -242,6 +242,9 @@ def exit(pid: Any, reason: Any) -> None:
 
     A dead target is ignored. The embedding process is never killed: it receives the
     ``Exit`` message whatever the reason.
+
+    Raises:
+        TypeError: ``reason`` cannot be pickled (nothing is done).
     """
     _embed.current().exit(resolve(pid), reason)
 
