@@ -896,11 +896,8 @@ class Chaos:
     def _dir_extra(self) -> set[str]:
         """Files in the node's directory other than the live processes' (each has one,
         named by its serial)."""
-        directory = testing.node_dir()
-        if directory is None:
-            return set()
         live = {str(p.serial) for p in runtime.processes()}
-        return set(os.listdir(directory)) - live
+        return set(testing.node_files()) - live
 
     def _collect(self, stopped: float) -> None:
         r = self.report

@@ -170,7 +170,7 @@ class Root:
                                        link_to=node.info.main if link else None,
                                        default_signals=(signal.SIGCHLD, *ENDING))
         if kind == "$warm":
-            return [pid.os_pid for pid in self.warm]
+            return list(self.warm)
         if kind == "$ping":
             return "pong"
         if kind == "$shutdown":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,11 +84,26 @@ def node_dir() -> str | None:
 def warm_children() -> list[int]:
     """OS pids of the processes the node's root keeps started ahead for spawns
     (``runtime.configure(warm_children=)``): they are not the node's processes yet."""
+    return [pid.os_pid for pid in _warm()]
+
+
+def _warm() -> list[Pid]:
     node = _current.get()
     if node is None or node.info.root is None or not node.is_main:
         return []
-    pids: list[int] = node.call(node.info.root, ("$warm",), 10.0)
+    pids: list[Pid] = node.call(node.info.root, ("$warm",), 10.0)
     return pids
+
+
+def node_files() -> list[str]:
+    """The names of the files in this process's node directory (its sockets, table and
+    names), sorted, without the sockets of the warm children (see ``warm_children``),
+    which come and go as spawns take them."""
+    node = _current.get()
+    if node is None:
+        return []
+    warm = {os.path.basename(node.info.sock_path(pid.serial)) for pid in _warm()}
+    return sorted(set(os.listdir(node.info.dir)) - warm)
 
 
 def node_processes() -> list[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 import time
 
@@ -54,14 +53,14 @@ def test_an_argument_to_start_that_cannot_be_pickled_is_a_type_error_naming_it(b
     # arguments), and the start's awaited answer stayed in the caller's mailbox.
     lock = threading.Lock()
     awaited = _awaited_replies()
-    files = sorted(os.listdir(testing.node_dir()))
+    files = testing.node_files()
     with pytest.raises(TypeError, match="cannot send <unlocked _thread.lock") as info:
         _actors.Echo.start(lock)
     assert "_server_main" not in str(info.value) and "From(" not in str(info.value)
     with pytest.raises(TypeError, match="cannot pickle"):
         runtime.Agent.start_link(lambda: lock)
     assert _awaited_replies() == awaited
-    assert sorted(os.listdir(testing.node_dir())) == files
+    assert testing.node_files() == files
 
 
 @pytest.mark.parametrize("trapping", [False, True], ids=["target-does-not-trap", "target-traps"])
@@ -167,7 +166,7 @@ def test_a_100_mb_message_costs_linear_time_and_at_most_3x_its_size_in_memory(
 
 def test_an_init_that_hangs_times_out_and_leaves_nothing(bystander):
     me = runtime.self()
-    files = sorted(os.listdir(testing.node_dir()))
+    files = testing.node_files()
     started = time.monotonic()
     with pytest.raises(runtime.StartError, match="timeout"):
         _actors.HangsInInit.start(me, timeout=0.5)
@@ -177,7 +176,7 @@ def test_an_init_that_hangs_times_out_and_leaves_nothing(bystander):
     assert not running(psutil.Process(os_pid)) if psutil.pid_exists(os_pid) else True
     wait_until(lambda: not psutil.pid_exists(child) or not running(psutil.Process(child)),
                timeout=1.0, what="the hanging server's child to go")
-    wait_until(lambda: sorted(os.listdir(testing.node_dir())) == files, timeout=2.0,
+    wait_until(lambda: testing.node_files() == files, timeout=2.0,
                what="its socket files to go")
 
 

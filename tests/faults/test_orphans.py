@@ -48,6 +48,8 @@ SERVICE = """
         runtime.Supervisor.start_link([child_spec.make(("worker", i), Worker.start_link, (i,))
                                        for i in range(2)], strategy="one_for_one")
         runtime.spawn(parent_of_two)
+        # the root's children started ahead die with the rest: wait for them too
+        testing.wait_until(lambda: len(testing.warm_children()) == 2, what="warm children")
         print(testing.node_dir(), flush=True)
         print("ready", flush=True)
         if sys.stdin.readline().strip() == "os._exit":
@@ -55,8 +57,8 @@ SERVICE = """
         time.sleep(600)  # sleep-ok: the service idles until it is killed
 """
 # root; kv.supervisor, kv.bucket_supervisor, kv.registry, 3 buckets; a supervisor, 2
-# workers and their 2 children; parent_of_two and its 2 children
-TREE = 1 + 3 + 3 + 1 + 2 + 2 + 1 + 2
+# workers and their 2 children; parent_of_two and its 2 children; 2 warm children
+TREE = 1 + 3 + 3 + 1 + 2 + 2 + 1 + 2 + 2
 
 
 def _lock_is_held(directory: str) -> bool:
@@ -129,8 +131,11 @@ def test_when_the_embedding_service_dies_every_process_goes_within_a_second(way,
 
 
 def _node_files() -> set[str]:
+    """The node directory's files, its names too, without the warm children's sockets
+    (they come and go as spawns take them)."""
     top = testing.node_dir()
-    return {os.path.join(d, f) for d, dirs, files in os.walk(top) for f in files + dirs}
+    names = os.path.join(top, "names")
+    return {*testing.node_files(), *(os.path.join(names, f) for f in os.listdir(names))}
 
 
 def test_sigkill_of_a_supervisor_takes_its_children_and_theirs_and_their_files():
