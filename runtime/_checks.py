@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from . import _config
@@ -26,7 +25,7 @@ def timeout(value: Any, name: str = "timeout", *, none: bool = True) -> float | 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         expected = "a number of seconds or None" if none else "a number of seconds"
         raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if math.isnan(value) or value < 0:
+    if value != value or value < 0:  # (NaN; math.isnan overflows on a huge int)
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     if value > FOREVER:  # (inf too: what the OS calls take has limits)
         return None if none else FOREVER

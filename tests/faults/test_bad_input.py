@@ -272,15 +272,7 @@ def test_a_bad_timeout_is_an_error_naming_it_before_anything_is_done(targets, ap
     assert runtime.Agent.get(agent, lambda s: s) == {}
 
 
-def _inf_xfail(api):
-    if api == "shutdown":
-        return [pytest.mark.xfail(reason="shutdown(inf) overflows poll() in _embed._wait_gone: "
-                                  "the lead's inf fix", strict=False)]
-    return []
-
-
-@pytest.mark.parametrize("api", [pytest.param(a, marks=_inf_xfail(a)) for a in API_NAMES
-                                 if a != "shutdown"])
+@pytest.mark.parametrize("api", [a for a in API_NAMES if a != "shutdown"])
 def test_an_infinite_timeout_waits_like_none(targets, api):
     server, agent, bucket = targets
     me = runtime.self()
@@ -313,8 +305,6 @@ SHUTDOWN_INF = """
 """
 
 
-@pytest.mark.xfail(reason="shutdown(inf) overflows poll() in _embed._wait_gone: the lead's inf "
-                   "fix", strict=False)
 def test_shutdown_with_an_infinite_timeout_waits_like_none():
     proc = start_script(SHUTDOWN_INF)
     out, err = proc.communicate(timeout=60)
@@ -322,8 +312,6 @@ def test_shutdown_with_an_infinite_timeout_waits_like_none():
     assert out.strip() == "shut down False"
 
 
-@pytest.mark.xfail(reason="an int beyond float's range: OverflowError that does not name the "
-                   "timeout (_checks, the lead's)", strict=False)
 def test_a_timeout_too_large_for_a_float_is_an_error_naming_it_or_forever(bystander):
     try:
         assert runtime.call(bystander, "x", timeout=10**400) == "x"

@@ -649,7 +649,6 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
     from runtime import testing
 
     node = _embed.current()
-    directory = testing.node_dir()
     for i in range(15):
         pid = Spawner.start(runtime.self())
         ref = runtime.monitor(pid)
