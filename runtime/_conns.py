@@ -68,7 +68,7 @@ class Connections:
 
     def __init__(self, poller: Poller, key: bytes, me: Pid, sock_path: Callable[[int], str],
                  listen: socket.socket, on_frame: OnFrame,
-                 on_closed: Callable[[Pid], None]) -> None:
+                 on_closed: Callable[[Pid], None], serial_in: Callable[[int], int]) -> None:
         self._poller = poller
         self._key = key
         self._me = me
@@ -81,6 +81,13 @@ class Connections:
         self._out: dict[int, Conn] = {}  # serial -> the connection we send on
         self._of: dict[int, set[Conn]] = {}  # serial -> every connection with it
         self._unproven: set[Conn] = set()
+        self._made = 0  # connections we made (numbers their HELLOs)
+        # serial -> (its slot, the numbers of its HELLOs we accepted): each is accepted
+        # once. Kept while the slot holds that serial (``serial_in(slot)``): a slot
+        # is reused only 65,536 processes later, long after its last HELLO was read.
+        self._hellos: dict[int, tuple[int, set[int]]] = {}
+        self._prune_at = 1024
+        self._serial_in = serial_in
         self._rbuf: mmap.mmap | None = None  # anonymous: only pages a read touches count
         self._reading = 0  # how deep in read() we are (a frame's handler may read)
 
@@ -132,7 +139,8 @@ class Connections:
         self._out[peer.serial] = conn
         self._of.setdefault(peer.serial, set()).add(conn)
         if hello:
-            self.write(conn, [_wire.hello(self._key, self._me, peer.serial)])
+            self._made += 1
+            self.write(conn, [_wire.hello(self._key, self._me, peer.serial, self._made)])
         return conn
 
     def close(self, conn: Conn) -> None:
@@ -244,11 +252,28 @@ class Connections:
             log.warning("%r rejected a connection that did not prove the node key", self._me)
             self.close(conn)
             return
-        serial, slot, os_pid = peer
+        serial, slot, os_pid, n = peer
+        seen = self._hellos.get(serial)
+        if seen is None:
+            if len(self._hellos) >= self._prune_at:
+                self._prune_hellos()
+            seen = self._hellos[serial] = (slot, set())
+        if n in seen[1]:
+            log.warning("%r rejected a connection that replayed a handshake", self._me)
+            self.close(conn)
+            return
+        seen[1].add(n)
         self._unproven.discard(conn)
         conn.peer = Pid(self._me.node, serial, slot, os_pid)
         self._of.setdefault(serial, set()).add(conn)
         self._out.setdefault(serial, conn)
+
+    def _prune_hellos(self) -> None:
+        """Forget the HELLOs of processes whose table slot went to another process."""
+        serial_in = self._serial_in
+        self._hellos = {serial: seen for serial, seen in self._hellos.items()
+                        if serial_in(seen[0]) == serial}
+        self._prune_at = max(1024, 2 * len(self._hellos))
 
     def drain_peer(self, serial: int, os_pid: int, accepted: bool = False) -> None:
         """Read everything the process ``serial`` (OS pid ``os_pid``) sent before it

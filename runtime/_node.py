@@ -78,7 +78,7 @@ class Node:
         self.poller = poller = Poller(self._on_events, self._after_events)
         self.mailbox = Mailbox(poller.lock, poller.wait, poller.notify, me, is_main)
         self.conns = Connections(poller, info.key, me, info.sock_path, listen, self._on_frame,
-                                 self._on_closed)
+                                 self._on_closed, table.serial_in)
         self.watches = Watches(poller, table, me, info.sock_path)
         self.names = Names(info.dir, me, self.is_alive)
         self.exits = Exits(me=me, main=info.main, root=info.root, is_main=is_main, table=table,

@@ -262,6 +262,13 @@ class Table:
         """Give back a slot whose process never started."""
         self.mm[_SLOTS + _SLOT_SIZE * slot + _STATE_OFF] = FREE
 
+    def serial_in(self, slot: int) -> int:
+        """The serial of the process that holds (or last held) ``slot``; -1 for no
+        such slot."""
+        if not 0 <= slot < NSLOTS:
+            return -1
+        return int(_SERIAL.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot)[0])
+
     def read(self, slot: int) -> Slot:
         return Slot._make(_SLOT.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot))
 

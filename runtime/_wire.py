@@ -25,9 +25,12 @@ runtime.
 
 The first frame of a connection is a HELLO, plain binary, which proves the
 node's random key: ``HMAC(key, connector serial | connector OS pid | target
-serial)``. The acceptor checks it against the peer pid the kernel reports
-(``SO_PEERCRED``) and closes the connection unless it holds; nothing from a
-connection is unpickled before that.
+serial | n)``, where ``n`` numbers the connector's connections. The acceptor
+checks it against the peer pid the kernel reports (``SO_PEERCRED``), and that it
+has not accepted that (serial, n) before, and closes the connection unless both
+hold; nothing from a connection is unpickled before that. So a recorded HELLO
+replays nowhere: to another process its proof is wrong, to the same one it was
+seen (even sent from a process that got the recorder's OS pid back).
 
 Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 (lambdas, closures, classes defined in ``__main__``): that is where code travels.
@@ -126,29 +129,33 @@ def control(tag: int, payload: bytes = b"") -> list[bytes]:
 # ------------------------------------------------------------------ the handshake
 
 # The HELLO is plain binary, not a pickle: nothing from an unproven peer is unpickled.
-_HELLO = struct.Struct("!4sQII32s")
-_MAGIC = b"RTH1"
+_HELLO = struct.Struct("!4sQIIQ32s")
+_MAGIC = b"RTH2"
 
 
-def _proof(key: bytes, serial: int, os_pid: int, target_serial: int) -> bytes:
-    return hmac.new(key, b"%d|%d|%d" % (serial, os_pid, target_serial), "sha256").digest()
+def _proof(key: bytes, serial: int, os_pid: int, target_serial: int, n: int) -> bytes:
+    return hmac.new(key, b"%d|%d|%d|%d" % (serial, os_pid, target_serial, n),
+                    "sha256").digest()
 
 
-def hello(key: bytes, me: Pid, target_serial: int) -> bytes:
-    """The first frame on a connection from ``me`` to the process ``target_serial``."""
+def hello(key: bytes, me: Pid, target_serial: int, n: int) -> bytes:
+    """The first frame on a connection from ``me`` to the process ``target_serial``:
+    ``n`` numbers the connections ``me`` made, so that the target accepts each HELLO
+    once (see ``Connections``)."""
     os_pid = os.getpid()
-    body = _HELLO.pack(_MAGIC, me.serial, me.slot, os_pid,
-                       _proof(key, me.serial, os_pid, target_serial))
+    body = _HELLO.pack(_MAGIC, me.serial, me.slot, os_pid, n,
+                       _proof(key, me.serial, os_pid, target_serial, n))
     return LENGTH.pack(len(body)) + body
 
 
 def check_hello(key: bytes, sock: socket.socket, my_serial: int,
-                body: memoryview) -> tuple[int, int, int] | None:
-    """(serial, slot, OS pid) of the peer if ``body`` is a valid HELLO from the process
-    at the other end of ``sock``, else None."""
+                body: memoryview) -> tuple[int, int, int, int] | None:
+    """(serial, slot, OS pid, connection number) of the peer if ``body`` is a valid
+    HELLO from the process at the other end of ``sock``, else None. (Whether it was
+    seen before is the caller's to check.)"""
     if len(body) != _HELLO.size:
         return None
-    magic, serial, slot, os_pid, given = _HELLO.unpack(body)
+    magic, serial, slot, os_pid, n, given = _HELLO.unpack(body)
     if magic != _MAGIC:
         return None
     try:
@@ -156,9 +163,9 @@ def check_hello(key: bytes, sock: socket.socket, my_serial: int,
             return None
     except OSError:
         return None
-    if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial), given):
+    if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial, n), given):
         return None
-    return serial, slot, os_pid
+    return serial, slot, os_pid, n
 
 
 def peer_os_pid(sock: socket.socket) -> int:

@@ -71,12 +71,25 @@ def reports_messages(main: runtime.Pid) -> None:
 
 
 def sends_its_hello(main: runtime.Pid, target_serial: int) -> None:
-    """Sends ``main`` the handshake this process would open a connection to the process
-    ``target_serial`` with (what a recording of it would hold), then blocks."""
+    """Opens a connection to the process ``target_serial`` (if there is one) with a
+    handshake and the message "recorded", as the runtime would, and sends ``main``
+    that handshake (what a recording of the connection would hold); then blocks."""
+    import pickle
+    import socket
+    import struct
+
     from runtime import _embed, _wire
 
     node = _embed.current()
-    runtime.send(main, ("hello", _wire.hello(node.info.key, node.me, target_serial)))
+    hello = _wire.hello(node.info.key, node.me, target_serial, 1 << 40)
+    payload = pickle.dumps("recorded")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(node.info.sock_path(target_serial))
+        sock.sendall(hello + struct.pack("!I", len(payload) + 1) + b"\x00" + payload)
+    except OSError:
+        pass  # no such process: a recording of a connection never made
+    runtime.send(main, ("hello", hello))
     time.sleep(600)  # sleep-ok: a process that blocks until it is killed
 
 
@@ -221,3 +234,31 @@ class Actor(runtime.GenServer):
         elif isinstance(msg, tuple) and msg[0] == "ping":
             runtime.send(state, ("pong", me, msg[1]))
         return runtime.NoReply(state)
+
+
+def replays_its_hello(main: runtime.Pid, target_serial: int, evil: bytes) -> None:
+    """Connects to the process ``target_serial`` with a handshake and the message
+    "recorded", then replays the same handshake on a second connection with the
+    pickle ``evil``; tells ``main`` whether the target closed that second one."""
+    import pickle
+    import select
+    import socket
+    import struct
+
+    from runtime import _embed, _wire
+
+    node = _embed.current()
+    hello = _wire.hello(node.info.key, node.me, target_serial, 1 << 40)
+    first = pickle.dumps("recorded")
+    path = node.info.sock_path(target_serial)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as one:
+        one.connect(path)
+        one.sendall(hello + struct.pack("!I", len(first) + 1) + b"\x00" + first)
+        runtime.receive(timeout=10, match=lambda m: m == "seen")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as two:
+            two.connect(path)
+            two.sendall(hello + struct.pack("!I", len(evil) + 1) + b"\x00" + evil)
+            poller = select.poll()
+            poller.register(two, select.POLLIN)
+            closed = bool(poller.poll(5000)) and two.recv(1) == b""
+    runtime.send(main, ("replay closed", closed))

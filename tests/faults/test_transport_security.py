@@ -164,7 +164,7 @@ def test_a_handshake_recorded_for_another_target_or_from_another_process_fails(t
     _, hello = assert_receive(tagged("hello"))
     attacks = [
         hello,  # sent to another target, replayed here, from another process
-        _wire.hello(_node().info.key, me, pid.serial + 1),  # ours, made for another target
+        _wire.hello(_node().info.key, me, pid.serial + 1, 7),  # ours, for another target
     ]
     for recorded in attacks:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -198,13 +198,23 @@ def _fork_with_pid(wanted: int, then) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known hole: the HELLO proves the key for (serial, OS pid, target) with no fresh "
-    "challenge, so a recording replayed from the recorder's reused pid passes. Binding "
-    "the connector's start time (read from /proc) was tried and reverted: a legitimate "
-    "connector that sent and died is often reaped before its HELLO is read, and so is "
-    "a replayer that exits at once; a challenge costs a round trip before the first "
-    "send; SO_PEERPIDFD with pidfs inodes would do it on Linux 6.16+ only"))
+def test_a_handshake_replayed_by_the_process_that_made_it_fails(target):
+    """A recording of a connection that was accepted, sent again on a new connection
+    from the same process (so that the kernel's peer pid matches): each HELLO is
+    accepted once."""
+    pid, marker = target
+    me = runtime.self()
+    replayer, ref = runtime.spawn_monitor(_actors.replays_its_hello, me, pid.serial,
+                                          pickle.dumps(Evil(marker)))
+    assert_receive(("received", pid, "recorded"))
+    runtime.send(replayer, "seen")
+    assert assert_receive(tagged("replay closed"))[1] is True
+    assert wait_down(ref).reason == "normal"
+    runtime.send(pid, "sync")  # the target has handled whatever came before
+    assert_receive(("received", pid, "sync"))
+    assert not os.path.exists(marker), "the replayed connection's pickle was unpickled"
+
+
 def test_a_handshake_replayed_by_a_process_that_reuses_the_recorder_s_pid_fails(target):
     # The proof binds the connecting process's pid; a recording must not outlive the
     # process that made it, even when a new process gets the same pid.
@@ -214,6 +224,7 @@ def test_a_handshake_replayed_by_a_process_that_reuses_the_recorder_s_pid_fails(
     me = runtime.self()
     recorder, ref = runtime.spawn_monitor(_actors.sends_its_hello, me, pid.serial)
     _, hello = assert_receive(tagged("hello"))
+    assert_receive(("received", pid, "recorded"))  # the target accepted it once
     runtime.exit(recorder, "kill")
     wait_down(ref)
     wait_until(lambda: not psutil.pid_exists(recorder.os_pid), what="the recorder reaped")

@@ -193,7 +193,7 @@ def test_a_connection_that_does_not_prove_the_key_is_dropped_before_unpickling(t
     assert_receive("ready")
     node = _embed.current()
     payload = pickle.dumps((0, Evil()))
-    hello = struct.pack("!4sQII32s", b"RTH1", 999999, 0, os.getpid(), b"\0" * 32)  # wrong proof
+    hello = struct.pack("!4sQIIQ32s", b"RTH2", 999999, 0, os.getpid(), 1, b"\0" * 32)  # bad proof
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(node.info.sock_path(pid.serial))
         s.sendall(struct.pack("!I", len(payload)) + payload)  # no HELLO at all
