@@ -956,8 +956,8 @@ class Chaos:
         left = [] if _poll(lambda: not extra(), timeout) else extra()
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
-        # (the children the root keeps started ahead are not the node's processes yet)
-        known = {p.os_pid for p in runtime.processes()} | set(testing.warm_children())
+        # (the root's warm children and the janitor are not the node's processes)
+        known = {p.os_pid for p in runtime.processes()} | {*testing.warm_children(), testing.janitor()}
 
         def family() -> tuple[list[int], list[int]]:
             unknown, zombies = [], []

@@ -172,6 +172,9 @@ class Demo:
         import psutil  # here, not at the top: the crashing bucket imports this module
 
         restarts = {c.pid.os_pid: c.restarts for c in children if c.pid is not None}
+        for os_pid in testing.warm_children():
+            self.names[os_pid] = "warm child (for the next spawn)"
+        self.names[testing.janitor() or 0] = "janitor (cleans up the node)"
         rows = []
         me = psutil.Process()
         for proc in [me] + me.children(recursive=True):

@@ -240,21 +240,29 @@ def _wait_gone(popen: Any, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        import select
-
-        waiter = select.poll()
-        waiter.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while not waiter.poll(min(timeout, 86400.0) * 1000):  # (poll takes an int)
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return False
+        if not _wait_readable(fd, timeout):
+            return False
     finally:
         os.close(fd)
     try:
         popen.poll(0)
     except OSError:
         pass
+    return True
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until ``fd`` (a pidfd: its process exited) is
+    readable; whether it is."""
+    import select
+
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while not waiter.poll(min(timeout, 86400.0) * 1000):  # (poll takes an int)
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return False
     return True
 
 
@@ -280,7 +288,12 @@ def shutdown(timeout: float) -> None:
         with node.poller.lock:
             watch = node.watches.get(root.serial) if root is not None else None
             popen = watch.popen if watch is not None else None
+        janitor = -1
         if root is not None and popen is not None:
+            try:  # (a pidfd: the janitor is the root's child, and outlives it)
+                janitor = os.pidfd_open(node.call(root, ("$janitor",), 5.0))
+            except (ProcessError, OSError):
+                pass
             try:
                 node.call(root, ("$shutdown", timeout), timeout + 10.0)
             except ProcessError:
@@ -294,5 +307,10 @@ def shutdown(timeout: float) -> None:
         if _lock_fd >= 0:
             os.close(_lock_fd)
             _lock_fd = -1
+        if janitor >= 0:  # it takes the lock we just let go, finds nothing left, exits
+            try:
+                _wait_readable(janitor, 2.0)
+            finally:
+                os.close(janitor)
         _current.set(None)
         _uninstall_sigint()

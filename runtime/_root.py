@@ -20,7 +20,12 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
   on SIGTERM, SIGHUP or SIGQUIT (what ``timeout``, a terminal or a service
   manager send to the whole process group);
 - on ``shutdown``, stops its children in reverse start order, kills stragglers,
-  and removes the directory.
+  and removes the directory;
+- forks the node's *janitor*, a process in a session of its own (so that a signal
+  to the whole process group misses it) that waits to take the node's lock
+  exclusively, which it gets once the embedding process and the root are both
+  gone, however they died, then removes the node's directory and exits. After a
+  SIGKILL of the whole group it is the one left to clean up.
 """
 
 from __future__ import annotations
@@ -73,6 +78,25 @@ def hold_node_lock(node_dir: str, create: bool = False) -> int:
     return fd
 
 
+def start_janitor(node_dir: str) -> int:
+    """Fork the node's janitor (see the module docstring); its OS pid."""
+    lock = os.path.join(node_dir, "lock")
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the janitor: nothing of the root's but its code
+        os.setsid()
+        for signo in (signal.SIGCHLD, *ENDING):
+            signal.signal(signo, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.closerange(3, 1 << 20)  # (the root's copy of the lock among them)
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # until every holder is gone
+        shutil.rmtree(node_dir, ignore_errors=True)
+    finally:
+        os._exit(0)
+
+
 def main(preload: tuple[str, ...], warm_children: int) -> None:
     """The root's process function (its target). ``preload``: modules the user asked
     the root to import (``runtime.configure``), which the processes it forks then
@@ -102,6 +126,7 @@ class Root:
         self.node: Node = node
         _launch.prctl(_launch.PR_SET_CHILD_SUBREAPER, 1)
         node.extra_fds.append(hold_node_lock(node.info.dir))
+        self.janitor = start_janitor(node.info.dir)
         self.main_ref = node.monitor(node.info.main)
         # Signals reach the loop through a pipe (the interpreter writes their numbers).
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -169,6 +194,8 @@ class Root:
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,
                                        default_signals=(signal.SIGCHLD, *ENDING))
+        if kind == "$janitor":
+            return self.janitor
         if kind == "$warm":
             return list(self.warm)
         if kind == "$ping":

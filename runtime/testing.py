@@ -95,6 +95,16 @@ def _warm() -> list[Pid]:
     return pids
 
 
+def janitor() -> int | None:
+    """The OS pid of the node's janitor (it removes the node's directory once the
+    embedding process and the root are gone, however they died), if a node runs here."""
+    node = _current.get()
+    if node is None or node.info.root is None or not node.is_main:
+        return None
+    pid: int = node.call(node.info.root, ("$janitor",), 10.0)
+    return pid
+
+
 def node_files() -> list[str]:
     """The names of the files in this process's node directory (its sockets, table and
     names), sorted, without the sockets of the warm children (see ``warm_children``),

@@ -16,7 +16,7 @@ runtime.configure(preload=["pytest", "psutil"])
 
 def _leftover_processes() -> list[psutil.Process]:
     root = testing.root()
-    warm = set(testing.warm_children())
+    warm = {*testing.warm_children(), testing.janitor()}
     out = []
     for proc in psutil.Process().children(recursive=True):
         if root is not None and proc.pid == root.os_pid or proc.pid in warm:

@@ -87,8 +87,11 @@ def chaos(*args, timeout=90):
 @pytest.mark.timeout(120)
 def test_a_short_seeded_run_injects_every_fault_and_finds_no_violation(tmp_path):
     report = tmp_path / "report.json"
-    proc = chaos("--seconds", "8", "--clients", "4", "--seed", "7", "--json", str(report))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = tmp_path / "processes.log"
+    proc = chaos("--seconds", "8", "--clients", "4", "--seed", "7", "--json", str(report),
+                 "--log", str(log))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (
+        log.read_text()[-6000:] if log.exists() else "")
     data = json.loads(report.read_text())
     assert data["violations"] == []
     for kind in KINDS:
