@@ -1,5 +1,6 @@
 """Command line: ``python -m kv demo`` runs the crash-recovery demo; ``python -m kv
-serve`` runs the TCP server until SIGINT or SIGTERM."""
+serve`` runs the TCP server until SIGINT or SIGTERM; ``python -m kv top`` shows its
+processes (``python -m runtime top``)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kv", description=__doc__)
     sub = top.add_subparsers(dest="command")
     sub.add_parser("demo", help="a narrated crash-recovery demo (the default)")
+    sub.add_parser("top", help="a live tree of the running kv node's processes")
     serve = sub.add_parser("serve", help="serve the kv store over TCP", description=SERVE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", default=HOST,
@@ -73,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:  # the runtime's own command, on kv's node (runtime.top)
+        from runtime.top import main as top
+
+        return top(argv[1:], prog="python -m kv top")
     args = parser().parse_args(argv)
     if args.command in (None, "demo"):
         from .demo import main as demo

@@ -29,6 +29,14 @@ serial)``. The acceptor checks it against the peer pid the kernel reports
 (``SO_PEERCRED``) and closes the connection unless it holds; nothing from a
 connection is unpickled before that.
 
+An *observer* (``python -m runtime top``) is a connector that is no process of
+the node: it has no table slot, no socket and no name. It proves the key as a
+process would, with a serial of its own that has the ``OBSERVER`` bit set (no
+process of a node ever has it: serials count up from 1); an acceptor answers
+its INFO frames, on its one connection, and closes the connection on any other
+frame. The key is in the node's directory (``KEY_FILE``, mode 0600, in a
+directory of mode 0700), so only the node's owner can observe it.
+
 Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 (lambdas, closures, classes defined in ``__main__``): that is where code travels.
 """
@@ -159,6 +167,40 @@ def check_hello(key: bytes, sock: socket.socket, my_serial: int,
     if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial), given):
         return None
     return serial, slot, os_pid
+
+
+# ------------------------------------------------------------------ observers
+
+# The serial bit of an observer (see the module docstring); its other bits are the
+# observer's OS pid and a number it chooses, so two live observers never share one.
+OBSERVER = 1 << 63
+KEY_FILE = "key"
+
+
+def is_observer(serial: int) -> bool:
+    return serial >= OBSERVER
+
+
+def observer(number: int) -> Pid:
+    """The identity an observer gives in its HELLO (see the module docstring)."""
+    return Pid(0, OBSERVER | os.getpid() << 32 | number & 0xFFFFFFFF, 0, os.getpid())
+
+
+def save_key(node_dir: str, key: bytes) -> None:
+    """Write the node's key into its directory, readable by its owner only."""
+    fd = os.open(os.path.join(node_dir, KEY_FILE),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+
+
+def load_key(node_dir: str) -> bytes:
+    """The key of the node in ``node_dir``. Raises OSError (PermissionError for
+    anyone but its owner)."""
+    with open(os.path.join(node_dir, KEY_FILE), "rb") as f:
+        return f.read()
 
 
 def peer_os_pid(sock: socket.socket) -> int:
