@@ -181,11 +181,12 @@ class _StateUnpickler(pickle.Unpickler):
 class _Peer:
     """The observer's connection to one process."""
 
-    __slots__ = ("pid", "sock", "inbuf", "pending", "state", "refused")
+    __slots__ = ("pid", "sock", "greeted", "inbuf", "pending", "state", "refused")
 
     def __init__(self, pid: Pid, sock: socket.socket) -> None:
         self.pid = pid
         self.sock = sock
+        self.greeted = False  # our HELLO is sent
         self.inbuf = bytearray()
         self.pending: int | None = None  # the ref of the INFO not answered yet
         self.state: dict[str, Any] | None = None
@@ -305,9 +306,17 @@ class Observer:
             if peer.pending is None:
                 peer.pending = next(self._refs)
                 peer.state = None
+                frame = b"".join(_wire.info(peer.pending))
+                if not peer.greeted:  # the HELLO and the first INFO in one write
+                    frame = _wire.hello(self._key, _wire.observer(next(self._numbers)),
+                                        pid.serial) + frame
+                    peer.greeted = True
                 try:
-                    peer.sock.sendall(b"".join(_wire.info(peer.pending)))
+                    peer.sock.sendall(frame)
                 except OSError:
+                    # Closed by the process: it rejected our HELLO, or it died.
+                    if self._is_alive(pid):
+                        out[pid.serial] = "refused"
                     self._drop(pid.serial)
                     continue
             waiting[peer.sock.fileno()] = peer
@@ -340,12 +349,10 @@ class Observer:
             # a reply is unpickled.
             if _peer_uid(sock) != os.getuid():
                 raise OSError("the socket belongs to another user")
-            sock.sendall(_wire.hello(self._key, _wire.observer(next(self._numbers)),
-                                     pid.serial))
         except OSError:
             sock.close()
             return None
-        sock.setblocking(False)
+        sock.settimeout(0.0)  # (non-blocking, sendall included: the frames are small)
         peer = _Peer(pid, sock)
         self._peers[pid.serial] = peer
         return peer
