@@ -44,6 +44,7 @@ Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 from __future__ import annotations
 
 import hmac
+import io
 import os
 import pickle
 import socket
@@ -85,14 +86,54 @@ def dumps(obj: Any, shown: Any = None) -> bytes:
 
 def dumps_code(obj: Any, shown: Any = None) -> bytes:
     """Pickle something that carries code (a spawn target): cloudpickle directly."""
-    import cloudpickle
-
     try:
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
-        return data
+        with io.BytesIO() as file:
+            _code_pickler()(file, protocol=5).dump(obj)
+            return file.getvalue()
     except Exception as exc:
         value = obj if shown is None else shown
         raise TypeError(f"cannot send {value!r} to another process: {exc}") from None
+
+
+_CodePickler: Any = None
+
+
+def _code_pickler() -> Any:
+    """cloudpickle's Pickler, except that code keeps its file name.
+
+    cloudpickle (2.1+) writes ``<dynamic-code>`` as the file name of the code it
+    pickles by value (functions and classes of the user's ``__main__``), so that
+    its pickles are byte-for-byte reproducible. Here that matters less than a
+    crash's traceback, which would show ``File "<dynamic-code>"`` and no source
+    line for the user's own script: the real name is put back. Its private
+    ``_code_reduce`` is used; without it (another version) names are lost, no
+    more."""
+    global _CodePickler
+    if _CodePickler is not None:
+        return _CodePickler
+    import collections
+    import collections.abc
+    import types
+
+    import cloudpickle
+
+    reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+    table = getattr(cloudpickle.Pickler, "dispatch_table", None)
+    if reduce is None or not isinstance(table, collections.abc.MutableMapping):
+        _CodePickler = cloudpickle.Pickler
+        return _CodePickler
+    base: collections.abc.MutableMapping[Any, Any] = table
+
+    def code_reduce(code: types.CodeType) -> Any:
+        fn, args = reduce(code)
+        return fn, tuple(code.co_filename if arg.__class__ is str and arg == "<dynamic-code>"
+                         else arg for arg in args)
+
+    class CodePickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = collections.ChainMap({types.CodeType: code_reduce}, base)
+
+    _CodePickler = CodePickler
+    return _CodePickler
 
 
 def loads(data: bytes) -> Any:

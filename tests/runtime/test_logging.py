@@ -145,3 +145,36 @@ def test_the_library_writes_nothing_to_stdout_in_a_typical_session():
     assert proc.stdout == ""
     # The crash went to stderr, through logging (its last resort handler here).
     assert "crashed: RuntimeError: crash on purpose" in proc.stderr
+
+
+def test_a_crash_in_code_from_the_user_s_script_shows_its_file_and_line(tmp_path):
+    # Code of the script's __main__ travels by value (cloudpickle), which would name
+    # its file "<dynamic-code>" and lose the source line.
+    script = tmp_path / "service.py"
+    script.write_text(textwrap.dedent("""
+        import runtime
+
+        class Boom(runtime.GenServer):
+            def init(self, arg):
+                return arg
+            def handle_call(self, request, from_, state):
+                raise KeyError("from the script")
+
+        if __name__ == "__main__":
+            server = Boom.start(0, name="boom")
+            ref = runtime.monitor(server)
+            try:
+                runtime.call(server, "go")
+            except runtime.ExitError as exc:
+                print(exc.reason.traceback)
+            runtime.receive(timeout=60, match=lambda m: getattr(m, "ref", None) == ref)
+            runtime.shutdown()
+    """))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in (proc.stdout, proc.stderr):  # the caller's Crash, the crash report
+        assert f'File "{script}", line 8, in handle_call' in text, text
+        assert 'raise KeyError("from the script")' in text, text
+        assert "<dynamic-code>" not in text
