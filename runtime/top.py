@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sized
 from typing import TextIO
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime top",
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     live = not args.once and out.isatty()
+    if live and threading.current_thread() is threading.main_thread():
+        # Ended by a terminal or a kill: restore the cursor all the same (below).
+        for signo in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signo, _interrupt)
     try:
         with observer:
             if live:
@@ -185,6 +191,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime top",
         if live:
             out.write("\x1b[?25h")
             out.flush()
+
+
+def _interrupt(signo: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
