@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 FOREVER = 1e8  # seconds (three years): a longer timeout waits as long as None does
 
 

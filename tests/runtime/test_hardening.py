@@ -7,7 +7,6 @@ wait.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import threading
