@@ -1,6 +1,7 @@
 """Command line: ``python -m kv demo`` runs the crash-recovery demo; ``python -m kv
 serve`` runs the TCP server until SIGINT or SIGTERM; ``python -m kv chaos`` runs the
-server under load while it injects faults, and checks what the store promises."""
+server under load while it injects faults, and checks what the store promises;
+``python -m kv top`` shows its processes (``python -m runtime top``)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kv", description=__doc__)
     sub = top.add_subparsers(dest="command")
     sub.add_parser("demo", help="a narrated crash-recovery demo (the default)")
+    sub.add_parser("top", help="a live tree of the running kv node's processes")
     serve = sub.add_parser("serve", help="serve the kv store over TCP", description=SERVE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", default=HOST,
@@ -140,6 +142,10 @@ def _positive_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:  # the runtime's own command, on kv's node (runtime.top)
+        from runtime.top import main as top
+
+        return top(argv[1:], prog="python -m kv top")
     args = parser().parse_args(argv)
     if args.command in (None, "demo"):
         from .demo import main as demo

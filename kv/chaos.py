@@ -957,7 +957,8 @@ class Chaos:
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
         # (the root's warm children and the janitor are not the node's processes)
-        known = {p.os_pid for p in runtime.processes()} | {*testing.warm_children(), testing.janitor()}
+        known = {p.os_pid for p in runtime.processes()} | {*testing.warm_children(),
+                                                              testing.janitor()}
 
         def family() -> tuple[list[int], list[int]]:
             unknown, zombies = [], []

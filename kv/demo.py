@@ -190,8 +190,8 @@ class Demo:
                          restarts.get(proc.pid, 0)))
         say(f"   {'process':<32} {'OS pid':>7}  {'parent':<32} {'RSS':>8} {'USS':>8}"
             f" {'restarts':>8}")
-        for name, pid, parent, rss, uss, count in rows:
-            say(f"   {name:<32} {pid:>7}  {parent:<32} {rss / 2**20:6.1f}MB {uss / 2**20:6.1f}MB"
+        for name, pid, boss, rss, uss, count in rows:
+            say(f"   {name:<32} {pid:>7}  {boss:<32} {rss / 2**20:6.1f}MB {uss / 2**20:6.1f}MB"
                 f" {count:>8}")
         say()
         say(f"   {'recovery':<50} {'measured':>10}")

@@ -6,7 +6,8 @@ full listen backlog holds up only the thread that connects), proves the node
 key (see ``_wire``), and keeps the connection; a connection carries frames both
 ways, but a process sends to a peer on one connection only, so that messages
 from one process to another stay in order. A parent and its child share a
-socketpair made at spawn.
+socketpair made at spawn. An observer's connection (``python -m runtime top``, see ``_wire``)
+carries INFO frames only, answered on that connection.
 
 Writes never block: what the kernel does not take at once waits in the
 connection's queue of buffers, written as the socket drains (``EPOLLOUT``), in
@@ -202,7 +203,7 @@ class Connections:
                 if not n:
                     peer = conn.peer
                     self.close(conn)
-                    if not drain and peer is not None:
+                    if not drain and peer is not None and not _wire.is_observer(peer.serial):
                         self._on_closed(peer)
                     return
                 inbuf = conn.inbuf
@@ -231,6 +232,7 @@ class Connections:
         unpack = _wire.LENGTH.unpack_from
         on_frame = self._on_frame
         peer = conn.peer
+        observer = peer is not None and _wire.is_observer(peer.serial)
         pos = 0
         while end - pos >= 4:
             stop = pos + 4 + unpack(view, pos)[0]
@@ -239,6 +241,12 @@ class Connections:
             if peer is None:
                 self._hello(conn, view[pos + 4 : stop])
                 peer = conn.peer
+                observer = peer is not None and _wire.is_observer(peer.serial)
+            elif observer and view[pos + 4] != _wire.INFO:
+                # An observer only looks (see _wire): it takes no part in the node.
+                log.warning("%r closed an observer's connection: it sent a frame other "
+                            "than INFO", self._me)
+                self.close(conn)
             else:
                 on_frame(peer, view[pos + 4], view[pos + 5 : stop])
             pos = stop

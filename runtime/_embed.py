@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from . import _config, _current, _launch, _root, _table
+from . import _config, _current, _launch, _root, _table, _wire
 from ._node import Node, NodeInfo
 from .errors import ProcessError
 from .pid import Pid
@@ -68,7 +68,7 @@ def current() -> Node:
         return node
 
 
-def _base_dir(chosen: str | None) -> str:
+def base_dir(chosen: str | None) -> str:
     if chosen:
         return chosen
     for candidate in ("/dev/shm", tempfile.gettempdir()):
@@ -135,7 +135,7 @@ def _start_node() -> Node:
     config = _config.current()
     method = config.start_method
     _raise_nofile()
-    base = _base_dir(config.node_dir)
+    base = base_dir(config.node_dir)
     _remove_dead_nodes(base)
     directory = tempfile.mkdtemp(prefix=f"rt-{os.getpid()}-", dir=base)
     lock_fd = -1
@@ -144,12 +144,14 @@ def _start_node() -> Node:
         os.mkdir(os.path.join(directory, "names"), 0o700)
         table = _table.Table(os.path.join(directory, "table"), create=True)
         node_id = int.from_bytes(os.urandom(4), "big") | 1
+        key = os.urandom(32)
+        _wire.save_key(directory, key)  # for observers (python -m runtime top): see _wire
         serial, slot = table.allocate()
         table.set_os_pid(slot, os.getpid())
         me = Pid(node_id, serial, slot, os.getpid())
         root_serial, root_slot = table.allocate()
         root = Pid(node_id, root_serial, root_slot, 0)  # its OS pid is known once started
-        info = NodeInfo(directory, os.urandom(32), node_id, me, root, method)
+        info = NodeInfo(directory, key, node_id, me, root, method)
         node = Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
         node.extra_fds.append(lock_fd)
         _start_root(node, config)

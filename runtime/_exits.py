@@ -254,7 +254,7 @@ class Exits:
                 reason, log_crash = stands, False
                 code = 0 if reason == "normal" else 1
             if log_crash and not is_clean_exit(reason):
-                _log_exit(me, self._names.own(), reason)
+                _log_exit(me, self._names.held_by(me), reason)
             with self._poller.lock:
                 try:
                     self._conns.drain_all()

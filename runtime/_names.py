@@ -148,6 +148,23 @@ class Names:
         """The names this process registered for itself."""
         return sorted(self._own)
 
+    def held_by(self, pid: Pid) -> list[str]:
+        """The names that point to ``pid``, whoever registered them (a scan of the
+        directory, for a crash report: it asks no process whether it is alive)."""
+        found = set(self._own) if pid == self._me else set()
+        try:
+            entries = os.listdir(self._dir)
+        except OSError:
+            return sorted(found)
+        for entry in entries:
+            try:
+                serial, _, _, label = os.readlink(os.path.join(self._dir, entry)).split(":", 3)
+                if int(serial) == pid.serial:
+                    found.add(bytes.fromhex(label).decode("utf-8", "replace"))
+            except (OSError, ValueError):
+                continue
+        return sorted(found)
+
     def registered(self) -> list[tuple[str, Pid]]:
         """Every name held by a live process, with its holder."""
         out: list[tuple[str, Pid]] = []

@@ -172,14 +172,18 @@ class Table:
     """A mapping of the node's table file. One per OS process. Each slot has one
     writer at a time; every change of state is made under the file lock."""
 
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str, create: bool = False, readonly: bool = False) -> None:
+        """``readonly``: a view for an observer (``_observe``), which reads slots only."""
         self.path = path
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        if readonly:
+            flags = os.O_RDONLY | os.O_CLOEXEC
         self.fd = os.open(path, flags, 0o600)
         size = _RING_OFF + RING
         if create:
             os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size)
+        self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ if readonly else
+                            mmap.ACCESS_DEFAULT)
         if create:
             _HDR.pack_into(self.mm, 0, _MAGIC, 1, 0, 0)
 

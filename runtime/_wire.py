@@ -32,6 +32,14 @@ hold; nothing from a connection is unpickled before that. So a recorded HELLO
 replays nowhere: to another process its proof is wrong, to the same one it was
 seen (even sent from a process that got the recorder's OS pid back).
 
+An *observer* (``python -m runtime top``) is a connector that is no process of
+the node: it has no table slot, no socket and no name. It proves the key as a
+process would, with a serial of its own that has the ``OBSERVER`` bit set (no
+process of a node ever has it: serials count up from 1); an acceptor answers
+its INFO frames, on its one connection, and closes the connection on any other
+frame. The key is in the node's directory (``KEY_FILE``, mode 0600, in a
+directory of mode 0700), so only the node's owner can observe it.
+
 Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 (lambdas, closures, classes defined in ``__main__``): that is where code travels.
 """
@@ -39,6 +47,7 @@ Plain ``pickle`` carries values; ``cloudpickle`` only where plain pickle cannot
 from __future__ import annotations
 
 import hmac
+import io
 import os
 import pickle
 import socket
@@ -80,14 +89,54 @@ def dumps(obj: Any, shown: Any = None) -> bytes:
 
 def dumps_code(obj: Any, shown: Any = None) -> bytes:
     """Pickle something that carries code (a spawn target): cloudpickle directly."""
-    import cloudpickle
-
     try:
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
-        return data
+        with io.BytesIO() as file:
+            _code_pickler()(file, protocol=5).dump(obj)
+            return file.getvalue()
     except Exception as exc:
         value = obj if shown is None else shown
         raise TypeError(f"cannot send {value!r} to another process: {exc}") from None
+
+
+_CodePickler: Any = None
+
+
+def _code_pickler() -> Any:
+    """cloudpickle's Pickler, except that code keeps its file name.
+
+    cloudpickle (2.1+) writes ``<dynamic-code>`` as the file name of the code it
+    pickles by value (functions and classes of the user's ``__main__``), so that
+    its pickles are byte-for-byte reproducible. Here that matters less than a
+    crash's traceback, which would show ``File "<dynamic-code>"`` and no source
+    line for the user's own script: the real name is put back. Its private
+    ``_code_reduce`` is used; without it (another version) names are lost, no
+    more."""
+    global _CodePickler
+    if _CodePickler is not None:
+        return _CodePickler
+    import collections
+    import collections.abc
+    import types
+
+    import cloudpickle
+
+    reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+    table = getattr(cloudpickle.Pickler, "dispatch_table", None)
+    if reduce is None or not isinstance(table, collections.abc.MutableMapping):
+        _CodePickler = cloudpickle.Pickler
+        return _CodePickler
+    base: collections.abc.MutableMapping[Any, Any] = table
+
+    def code_reduce(code: types.CodeType) -> Any:
+        fn, args = reduce(code)
+        return fn, tuple(code.co_filename if arg.__class__ is str and arg == "<dynamic-code>"
+                         else arg for arg in args)
+
+    class CodePickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = collections.ChainMap({types.CodeType: code_reduce}, base)
+
+    _CodePickler = CodePickler
+    return _CodePickler
 
 
 def loads(data: bytes) -> Any:
@@ -166,6 +215,40 @@ def check_hello(key: bytes, sock: socket.socket, my_serial: int,
     if not hmac.compare_digest(_proof(key, serial, os_pid, my_serial, n), given):
         return None
     return serial, slot, os_pid, n
+
+
+# ------------------------------------------------------------------ observers
+
+# The serial bit of an observer (see the module docstring); its other bits are the
+# observer's OS pid and a number it chooses, so two live observers never share one.
+OBSERVER = 1 << 63
+KEY_FILE = "key"
+
+
+def is_observer(serial: int) -> bool:
+    return serial >= OBSERVER
+
+
+def observer(number: int) -> Pid:
+    """The identity an observer gives in its HELLO (see the module docstring)."""
+    return Pid(0, OBSERVER | os.getpid() << 32 | number & 0xFFFFFFFF, 0, os.getpid())
+
+
+def save_key(node_dir: str, key: bytes) -> None:
+    """Write the node's key into its directory, readable by its owner only."""
+    fd = os.open(os.path.join(node_dir, KEY_FILE),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+
+
+def load_key(node_dir: str) -> bytes:
+    """The key of the node in ``node_dir``. Raises OSError (PermissionError for
+    anyone but its owner)."""
+    with open(os.path.join(node_dir, KEY_FILE), "rb") as f:
+        return f.read()
 
 
 def peer_os_pid(sock: socket.socket) -> int:
