@@ -61,6 +61,9 @@ class NodeNotFound(ObserveError):
         self.candidates = candidates or []
 
 
+_numbers = itertools.count(1)  # this process's observer connections
+
+
 # ------------------------------------------------------------------ finding nodes
 
 
@@ -213,7 +216,6 @@ class Observer:
             raise ObserveError(f"no node in {node_dir} ({exc})") from None
         self._names = _names.Names(node_dir, Pid(0, 0, 0, 0), self._is_alive)
         self._peers: dict[int, _Peer] = {}  # serial -> its connection
-        self._numbers = itertools.count(1)
         self._refs = itertools.count(1)
 
     def __enter__(self) -> Observer:
@@ -308,7 +310,7 @@ class Observer:
                 peer.state = None
                 frame = b"".join(_wire.info(peer.pending))
                 if not peer.greeted:  # the HELLO and the first INFO in one write
-                    number = next(self._numbers)
+                    number = next(_numbers)  # (per process: each HELLO is used once)
                     frame = _wire.hello(self._key, _wire.observer(number),
                                         pid.serial, number) + frame
                     peer.greeted = True

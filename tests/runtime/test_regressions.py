@@ -660,7 +660,7 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
 
     def stray():
         live = {str(p.serial) for p in runtime.processes()}
-        return set(testing.node_files()) - live - {"lock", "names", "table"}
+        return set(testing.node_files()) - live - {"lock", "names", "table", "key"}
     wait_until(lambda: not stray(), what="no socket file of a dead process")
     # (the root's warm children have no OS pid in the table until a spawn takes them)
     warm = {pid.serial for pid in testing._warm()}

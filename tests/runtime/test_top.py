@@ -188,12 +188,17 @@ def test_top_once_shows_the_tree_with_names_statuses_and_columns(base):
     facts = node.facts
     main, root = by_os[facts["main"]], by_os[facts["root"]]
     counter, sup, sleeper = by_os[facts["counter"]], by_os[facts["sup"]], by_os[facts["sleeper"]]
-    # The tree, in start order: main > root > (counter, sup > its child, sleeper).
-    assert [row["os_pid"] for row in got] == [
-        facts["main"], facts["root"], facts["counter"], facts["sup"], got[4]["os_pid"],
-        facts["sleeper"]]
-    assert [row["depth"] for row in got] == [0, 1, 2, 2, 3, 2]
-    child = got[4]
+    # The tree: main > root > (counter, sup > its child, sleeper), each process's
+    # children in the order of their serials (a process the root started ahead for a
+    # spawn has the serial of that moment, so the three need not be in spawn order).
+    assert [row["os_pid"] for row in got[:2]] == [facts["main"], facts["root"]]
+    assert [row["depth"] for row in got[:2]] == [0, 1]
+    at_two = [row for row in got if row["depth"] == 2]
+    assert {row["os_pid"] for row in at_two} == {facts["counter"], facts["sup"],
+                                                  facts["sleeper"]}
+    assert [row["depth"] for row in got[2:]].count(3) == 1
+    child = got[got.index(sup) + 1]
+    assert child["depth"] == 3
     assert (main["names"], counter["names"], sup["names"], child["names"],
             sleeper["names"]) == ("-", "counter", "sup", "-", "sleeper")
     # Who waits in the runtime answers; the sleeper, in its own code, does not.
@@ -342,7 +347,7 @@ def test_an_observer_may_only_ask(base):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(os.path.join(node.dir, str(serial)))
-        sock.sendall(_wire.hello(key, _wire.observer(1), serial, 1)
+        sock.sendall(_wire.hello(key, _wire.observer(1 << 30), serial, 1 << 30)
                      + b"".join(_wire.message(_wire.dumps("not for you"))))
         assert _read_all(sock) == b""  # closed, unanswered
     wait_until(lambda: "sent a frame other than INFO" in node.stderr(), what="the close logged")
