@@ -11,7 +11,7 @@ import struct
 import sys
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.managers import BaseManager
+from multiprocessing.managers import BaseManager, DictProxy
 from typing import Any
 
 
@@ -62,7 +62,7 @@ class EchoManager(BaseManager):
 
 
 EchoManager.register("Echo", EchoObject)
-EchoManager.register("Dict", dict)
+EchoManager.register("Dict", dict, DictProxy)
 
 
 def fork_server() -> None:

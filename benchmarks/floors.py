@@ -98,7 +98,7 @@ class MpStart(Sampler):
         self.children.clear()
 
 
-def _idle_child(ctx: Any) -> tuple[Any, Connection]:
+def idle_child(ctx: Any) -> tuple[Any, Connection]:
     ready_r, ready_w = ctx.Pipe(duplex=False)
     stop_r, stop_w = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_targets.ready_then_wait, args=(ready_w, stop_r))
@@ -123,7 +123,7 @@ class MpSentinel(Sampler):
         self.spare: list[tuple[Any, Connection]] = []
 
     def before_round(self, k: int) -> None:
-        self.victims = [_idle_child(self.ctx) for _ in range(k)]
+        self.victims = [idle_child(self.ctx) for _ in range(k)]
 
     def sample(self) -> float:
         proc, stop_w = self.victims.pop()
@@ -132,7 +132,7 @@ class MpSentinel(Sampler):
         if not wait([proc.sentinel], TIMEOUT):
             raise RuntimeError("a killed child's sentinel did not fire")
         if self.restart:
-            self.spare.append(_idle_child(self.ctx))
+            self.spare.append(idle_child(self.ctx))
         elapsed = time.perf_counter() - t0
         proc.join()
         stop_w.close()
