@@ -120,12 +120,12 @@ def run_job(job: Job, quick: bool, out: str, pin: int | None, progress: Progress
                 proc.wait()
                 break
             if sel.select(0.5):
-                data = os.read(r, 65536)
-                if not data:  # everyone holding the pipe is gone; wait for the exit
+                chunk = os.read(r, 65536)
+                if not chunk:  # everyone holding the pipe is gone; wait for the exit
                     sel.unregister(r)
                     proc.wait(max(1.0, deadline - time.monotonic()))
                     break
-                buf += data
+                buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     msg = json.loads(line)

@@ -100,7 +100,7 @@ def fork_server() -> None:
                 os.close(fd)
             children.append((pid, stop_w))
         elif cmd == b"r":
-            for pid, stop_w in children:
+            for _, stop_w in children:
                 os.close(stop_w)
             for pid, _ in children:
                 os.waitpid(pid, 0)

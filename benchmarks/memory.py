@@ -60,7 +60,7 @@ def run(rec: Recorder) -> None:
         rec.figure("pss", f"PSS of an idle bucket, {n} alive", [m.pss for m in got["ours"]],
                    [m.pss for m in got["floor"]], floor_name, unit="MiB", headline=True)
     finally:
-        for proc, stop_w in children:
+        for _, stop_w in children:
             stop_w.send_bytes(b"s")
             stop_w.close()
         for proc, _ in children:

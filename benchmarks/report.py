@@ -142,6 +142,7 @@ def plots(results: dict[str, Any], out: str) -> tuple[list[str], str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return [], ("plots skipped: matplotlib is not installed "
                     "(pip install -e '.[bench]' to have them)")
@@ -169,20 +170,26 @@ def plots(results: dict[str, Any], out: str) -> tuple[list[str], str]:
         fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)
-    figs = [f for f in results["figures"] if not math.isnan(f["ratio"] or math.nan)]
-    if figs:
-        fig, ax = plt.subplots(figsize=(8, 0.22 * len(figs) + 1))
-        names = [f"{f['name']} / {f['floor']['name']}"[:95] for f in figs]
+    every = [f for f in results["figures"] if not math.isnan(f["ratio"] or math.nan)]
+    for filename, figs in (("ratios.png", [f for f in every if f.get("headline")]),
+                           ("ratios_all.png", every)):
+        if not figs:
+            continue
+        fig, ax = plt.subplots(figsize=(11, 0.22 * len(figs) + 1.2))
+        names = [f"{f['name']}  vs  {f['floor']['name']}"[:110] for f in figs]
         ax.barh(range(len(figs)), [f["ratio"] for f in figs],
                 color=["tab:red" if f.get("met") is False else "tab:blue" for f in figs])
         ax.set_yticks(range(len(figs)), names, fontsize=6)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("cost ratio to the floor (1.0 = as cheap as the floor; red: target missed)")
-        fig.tight_layout()
-        path = os.path.join(out, "ratios.png")
-        fig.savefig(path, dpi=80)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.tick_params(axis="x", which="both", labelsize=7)
+        ax.set_xlabel("cost ratio to the floor (1x: as cheap as the floor; red: target missed)")
+        fig.subplots_adjust(left=0.52, right=0.98, top=0.99, bottom=0.6 / (0.22 * len(figs) + 1.2))
+        path = os.path.join(out, filename)
+        fig.savefig(path, dpi=72)
         plt.close(fig)
         written.append(path)
     return written, ""
@@ -226,20 +233,23 @@ def readme_section(results: dict[str, Any], plot_paths: list[str]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(results_path: str, readme_path: str) -> str:
+def update_readme(results_path: str, readme_path: str, plots_dir: str | None = None) -> str:
+    """Replace the README's generated section with one made from ``results_path``;
+    the run's plots (if small) are copied to ``plots_dir`` (default benchmarks/plots)."""
     import json
 
     with open(results_path) as f:
         results = json.load(f)
     run_dir = os.path.dirname(os.path.abspath(results_path))
+    plots_dir = plots_dir or os.path.join(REPO, PLOTS_IN_REPO)
     committed = []
-    os.makedirs(os.path.join(REPO, PLOTS_IN_REPO), exist_ok=True)
     for plot in results.get("plots", []):
         src = os.path.join(run_dir, os.path.basename(plot))
         if os.path.exists(src) and os.path.getsize(src) <= MAX_COMMITTED_PLOT:
-            rel = os.path.join(PLOTS_IN_REPO, os.path.basename(plot))
-            shutil.copyfile(src, os.path.join(REPO, rel))
-            committed.append(rel)
+            os.makedirs(plots_dir, exist_ok=True)
+            dst = os.path.join(plots_dir, os.path.basename(plot))
+            shutil.copyfile(src, dst)
+            committed.append(os.path.relpath(dst, os.path.dirname(os.path.abspath(readme_path))))
     with open(readme_path) as f:
         text = f.read()
     section = readme_section(results, committed)
@@ -251,4 +261,4 @@ def update_readme(results_path: str, readme_path: str) -> str:
     with open(readme_path, "w") as f:
         f.write(text)
     return f"{readme_path}: Performance regenerated from {results_path}" + (
-        f"; plots copied to {PLOTS_IN_REPO}/" if committed else "")
+        f"; plots copied to {plots_dir}" if committed else "")
