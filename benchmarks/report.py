@@ -216,9 +216,11 @@ def readme_section(results: dict[str, Any], plot_paths: list[str]) -> str:
     targets = [f for f in results["figures"] if f.get("target") is not None]
     if targets:
         met = [f for f in targets if f["met"]]
-        lines.append(f"Targets: {len(met)} of {len(targets)} met. " + "; ".join(
-            f"{f['name']} vs {f['floor']['name']}: {ratio_text(f)} (target {f['target']}x, "
-            f"{'met' if f['met'] else 'missed'})" for f in targets) + ".")
+        lines += [f"The issue's targets: {len(met)} of {len(targets)} met in this run (every "
+                  "one is in `results.md`):", ""]
+        for f in targets:
+            lines.append(f"- {'met' if f['met'] else '**missed**'}: {f['name']}, "
+                         f"{ratio_text(f)} of {f['floor']['name']} (target {f['target']}x)")
         lines.append("")
     notes = [n for p in results["parts"].values() for n in p["notes"]]
     if notes:
