@@ -114,7 +114,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
     before = {f["key"]: f for f in old["figures"]}
     lines = [f"compared with the run of {old.get('started', '?')} "
              f"(commit {old['machine'].get('git_commit', '')[:10]})",
-             f"{'figure':<60} {'old':>10} {'new':>10} {'change':>8}   "
+             f"{'figure':<60} {'old':>10} {'new':>10} {'unit':<6}{'change':>8}   "
              f"{'old ratio':>9} {'new ratio':>9}"]
     for fig in new["figures"]:
         prev = before.get(fig["key"])
@@ -124,11 +124,13 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
         u = fig["unit"]
         a, b = prev["ours"]["median"], fig["ours"]["median"]
         change = (b - a) / a * 100 if a else math.nan
-        lines.append(f"{fig['key']:<60} {fmt(a, u):>10} {fmt(b, u):>10} {change:+7.1f}%   "
+        lines.append(f"{fig['key']:<60} {fmt(a, u):>10} {fmt(b, u):>10} {u:<6}{change:+7.1f}%   "
                      f"{ratio_text(prev):>9} {ratio_text(fig):>9}")
     gone = sorted(set(before) - {f["key"] for f in new["figures"]})
-    for key in gone:
-        lines.append(f"{key:<60} {'(not in this run)':>21}")
+    if gone:
+        parts = sorted({key.split(".")[0] for key in gone})
+        lines.append(f"and {len(gone)} figures of the earlier run not in this one "
+                     f"(parts: {', '.join(parts)})")
     return "\n".join(lines)
 
 
