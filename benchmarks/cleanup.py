@@ -27,7 +27,7 @@ import kv
 import runtime
 from benchmarks import _rt_targets
 from benchmarks.floors import MpSentinel
-from benchmarks.harness import Recorder, Sampler, affordable, bytes_per_process_guess, interleave
+from benchmarks.harness import IDLE_PROCESS_BYTES, Recorder, Sampler, affordable, interleave
 from kv import registry
 
 REG = "kv.registry"
@@ -66,16 +66,21 @@ class KillToDown(Victims):
         return time.perf_counter() - t0
 
 
+def kill_until_gone(reg: str, name: str, pid: runtime.Pid) -> float:
+    """SIGKILL the bucket ``pid`` until registry ``reg`` no longer names it (bounded)."""
+    t0 = time.perf_counter()
+    os.kill(pid.os_pid, signal.SIGKILL)
+    deadline = time.monotonic() + TIMEOUT
+    while registry.lookup(reg, name) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{reg} still names {name} {TIMEOUT} s after its death")
+    return time.perf_counter() - t0
+
+
 class KillToNameGone(Victims):
     def sample(self) -> float:
         name, pid, ref = self.victims.pop()
-        t0 = time.perf_counter()
-        os.kill(pid.os_pid, signal.SIGKILL)
-        deadline = time.monotonic() + TIMEOUT
-        while registry.lookup(REG, name) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the registry still names {name} {TIMEOUT} s after its death")
-        elapsed = time.perf_counter() - t0
+        elapsed = kill_until_gone(REG, name, pid)
         runtime.demonitor(ref, flush=True)
         return elapsed
 
@@ -113,7 +118,7 @@ def run(rec: Recorder) -> None:
     others: list[Any] = []  # monitor refs of the others
     try:
         for i, size in enumerate(sizes):
-            fit, note = affordable(size - len(others) + 3 * n, bytes_per_process_guess())
+            fit, note = affordable(size - len(others) + 3 * n, IDLE_PROCESS_BYTES)
             if note:
                 rec.note(f"cleanup: {note}; measured with {len(others) + fit} others")
             rec.progress(i / len(sizes), f"starting {size} other buckets")

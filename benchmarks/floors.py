@@ -187,19 +187,6 @@ class SmallForker:
             self.proc.stdout.close()
 
 
-class SmallFork(Sampler):
-    """:class:`SmallForker` as a sampler; children released after each round."""
-
-    def __init__(self, forker: SmallForker) -> None:
-        self.forker = forker
-
-    def sample(self) -> float:
-        return self.forker.fork()
-
-    def after_round(self) -> None:
-        self.forker.release()
-
-
 class PipeEcho:
     """A fork-started child answering on a ``multiprocessing.Pipe``: the messaging floor."""
 

@@ -133,10 +133,9 @@ def timed(fn: Callable[[], Any]) -> float:
 # ------------------------------------------------------------------ memory
 
 
-def bytes_per_process_guess() -> int:
-    """What one more idle runtime process costs here, as a first guess; parts that
-    grow refine it from what free memory actually did."""
-    return 3 * 2**20
+# What one more idle bucket costs in available memory here, as a first guess; the
+# scale part refines it from what free memory actually did.
+IDLE_PROCESS_BYTES = 3 * 2**20
 
 
 def affordable(wanted: int, per_process: int) -> tuple[int, str]:

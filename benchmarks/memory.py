@@ -17,7 +17,7 @@ import psutil
 
 import kv
 from benchmarks.floors import idle_child
-from benchmarks.harness import Recorder, affordable, bytes_per_process_guess, interleave
+from benchmarks.harness import IDLE_PROCESS_BYTES, Recorder, affordable, interleave
 from kv import registry
 
 REG = "kv.registry"
@@ -25,7 +25,7 @@ REG = "kv.registry"
 
 def run(rec: Recorder) -> None:
     wanted = 50 if rec.quick else 1000
-    fit, note = affordable(2 * wanted, bytes_per_process_guess())
+    fit, note = affordable(2 * wanted, IDLE_PROCESS_BYTES)
     n = min(wanted, fit // 2)
     if note:
         rec.note(f"memory: {note}; measured at {n} buckets")

@@ -22,9 +22,7 @@ Each step is also bounded in time.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import statistics
 import time
 from typing import Any
@@ -33,13 +31,13 @@ import psutil
 
 import kv
 import runtime
+from benchmarks.cleanup import kill_until_gone
 from benchmarks.floors import ForkPipe, SmallForker
-from benchmarks.harness import Recorder, affordable, bytes_per_process_guess, timed
+from benchmarks.harness import IDLE_PROCESS_BYTES, Recorder, affordable, timed
 from kv import registry
 from kv.registry import Registry
 
 REG = "kv.registry"
-TIMEOUT = 30.0
 
 
 def small_tree(prefix: str) -> Any:
@@ -48,16 +46,6 @@ def small_tree(prefix: str) -> Any:
                 Registry.child_spec({"name": f"{prefix}.registry",
                                      "bucket_supervisor": f"{prefix}.buckets"})]
     return runtime.Supervisor.start_link(children, strategy="one_for_all", name=f"{prefix}.sup")
-
-
-def kill_until_gone(reg: str, name: str, pid: runtime.Pid) -> float:
-    t0 = time.perf_counter()
-    os.kill(pid.os_pid, signal.SIGKILL)
-    deadline = time.monotonic() + TIMEOUT
-    while registry.lookup(reg, name) is not None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{reg} still names {name} {TIMEOUT} s after its death")
-    return time.perf_counter() - t0
 
 
 def tree_stop(prefix: str, size: int) -> float:
@@ -106,7 +94,7 @@ def run(rec: Recorder) -> None:
         for name in small_names:
             registry.create("bench.small.registry", name)
         names: list[str] = []
-        per_bucket = bytes_per_process_guess()
+        per_bucket = IDLE_PROCESS_BYTES
         total = sizes[-1]
         for size in sizes:
             want = size - len(names)

@@ -24,8 +24,6 @@ from benchmarks import _rt_targets
 from benchmarks.floors import ForkPipe, MpStart
 from benchmarks.harness import Recorder, Sampler, interleave
 
-START_METHODS = ("fork", "spawn")  # runtime._embed.START_METHODS; the public doc names these
-
 
 class Spawn(Sampler):
     """``runtime.spawn`` until the first message arrives."""
