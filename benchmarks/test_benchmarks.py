@@ -1,49 +1,130 @@
-"""Smoke runs of the benchmarks at tiny sizes: they must run and print every figure.
+"""The quick suite runs (``python -m benchmarks --quick``) and reports every figure.
 
-Speed is never asserted here (the machine is shared and noisy); the full runs
-are in the README.
+Speed is never asserted (the machine is shared and noisy); the full runs are in
+the README. This is what CI runs of the benchmarks on every change.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 
+import psutil
 import pytest
 
+from benchmarks import report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+# Every figure the quick suite must report (the full one reports more sizes).
+EXPECTED = [
+    *(f"spawn.{m}.embedding.{f}" for m in ("fork", "spawn")
+      for f in ("os_fork", "mp_fork", "mp_forkserver", "mp_spawn")),
+    "spawn.fork.runtime.os_fork", "spawn.spawn.runtime.os_fork",
+    *(f"messaging.{w}.{op}.{p}.{f}" for w in ("embedding", "runtime")
+      for op in ("call", "agent_get", "agent_update") for p in ("100B", "10KB", "1MB")
+      for f in ("pipe", "manager")),
+    *(f"messaging.{w}.cast.{p}.pipe" for w in ("embedding", "runtime")
+      for p in ("100B", "10KB", "1MB")),
+    *(f"cleanup.{k}.{n}" for k in ("kill_to_down", "kill_to_name_gone") for n in (10, 50)),
+    *(f"cleanup.restart.{n}.{f}" for n in (10, 50) for f in ("sentinel", "restart")),
+    "memory.uss", "memory.pss",
+    "scale.create.10", "scale.create.100", "scale.create.100.embedding",
+    "scale.at_n.create", "scale.at_n.lookup", "scale.at_n.down",
+    "scale.teardown.10", "scale.teardown.100", "scale.teardown.largest",
+    *(f"tcp.{s}.{p}.{f}" for s in ("1x1", "8x1", "1x8", "8x8") for p in ("put", "get")
+      for f in ("floor", "bound")),
+    "tcp.8x8.put.floor_x1", "tcp.8x8.get.floor_x1",
+]
 
 
-def run(script: str) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), "--quick"],
-                          capture_output=True, text=True, timeout=240,
-                          cwd=os.path.dirname(HERE))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+def processes_naming(path: str) -> list[int]:
+    """Processes whose command line names ``path``: a part's process and everything
+    it forked (runtime processes, the floors' children) carry its command line."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(path in arg for arg in p.info["cmdline"] or ()):
+            found.append(p.pid)
+    return found
 
 
-@pytest.mark.timeout(300)
-def test_runtime_benchmark_runs_and_reports_every_figure():
-    output = run("runtime_bench.py")
-    for figure in ("spawn to ready", "call round trip", "SIGKILL to Down"):
-        assert output.count(figure) >= 2, output  # pinned and unpinned
-    assert "floor" in output and "ratio" in output
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=85, cwd=REPO)
+    logs = "".join(open(os.path.join(out, "logs", f)).read()[-2000:]
+                   for f in sorted(os.listdir(os.path.join(out, "logs"))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    return out, results, proc
 
 
-@pytest.mark.timeout(300)
-def test_kv_benchmark_runs_and_reports_every_figure():
-    output = run("kv_bench.py")
-    for figure in ("registry create", "lookup at", "name gone", "supervisor restart",
-                   "kv.stop()"):
-        assert figure in output, output
+@pytest.mark.timeout(100)
+def test_quick_suite_reports_every_figure_with_its_floor(quick_run):
+    out, results, _ = quick_run
+    figures = {f["key"]: f for f in results["figures"]}
+    missing = [k for k in EXPECTED if k not in figures]
+    assert not missing, missing
+    for fig in figures.values():
+        for side in ("ours", "floor"):
+            assert fig[side]["n"] >= 1 and fig[side]["median"] > 0, fig
+            assert fig[side]["p99"] >= fig[side]["median"] or fig["unit"] == "req/s", fig
+        assert fig["ratio"] > 0 and fig["floor"]["name"], fig
+    md = (out / "results.md").read_text()
+    for fig in figures.values():
+        assert f"| {fig['name']} | {fig['floor']['name']} |" in md, fig["key"]
 
 
-@pytest.mark.timeout(300)
-def test_kv_server_benchmark_runs_and_reports_every_figure():
-    output = run("kv_server_bench.py")
-    for shape in ("1 x 1", "8 x 1", "1 x 8", "8 x 8", "1 x 16", "8 x 16"):
-        assert len(re.findall(rf"^\s+{shape}\s+(put|get)\s", output, re.M)) == 2, output
-    for column in ("ours", "floor", "bound", "ours/floor", "ours/bound", "vs floor x1"):
-        assert column in output, output
+@pytest.mark.timeout(100)
+def test_quick_suite_records_the_machine_and_says_whether_it_plotted(quick_run):
+    out, results, proc = quick_run
+    m = results["machine"]
+    for key in ("cpu_model", "cpu_count", "python", "kernel", "start_method", "pinned_cpu",
+                "git_commit"):
+        assert key in m, key
+    assert m["cpu_count"] >= 1 and m["python"] == sys.version.split()[0]
+    if results["plots"]:
+        assert all(os.path.exists(p) for p in results["plots"])
+    else:
+        assert "plots skipped" in results["plot_note"] and "plots skipped" in proc.stdout
+    assert "%" in proc.stderr  # the progress bar
+    assert all(not p["error"] for p in results["parts"].values()), results["parts"]
+
+
+@pytest.mark.timeout(100)
+def test_quick_suite_leaves_no_process_behind(quick_run):
+    out, _, _ = quick_run
+    assert processes_naming(str(out)) == []
+
+
+def test_compare_sets_each_figure_beside_the_earlier_one(quick_run):
+    _, results, _ = quick_run
+    old = json.loads(json.dumps(results))
+    old["figures"][0]["ours"]["median"] *= 2
+    text = report.compare(old, results)
+    assert "-50.0%" in text
+    assert all(f["key"] in text for f in results["figures"])
+
+
+def test_readme_section_is_generated_from_a_results_file(quick_run, tmp_path):
+    out, results, _ = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{report.BEGIN}\nold\n{report.END}\n\n## Next\n")
+    report.update_readme(str(out / "results.json"), str(readme), plots_dir=str(tmp_path))
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("## Next\n")
+    assert results["command"] in text
+    for fig in results["figures"]:
+        if fig["headline"]:
+            assert fig["name"] in text, fig["key"]
+
+
+def test_only_rejects_an_unknown_part():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "nope"],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 2 and "unknown part" in proc.stderr

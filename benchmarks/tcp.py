@@ -1,7 +1,4 @@
-"""The kv TCP server under load, against a bare in-process floor measured in the same run.
-
-    python benchmarks/kv_server_bench.py            # full run: 5 rounds, a few minutes
-    python benchmarks/kv_server_bench.py --quick    # tiny sizes (what CI smoke-runs)
+"""The kv TCP server under load, against a bare in-process floor, in the same run.
 
 Three servers speak the same protocol on 127.0.0.1:
 
@@ -20,19 +17,20 @@ Three servers speak the same protocol on 127.0.0.1:
 
 The load client: one OS process per connection, raw sockets. Each connection
 creates its own bucket, then runs a PUT phase and a GET phase that checks every
-value, ``--requests`` requests each, with 1, 8 or 16 requests in flight (it
+value, ``n`` requests each, with 1 or 8 requests in flight (pipelining: it
 writes that many lines, then reads that many replies). All connections start
 each phase together; a phase's rate is all its requests over the time from the
 first start to the last end. Every socket has a timeout and every wait a bound.
 
-For each shape (1 and 8 connections; 1, 8 and 16 in flight), the three run one
-after the other, each round in another order; the figures are medians over the
-rounds, and a ratio is the median of per-round ratios.
+For each shape (1 and 8 connections; 1 and 8 in flight) the three servers are
+loaded in turn, each round in another order (the harness's interleave); a
+figure's samples are the rounds' rates. The issue's targets: one in flight at
+0.6x the floor's rate or better (a cost ratio of 1.67x), and on 8 connections
+with pipelining at least twice the floor's one-in-flight rate (0.5x).
 """
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import pickle
@@ -40,15 +38,13 @@ import re
 import selectors
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks._common import out  # noqa: E402
-from kv.command import (  # noqa: E402
+from benchmarks.harness import Recorder, interleave
+from kv.command import (
     NOT_FOUND,
     OK,
     UNKNOWN_COMMAND,
@@ -65,7 +61,7 @@ from kv.command import (  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 30.0  # any single wait; only reached when something is broken
-SHAPES = [(1, 1), (8, 1), (1, 8), (8, 8), (1, 16), (8, 16)]  # (connections, in flight)
+SHAPES = [(1, 1), (8, 1), (1, 8), (8, 8)]  # (connections, in flight)
 
 
 # ------------------------------------------------------------------ the floor
@@ -340,61 +336,40 @@ def load(port: int, connections: int, inflight: int, n: int) -> tuple[float, flo
 # ------------------------------------------------------------------ the run
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--requests", type=int, default=2000,
-                    help="requests per connection and phase (default: %(default)s)")
-    args = ap.parse_args()
-    rounds, n = (1, 48) if args.quick else (args.rounds, args.requests)
-
-    out(f"kv server under load: {rounds} rounds, {n} requests per connection and phase, "
-        f"{os.cpu_count()} CPUs")
+def run(rec: Recorder) -> None:
+    rounds, n = (2, 100) if rec.quick else (5, 2000)
     floor_proc, floor_port = start_in_process(floor_server)
     bound_proc, bound_port = start_in_process(bound_server)
     ours_proc, ours_port = start_ours()
-    servers = [("floor", floor_port), ("bound", bound_port), ("ours", ours_port)]
-    rates: dict[tuple[str, int, int, str], list[float]] = {}
+    ports = {"floor": floor_port, "bound": bound_port, "ours": ours_port}
+    got: dict[tuple[int, int], dict[str, list[Any]]] = {}
     try:
-        for r in range(rounds):
-            for shape in SHAPES:
-                for who, port in servers[r % 3:] + servers[:r % 3]:
-                    put, get = load(port, *shape, n)
-                    rates.setdefault((who, *shape, "put"), []).append(put)
-                    rates.setdefault((who, *shape, "get"), []).append(get)
+        for i, shape in enumerate(SHAPES):
+            samplers = {who: (lambda port=port, shape=shape: load(port, *shape, n))
+                        for who, port in ports.items()}
+            tick = rec.ticker(i / len(SHAPES), (i + 1) / len(SHAPES),
+                              f"{shape[0]} connection(s) x {shape[1]} in flight")
+            got[shape] = interleave(samplers, rounds, 300, tick=tick)
     finally:
         code = stop_ours(ours_proc)
         for proc in (floor_proc, bound_proc):
             proc.terminate()
             proc.join(TIMEOUT)
     if code != 0:
-        out(f"the server exited with status {code}")
-        return 1
-
-    def median(who: str, conns: int, inflight: int, phase: str) -> float:
-        return statistics.median(rates[(who, conns, inflight, phase)])
-
-    def ratio(a: tuple[str, int, int, str], b: tuple[str, int, int, str]) -> float:
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
-
-    out()
-    out("  req/s, median of the rounds; a ratio is the median of per-round ratios;")
-    out("  'vs floor x1' compares with the floor's rate at one in flight, same connections")
-    out(f"  {'conns x in flight':<18}{'phase':<6}{'ours':>9}{'floor':>9}{'bound':>9}"
-        f"{'ours/floor':>12}{'bound/floor':>13}{'ours/bound':>12}{'vs floor x1':>13}")
-    for conns, inflight in SHAPES:
-        for phase in ("put", "get"):
-            ours = ("ours", conns, inflight, phase)
-            floor = ("floor", conns, inflight, phase)
-            bound = ("bound", conns, inflight, phase)
-            out(f"  {f'{conns} x {inflight}':<18}{phase:<6}{median(*ours):>9,.0f}"
-                f"{median(*floor):>9,.0f}{median(*bound):>9,.0f}"
-                f"{ratio(ours, floor):>11.2f}x{ratio(bound, floor):>12.2f}x"
-                f"{ratio(ours, bound):>11.2f}x"
-                f"{ratio(ours, ('floor', conns, 1, phase)):>12.2f}x")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise RuntimeError(f"the server exited with status {code}")
+    names = {"floor": "the bare one-process server, same shape",
+             "bound": "a bare process per connection and per bucket, same shape"}
+    for (conns, inflight), rates in got.items():
+        how = f"{conns} connection{'s' if conns > 1 else ''}, {inflight} in flight"
+        for k, phase in enumerate(("put", "get")):
+            ours = [r[k] for r in rates["ours"]]
+            for other in ("floor", "bound"):
+                target = round(1 / 0.6, 2) if inflight == 1 and other == "floor" else None
+                rec.figure(f"{conns}x{inflight}.{phase}.{other}", f"TCP {phase.upper()}, {how}",
+                           ours, [r[k] for r in rates[other]], names[other], unit="req/s",
+                           target=target, headline=other == "floor" and phase == "get")
+            if conns == 8 and inflight > 1:
+                rec.figure(f"{conns}x{inflight}.{phase}.floor_x1", f"TCP {phase.upper()}, {how}",
+                           ours, [r[k] for r in got[(conns, 1)]["floor"]],
+                           "the bare one-process server, 1 in flight", unit="req/s",
+                           target=0.5, headline=phase == "get")
