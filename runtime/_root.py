@@ -140,6 +140,7 @@ class Root:
         self.warm: deque[Pid] = deque()  # started ahead, oldest first
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
+        self.handing_over: tuple[Pid, Any] | None = None  # a warm child, its target
 
     def run(self) -> None:
         node = self.node
@@ -165,6 +166,10 @@ class Root:
                     except Exception as exc:  # a failed fork must not take the node down
                         result = ("$error", exc)
                     node.reply(caller, result)
+                    if self.handing_over is not None:  # (after the reply: see _handle_call)
+                        pid, run = self.handing_over
+                        self.handing_over = None
+                        node.send(pid, run)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":
@@ -188,8 +193,10 @@ class Root:
             if not trap:  # (a warm child could see an exit signal before its trap)
                 pid = self._take_warm()
                 if pid is not None:
+                    # The target goes once the reply has: were it sent first, the child
+                    # could run (and exit) before the caller hears of it.
                     node.table.set_os_pid(pid.slot, pid.os_pid)
-                    node.send(pid, ("$run", payload, main))
+                    self.handing_over = (pid, ("$run", payload, main))
                     return pid
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,
