@@ -28,7 +28,7 @@ from . import _table, _wire
 from ._conns import Connections
 from ._mailbox import Mailbox, Raw
 from ._names import Names
-from ._poller import Poller
+from ._poller import FdSet, Poller
 from ._watches import NOT_YET, Watch, Watches
 from .errors import Crash, ProcessError, is_clean_exit
 from .messages import Exit
@@ -61,8 +61,10 @@ class Exits:
     def __init__(self, *, me: Pid, main: Pid, root: Pid | None, is_main: bool,
                  table: _table.Table, poller: Poller, conns: Connections, watches: Watches,
                  mailbox: Mailbox, names: Names, sock_path: Callable[[int], str],
-                 send: SendFrame, trap: bool) -> None:
+                 send: SendFrame, trap: bool,
+                 runtime_fds: Callable[[], FdSet] | None = None) -> None:
         self._me = me
+        self._runtime_fds = runtime_fds
         self._main = main
         self._root = root
         self._is_main = is_main
@@ -228,7 +230,10 @@ class Exits:
         1. record the reason in the table (from then on no killer can doom us: links
            and monitors see one reason, the killer's if it came first);
         2. log it unless it is clean;
-        3. read the frames still queued (a link made just now counts);
+        3. read the frames still queued (a link made just now counts), and close
+           every descriptor of the process's own code (the runtime's stay): what
+           its links and watchers do on its exit, such as binding its port again,
+           finds them released, as after a SIGKILL;
         4. pass the exit on to links: a linked process that does not trap exits is
            killed with ``reason`` (if abnormal); a linked *child* that traps exits
            gets the exit signal as a message, so it can run ``terminate``;
@@ -263,6 +268,7 @@ class Exits:
                 self._poller.run_jobs()
                 links = self._watches.links()
                 children = {w.pid.serial: w for w in self._watches.children()}
+                self._release_descriptors()
             self._pass_on(reason, links, children, deadline)
             self._wait_gone(list(children.values()), deadline)
             self._names.drop_own()
@@ -297,6 +303,32 @@ class Exits:
         for serial, w in children.items():
             if not (w.linked and table.is_trapping(serial, w.pid.slot)):
                 self.force_exit(w.pid, "shutdown", deadline)
+
+    def _release_descriptors(self) -> None:
+        """Release what every descriptor but the standard streams and the runtime's own
+        refers to (lock held, in the exit path). Each is made a copy of /dev/null
+        rather than closed: a thread of the process's code may still use its number,
+        which must not become one of the runtime's new connections."""
+        if self._runtime_fds is None:
+            return
+        keep = self._runtime_fds()
+        for fd in (0, 1, 2, self._table.fd):
+            keep.add(fd)
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        keep.add(null)
+        try:
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                if fd not in keep:
+                    try:
+                        os.dup2(null, fd, inheritable=False)
+                    except OSError:
+                        pass  # (the listing's own descriptor, closed by now)
+        finally:
+            os.close(null)
 
     def _wait_gone(self, children: list[Watch], deadline: float) -> None:
         """Wait until ``children`` are dead (or the deadline), then record the reasons

@@ -274,17 +274,11 @@ def _run(node: Node, plan: Plan) -> None:
 def _wait_for_target(node: Node) -> bytes:
     """A warm child: connect to the embedding process ahead (what it spawns mostly
     talks to it first), then wait for the target its parent, the root, hands over."""
-    main = node.info.main
-    node.connect_ahead(main)
-    msg = node.receive(None, _is_run)
-    _, payload, link_to = msg
+    node.connect_ahead(node.info.main)
+    payload, link_to = node.wait_for_target()
     if link_to is not None:
         node.linked_by(link_to)
-    return payload  # type: ignore[no-any-return]
-
-
-def _is_run(msg: Any) -> bool:
-    return msg.__class__ is tuple and len(msg) == 3 and msg[0] == "$run"
+    return payload
 
 
 def _become_orphan_proof(parent_os_pid: int | None, default_signals: tuple[int, ...]) -> None:
@@ -346,8 +340,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
                 warm: bool = False, shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
-    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a ``("$run",
-    payload, link_to)`` message). Returns once the OS process exists and can be sent
+    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for its parent's
+    ``Node.hand_over``). Returns once the OS process exists and can be sent
     to; does not wait for it to run. A warm child's OS pid is not in the table (it
     is not listed among the node's processes) until it is handed over."""
     info = node.info

@@ -84,8 +84,9 @@ class Node:
         self.exits = Exits(me=me, main=info.main, root=info.root, is_main=is_main, table=table,
                            poller=poller, conns=self.conns, watches=self.watches,
                            mailbox=self.mailbox, names=self.names, sock_path=info.sock_path,
-                           send=self._send, trap=trap)
+                           send=self._send, trap=trap, runtime_fds=self.descriptors)
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
+        self.target: bytes | None = None  # a warm child's, once handed over
         self._refs = itertools.count(1)
         self._suspects: list[int] = []  # peers whose connection closed: dying
 
@@ -192,6 +193,10 @@ class Node:
             self.watches.unlink(peer.serial)
         elif tag == _wire.EXIT:
             self.exits.on_exit_signal(peer, bytes(body))
+        elif tag == _wire.RUN:
+            if peer == self.parent and self.target is None:  # (see _root: a warm child)
+                self.target = bytes(body)
+                self.poller.notify()
         elif tag == _wire.INFO:
             conn = self.conns.out_to(peer.serial)
             if conn is not None:
@@ -297,6 +302,18 @@ class Node:
         ref = next(self._refs)
         self._ask(pid, ref, _wire.call(ref, _wire.dumps(request)))
         return ref
+
+    def hand_over(self, pid: Pid, payload: bytes, link_to: Pid | None) -> None:
+        """Give the warm child ``pid`` its target: the cloudpickled ``(fn, args)``, and
+        whom it is to link to (see ``_root``)."""
+        self._send(pid, _wire.control(_wire.RUN, _wire.dumps((payload, link_to))), None)
+
+    def wait_for_target(self) -> tuple[bytes, Pid | None]:
+        """In a warm child: wait for the target its parent hands over (see
+        ``hand_over``), leaving every message in the mailbox as it is."""
+        got = self.poller.wait(lambda: self.target, None)
+        payload, link_to = _wire.loads(got)
+        return payload, link_to
 
     def connect_ahead(self, pid: Pid) -> None:
         """Connect to ``pid`` now, if not yet, so that a first message to it later

@@ -95,6 +95,9 @@ class FdSet:
             bits.extend(bytes(fd + 1 - len(bits) + 256))
         bits[fd] = 1
 
+    def __contains__(self, fd: int) -> bool:
+        return 0 <= fd < len(self.bits) and self.bits[fd] == 1
+
     def discard(self, fd: int) -> None:
         if 0 <= fd < len(self.bits):
             self.bits[fd] = 0

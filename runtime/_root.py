@@ -140,7 +140,7 @@ class Root:
         self.warm: deque[Pid] = deque()  # started ahead, oldest first
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
-        self.handing_over: tuple[Pid, Any] | None = None  # a warm child, its target
+        self.handing_over: tuple[Pid, bytes, Pid | None] | None = None  # (see run)
 
     def run(self) -> None:
         node = self.node
@@ -153,9 +153,9 @@ class Root:
                 msg = node.receive(0.0 if refill else timeout, None)
             except ReceiveTimeout:
                 msg = None
-                if refill:  # nothing else to do: start one ahead
-                    self._warm_one()
-                    continue
+            if msg is None and refill:  # nothing else to do: start one ahead
+                self._warm_one()
+                continue
             if self.timers:
                 self._escalate_due()
             if msg.__class__ is tuple and msg:
@@ -167,9 +167,9 @@ class Root:
                         result = ("$error", exc)
                     node.reply(caller, result)
                     if self.handing_over is not None:  # (after the reply: see _handle_call)
-                        pid, run = self.handing_over
+                        pid, payload, link_to = self.handing_over
                         self.handing_over = None
-                        node.send(pid, run)
+                        node.hand_over(pid, payload, link_to)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$escalate":
@@ -196,7 +196,7 @@ class Root:
                     # The target goes once the reply has: were it sent first, the child
                     # could run (and exit) before the caller hears of it.
                     node.table.set_os_pid(pid.slot, pid.os_pid)
-                    self.handing_over = (pid, ("$run", payload, main))
+                    self.handing_over = (pid, payload, main)
                     return pid
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,

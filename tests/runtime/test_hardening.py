@@ -327,3 +327,70 @@ def test_a_thread_blocked_in_a_call_is_woken_while_an_event_loop_pumps_the_node(
     """)
     out, err = proc.communicate(timeout=120)
     assert out.strip() == "['ok']", (out, err)
+
+
+# -------------------------------------- what a process held, once its exit is out
+
+
+def _deaf():
+    """A child that does not stop when told (every signal blocked): its parent's exit
+    waits for it a while."""
+    import signal
+    import time
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL,
+                                                                   signal.SIGSTOP})
+    time.sleep(30)  # sleep-ok: a process that ignores its parent's exit
+
+
+def _holds_a_port(parent):
+    import socket
+
+    runtime.spawn(_deaf)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    runtime.send(parent, ("port", sock.getsockname()[1]))
+    if runtime.receive(timeout=30) == "crash":
+        raise RuntimeError("crashed holding a port")
+
+
+def _restarts_a_port_holder(parent, how):
+    """A supervisor's part: a linked child holds a port; end it, and on its Exit bind
+    the port again (as a supervisor restarting an acceptor does); report how it went."""
+    import socket
+
+    runtime.trap_exit(True)
+    results = []
+    for _ in range(3):
+        pid = runtime.spawn(_holds_a_port, runtime.self(), link=True)
+        port = runtime.receive(timeout=10, match=lambda m: m[0] == "port")[1]
+        if how == "exit signal":
+            runtime.exit(pid, "chaos")
+        else:
+            runtime.send(pid, "crash")
+        runtime.receive(timeout=10, match=lambda m, pid=pid: isinstance(m, runtime.Exit)
+                        and m.pid == pid)
+        again = socket.socket()
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            again.bind(("127.0.0.1", port))
+            again.listen()
+            results.append("bound")
+        except OSError as exc:
+            results.append(repr(exc))
+        finally:
+            again.close()
+    runtime.send(parent, ("results", results))
+
+
+@pytest.mark.parametrize("how", ["exit signal", "crash"])
+def test_a_process_s_port_is_free_when_its_exit_reaches_its_link(how):
+    """A supervisor restarting an acceptor on its Exit found the port still bound
+    (EADDRINUSE): the exit was passed on before the process let its sockets go (here
+    its exit waits a second for a child that does not stop)."""
+    pid = runtime.spawn(_restarts_a_port_holder, runtime.self(), how)
+    ref = runtime.monitor(pid)
+    assert assert_receive(tagged("results"), timeout=30)[1] == ["bound"] * 3
+    wait_down(ref)
