@@ -94,19 +94,22 @@ class Connections:
 
     # ------------------------------------------------------------ connections
 
-    def accept_all(self) -> None:
+    def accept_all(self) -> list[Conn]:
+        """Accept every connection waiting; the new ones."""
         listen = self.listener.sock
+        new: list[Conn] = []
         while True:
             try:
                 sock, _ = listen.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return new
             except OSError:
-                return
+                return new
             sock.setblocking(False)
             conn = Conn(sock, None)
             self._poller.add(conn.fd, conn)
             self._unproven.add(conn)
+            new.append(conn)
 
     def out_to(self, serial: int) -> Conn | None:
         """The connection we send to ``serial`` on, if there is one."""

@@ -130,7 +130,11 @@ class Node:
             elif cls is Reader:
                 owner.callback()
             elif owner is listener and not deaths:
-                conns.accept_all()
+                # Read what a new connection holds now: what a process sent before we
+                # accepted it has arrived (``receive(timeout=0)`` polls once).
+                for conn in conns.accept_all():
+                    if not conn.closed:
+                        conns.read(conn)
         if self._suspects:
             self._check_suspects(deaths, whole)
 

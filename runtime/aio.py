@@ -23,10 +23,9 @@ connecting to a process it has not talked to yet).
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _checks, _embed
 from ._config import DEFAULT_TIMEOUT
@@ -36,6 +35,11 @@ from .errors import CallTimeout, ExitError, NoProcError, ProcessError, ReceiveTi
 from .messages import Down
 from .pid import Ref
 from .registry import resolve
+
+if TYPE_CHECKING:
+    import asyncio
+# (asyncio itself is imported on first use: every runtime process imports this module,
+# and under the spawn start method each pays for its imports)
 
 __all__ = ["acall", "areceive", "astop"]
 
@@ -166,6 +170,8 @@ _drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Driver] = \
 
 
 def _driver() -> _Driver:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     node = _embed.current()
     driver = _drivers.get(loop)
@@ -176,6 +182,8 @@ def _driver() -> _Driver:
 
 async def _outcome(fut: asyncio.Future[Any], timeout: float | None) -> Any:
     """The future's result; None at the timeout."""
+    import asyncio
+
     try:
         return await asyncio.wait_for(fut, timeout)
     except asyncio.TimeoutError:
@@ -221,6 +229,8 @@ async def areceive(timeout: float | None = None,
         return got[0]
     if timeout == 0:
         raise ReceiveTimeout("no matching message within 0s")
+    import asyncio
+
     fut = driver.add_receive(match)
     try:
         result = await asyncio.wait_for(fut, timeout)

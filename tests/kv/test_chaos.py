@@ -88,7 +88,10 @@ def chaos(*args, timeout=90):
 def test_a_short_seeded_run_injects_every_fault_and_finds_no_violation(tmp_path):
     report = tmp_path / "report.json"
     log = tmp_path / "processes.log"
-    proc = chaos("--seconds", "8", "--clients", "4", "--seed", "7", "--json", str(report),
+    # (under the spawn start method a restart takes a fresh interpreter: more seconds
+    # for the schedule to reach every kind)
+    seconds = "30" if os.environ.get("RUNTIME_START_METHOD") == "spawn" else "8"
+    proc = chaos("--seconds", seconds, "--clients", "4", "--seed", "7", "--json", str(report),
                  "--log", str(log))
     assert proc.returncode == 0, proc.stdout + proc.stderr + (
         log.read_text()[-6000:] if log.exists() else "")
