@@ -77,14 +77,15 @@ def base_dir(chosen: str | None) -> str:
     return tempfile.gettempdir()
 
 
-def _remove_dead_nodes(base: str) -> None:
-    """Remove the directories of this user's nodes that nobody holds any more (both
-    the embedding process and its root were killed at once)."""
+def node_dirs(base: str) -> list[tuple[str, os.stat_result]]:
+    """The directories of this user's nodes in ``base``, live or not, with their
+    ``lstat``."""
     try:
         entries = os.listdir(base)
     except OSError:
-        return
+        return []
     uid = os.getuid()
+    found = []
     for entry in entries:
         if not entry.startswith("rt-"):
             continue
@@ -93,8 +94,15 @@ def _remove_dead_nodes(base: str) -> None:
             st = os.lstat(path)
         except OSError:
             continue
-        if st.st_uid != uid:
-            continue
+        if st.st_uid == uid:
+            found.append((path, st))
+    return found
+
+
+def _remove_dead_nodes(base: str) -> None:
+    """Remove the directories of this user's nodes that nobody holds any more (both
+    the embedding process and its root were killed at once)."""
+    for path, st in node_dirs(base):
         try:
             fd = os.open(os.path.join(path, "lock"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -31,6 +31,7 @@ import os
 import pickle
 import select
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -100,22 +101,8 @@ def live_nodes(base: str | None = None) -> list[str]:
     """The directories of the caller's live nodes in ``base`` (default
     :func:`node_base`), oldest first."""
     base = node_base() if base is None else base
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return []
-    uid = os.getuid()
-    found = []
-    for entry in entries:
-        if not entry.startswith("rt-"):
-            continue
-        path = os.path.join(base, entry)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if st.st_uid == uid and os.path.isdir(path) and is_live(path):
-            found.append((st.st_mtime, path))
+    found = [(st.st_mtime, path) for path, st in _embed.node_dirs(base)
+             if stat.S_ISDIR(st.st_mode) and is_live(path)]
     return [path for _, path in sorted(found)]
 
 
