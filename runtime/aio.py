@@ -250,7 +250,7 @@ async def astop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) 
     exits; awaits its exit up to ``timeout`` seconds (None: forever).
 
     Raises: as ``runtime.stop`` (NoProcError, ExitError for another reason,
-    CallTimeout, ProcessError for oneself).
+    CallTimeout after which the server was killed, ProcessError for oneself).
     """
     timeout = _checks.timeout(timeout)
     pid = resolve(dest)
@@ -264,8 +264,11 @@ async def astop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) 
         down = await _outcome(driver.add_down(ref), timeout)
     finally:
         driver.forget(ref)
-    if down is None:
-        node.demonitor(ref, True)
+    if down is None:  # (as stop: kill it, and wait for that)
+        node.exit(pid, "kill")
+        if await _outcome(driver.add_down(ref), 10.0) is None:
+            node.demonitor(ref, True)
+        driver.forget(ref)
         raise CallTimeout(pid, ("stop", reason), timeout or 0.0)
     if down.reason == "noproc":
         raise NoProcError(pid)

@@ -155,12 +155,15 @@ def reply(from_: From, value: Any) -> None:
 def stop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None:
     """Stop the GenServer ``dest``: it runs ``terminate(reason, state)`` and exits.
 
-    Blocks until the process has exited, or ``timeout`` seconds (None: forever).
+    Blocks until the process has exited, or ``timeout`` seconds (None: forever);
+    then, if it is still there, kills it (reason ``"killed"``) and waits for that,
+    as a supervisor's shutdown timeout does: when ``stop`` returns or raises, the
+    process is gone.
 
     Raises:
         NoProcError: ``dest`` is not alive.
         ExitError: it exited with another reason (``terminate`` raised, for instance).
-        CallTimeout: it did not exit in time (it is left running).
+        CallTimeout: it did not exit in time, and was killed.
         ProcessError: ``dest`` is the calling process: it cannot wait for its own
             exit (return ``Stop`` from the callback instead).
         TypeError, ValueError: ``timeout`` is not a non-negative number or None.
@@ -175,12 +178,20 @@ def stop(dest: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None
     node.send(pid, ("$gen_stop", reason))
     down = node.wait_down((ref,), timeout)
     if down is None:
-        node.demonitor(ref, True)
+        _kill_after_timeout(node, pid, ref)
         raise CallTimeout(pid, ("stop", reason), timeout or 0.0)
     if down.reason == "noproc":
         raise NoProcError(pid)
     if down.reason != reason:
         raise ExitError(pid, down.reason, "stop")
+
+
+def _kill_after_timeout(node: Any, pid: Pid, ref: Any) -> None:
+    """A ``stop`` timed out: kill the process, and wait for its Down (a SIGKILL is not
+    refused; a few seconds at most)."""
+    node.exit(pid, "kill")
+    if node.wait_down((ref,), 10.0) is None:
+        node.demonitor(ref, True)
 
 
 class GenServer:

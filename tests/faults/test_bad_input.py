@@ -183,30 +183,45 @@ def test_an_init_that_hangs_times_out_and_leaves_nothing(bystander):
                what="its socket files to go")
 
 
-def test_a_callback_that_never_returns_times_calls_and_stop_out_and_exit_ends_it(bystander):
+def test_a_callback_that_never_returns_times_calls_out_and_stop_kills_it(bystander):
     me = runtime.self()
     server = _actors.NeverReturns.start(None)
     ref = runtime.monitor(server)
     caller = threading.Thread(target=lambda: pytest.raises(
-        runtime.CallTimeout, runtime.call, server, ("hang", me), timeout=1.0))
+        (runtime.CallTimeout, runtime.ExitError), runtime.call, server, ("hang", me),
+        timeout=1.0))
     caller.start()
     assert_receive(("in callback", server))
     started = time.monotonic()
     with pytest.raises(runtime.CallTimeout):
         runtime.call(server, "anyone there?", timeout=0.2)
     with pytest.raises(runtime.CallTimeout):
-        runtime.stop(server, timeout=0.3)
+        runtime.stop(server, timeout=0.3)  # then it is killed, as a supervisor would
     assert time.monotonic() - started < 3.0
+    assert not runtime.is_alive(server)  # gone when stop raised
+    assert wait_down(ref, timeout=2.0).reason == "killed"
     caller.join(5)
     assert not caller.is_alive()
-    # As documented (and as OTP's gen_server:stop/3): a stop that times out leaves it
-    # running; an exit signal ends it even inside its callback.
-    assert runtime.is_alive(server)
-    runtime.exit(server, "shutdown")
-    assert wait_down(ref, timeout=2.0).reason == "shutdown"
     with pytest.raises(runtime.NoProcError):
         runtime.call(server, "late")
     assert _awaited_replies() == 0
+
+
+def test_astop_that_times_out_kills_the_server_too(bystander):
+    me = runtime.self()
+    server = _actors.NeverReturns.start(None)
+    ref = runtime.monitor(server)
+    caller = threading.Thread(target=lambda: pytest.raises(
+        (runtime.CallTimeout, runtime.ExitError), runtime.call, server, ("hang", me),
+        timeout=5.0))
+    caller.start()
+    assert_receive(("in callback", server))
+    with pytest.raises(runtime.CallTimeout):
+        asyncio.run(runtime.astop(server, timeout=0.3))
+    assert not runtime.is_alive(server)
+    assert wait_down(ref, timeout=2.0).reason == "killed"
+    caller.join(5)
+    assert not caller.is_alive()
 
 
 def test_a_server_that_calls_itself_gets_a_process_error_not_a_hang(bystander):
