@@ -183,45 +183,46 @@ def test_an_init_that_hangs_times_out_and_leaves_nothing(bystander):
                what="its socket files to go")
 
 
-def test_a_callback_that_never_returns_times_calls_out_and_stop_kills_it(bystander):
+def _stuck_server(call_timeout: float):
+    """A server inside a callback that never returns (a thread's call holds it there):
+    (its Pid, a monitor of it, the calling thread)."""
     me = runtime.self()
     server = _actors.NeverReturns.start(None)
     ref = runtime.monitor(server)
     caller = threading.Thread(target=lambda: pytest.raises(
         (runtime.CallTimeout, runtime.ExitError), runtime.call, server, ("hang", me),
-        timeout=1.0))
+        timeout=call_timeout))
     caller.start()
     assert_receive(("in callback", server))
+    return server, ref, caller
+
+
+def _assert_killed(server, ref, caller):
+    assert not runtime.is_alive(server)  # gone when stop raised
+    assert wait_down(ref, timeout=2.0).reason == "killed"
+    caller.join(5)
+    assert not caller.is_alive()
+
+
+def test_a_callback_that_never_returns_times_calls_out_and_stop_kills_it(bystander):
+    server, ref, caller = _stuck_server(1.0)
     started = time.monotonic()
     with pytest.raises(runtime.CallTimeout):
         runtime.call(server, "anyone there?", timeout=0.2)
     with pytest.raises(runtime.CallTimeout):
         runtime.stop(server, timeout=0.3)  # then it is killed, as a supervisor would
     assert time.monotonic() - started < 3.0
-    assert not runtime.is_alive(server)  # gone when stop raised
-    assert wait_down(ref, timeout=2.0).reason == "killed"
-    caller.join(5)
-    assert not caller.is_alive()
+    _assert_killed(server, ref, caller)
     with pytest.raises(runtime.NoProcError):
         runtime.call(server, "late")
     assert _awaited_replies() == 0
 
 
 def test_astop_that_times_out_kills_the_server_too(bystander):
-    me = runtime.self()
-    server = _actors.NeverReturns.start(None)
-    ref = runtime.monitor(server)
-    caller = threading.Thread(target=lambda: pytest.raises(
-        (runtime.CallTimeout, runtime.ExitError), runtime.call, server, ("hang", me),
-        timeout=5.0))
-    caller.start()
-    assert_receive(("in callback", server))
+    server, ref, caller = _stuck_server(5.0)
     with pytest.raises(runtime.CallTimeout):
         asyncio.run(runtime.astop(server, timeout=0.3))
-    assert not runtime.is_alive(server)
-    assert wait_down(ref, timeout=2.0).reason == "killed"
-    caller.join(5)
-    assert not caller.is_alive()
+    _assert_killed(server, ref, caller)
 
 
 def test_a_server_that_calls_itself_gets_a_process_error_not_a_hang(bystander):
