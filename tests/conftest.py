@@ -5,9 +5,10 @@ from __future__ import annotations
 import psutil
 import pytest
 
+import kv
 import runtime
 from runtime import testing
-from runtime.testing import wait_until
+from runtime.testing import wait_down, wait_until
 
 # Processes the tests spawn from this (embedding) process unpickle their targets, which
 # live in test modules: the root imports what those modules need once, not each child.
@@ -61,3 +62,14 @@ def no_leaks():
 def node_shutdown_at_end():
     yield
     runtime.shutdown()
+
+
+@pytest.fixture
+def app():
+    """The whole kv tree, stopped after the test."""
+    sup = kv.start()
+    yield sup
+    if runtime.is_alive(sup):
+        ref = runtime.monitor(sup)
+        kv.stop()
+        wait_down(ref)

@@ -108,19 +108,9 @@ def _wave(n: int, per_wave: int) -> dict[str, int]:
     return {"killed": kills, "stopped": stops, "crashed": len(crashed)}
 
 
-@pytest.fixture
-def kv_tree():
-    sup = kv.start()
-    yield sup
-    if runtime.is_alive(sup):
-        ref = runtime.monitor(sup)
-        kv.stop()
-        wait_down(ref)
-
-
 @pytest.mark.timeout(900 if FULL else 180)
 def test_thousands_of_buckets_killed_stopped_and_crashed_in_waves_leave_nothing(
-        kv_tree, capfd):
+        app, capfd):
     available = psutil.virtual_memory().available
     if available < PER_WAVE * 4 * 2**20 + 2**30:  # ~2 MiB per idle process, twice over
         pytest.skip(f"needs {PER_WAVE * 4} MiB free for {PER_WAVE} buckets at once")
