@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import gc
 import io
+import itertools
 import os
 import pickle
 import signal
@@ -272,9 +273,7 @@ def _run(node: Node, plan: Plan) -> None:
 
 
 def _wait_for_target(node: Node) -> bytes:
-    """A warm child: connect to the embedding process ahead (what it spawns mostly
-    talks to it first), then wait for the target its parent, the root, hands over."""
-    node.connect_ahead(node.info.main)
+    """A warm child: wait for the target the embedding process hands over."""
     payload, link_to = node.wait_for_target()
     if link_to is not None:
         node.linked_by(link_to)
@@ -315,17 +314,13 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if node.is_main:
         root = node.info.root
         assert root is not None
-        try:
-            pid = node.call(root, ("$spawn", _wire.dumps_code((fn, args), shown), link, trap),
-                            30.0)
-        except NoProcError:
-            raise ProcessError(
-                "the node's root process has died, and every process of the node with "
-                "it: call runtime.shutdown(), then the next use starts a new node") from None
-        if pid.__class__ is tuple and pid[0] == "$error":
-            raise pid[1]  # the root could not fork (out of descriptors or processes)
-        if not isinstance(pid, Pid):
-            raise ProcessError(f"the node's root answered a spawn with {pid!r}")
+        payload = _wire.dumps_code((fn, args), shown)
+        # A warm child could see an exit signal before its trap; and with the root
+        # dead, warm children are dying (they die with it).
+        pid = node.hand_over(payload, link) if not trap and node.is_alive(root) else None
+        if pid is None:
+            pid = _spawn_by_root(node, root, payload, link, trap)
+        node.table.set_start_order(pid.slot, next(_starts))
         if link:
             node.linked_by(pid)
         return pid
@@ -335,13 +330,31 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
+_starts = itertools.count(1)  # (see Table.set_start_order)
+
+
+def _spawn_by_root(node: Node, root: Pid, payload: bytes, link: bool, trap: bool) -> Pid:
+    """From the embedding process: have the root fork a new process for ``payload``."""
+    try:
+        pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
+    except NoProcError:
+        raise ProcessError(
+            "the node's root process has died, and every process of the node with "
+            "it: call runtime.shutdown(), then the next use starts a new node") from None
+    if pid.__class__ is tuple and pid[0] == "$error":
+        raise pid[1]  # the root could not fork (out of descriptors or processes)
+    if not isinstance(pid, Pid):
+        raise ProcessError(f"the node's root answered a spawn with {pid!r}")
+    return pid
+
+
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
                 warm: bool = False, shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
-    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for its parent's
-    ``Node.hand_over``). Returns once the OS process exists and can be sent
+    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for the embedding
+    process's ``Node.hand_over``). Returns once the OS process exists and can be sent
     to; does not wait for it to run. A warm child's OS pid is not in the table (it
     is not listed among the node's processes) until it is handed over."""
     info = node.info

@@ -19,6 +19,7 @@ connects, and waits outside them.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import socket
@@ -36,6 +37,10 @@ from ._watches import NOT_YET, Death, Watch, Watches, readable
 from .errors import CallTimeout, ExitError, NoProcError, ProcessError, ReceiveTimeout
 from .messages import Down
 from .pid import From, Pid, Ref
+
+
+def _serial(pid: Pid) -> int:
+    return pid.serial
 
 
 def call_outcome(pid: Pid, request: Any, timeout: float | None,
@@ -87,6 +92,7 @@ class Node:
                            send=self._send, trap=trap, runtime_fds=self.descriptors)
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
         self.target: bytes | None = None  # a warm child's, once handed over
+        self.warm: list[Pid] = []  # the embedding process's: warm children waiting
         self._refs = itertools.count(1)
         self._suspects: list[int] = []  # peers whose connection closed: dying
 
@@ -198,9 +204,12 @@ class Node:
         elif tag == _wire.EXIT:
             self.exits.on_exit_signal(peer, bytes(body))
         elif tag == _wire.RUN:
-            if peer == self.parent and self.target is None:  # (see _root: a warm child)
+            if peer == self.info.main and self.target is None:  # (a warm child: _root)
                 self.target = bytes(body)
                 self.poller.notify()
+        elif tag == _wire.WARM:
+            if self.is_main:
+                self.warm.append(peer)  # (see hand_over)
         elif tag == _wire.INFO:
             conn = self.conns.out_to(peer.serial)
             if conn is not None:
@@ -253,13 +262,19 @@ class Node:
             with lock:
                 conn = conns.adopt(sock, pid, hello=True)
                 mark = conns.write(conn, frame)
-        if not conns.written(conn, mark):
-            sent = self.poller.wait(lambda: True if conns.written(conn, mark) else None,
-                                    deadline)
-            if sent is None:
-                with lock:
-                    conns.close(conn)  # part of a frame is on its way: the stream is lost
+        if not self._wait_written(conn, mark, deadline):
+            with lock:
+                conns.close(conn)  # part of a frame is on its way: the stream is lost
         return not conn.closed
+
+    def _wait_written(self, conn: Conn, mark: int, deadline: float | None) -> bool:
+        """Wait until the frame whose write returned ``mark`` has left ``conn`` (or it
+        closed); False if ``deadline`` came first."""
+        conns = self.conns
+        if conns.written(conn, mark):
+            return True
+        return self.poller.wait(lambda: True if conns.written(conn, mark) else None,
+                                deadline) is not None
 
     def receive(self, timeout: float | None, match: Any) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -307,28 +322,69 @@ class Node:
         self._ask(pid, ref, _wire.call(ref, _wire.dumps(request)))
         return ref
 
-    def hand_over(self, pid: Pid, payload: bytes, link_to: Pid | None) -> None:
-        """Give the warm child ``pid`` its target: the cloudpickled ``(fn, args)``, and
-        whom it is to link to (see ``_root``)."""
-        self._send(pid, _wire.control(_wire.RUN, _wire.dumps((payload, link_to))), None)
+    # -------------------------------------------------------- warm children
+
+    def hand_over(self, payload: bytes, link: bool) -> Pid | None:
+        """In the embedding process: give the cloudpickled target ``payload`` to a warm
+        child (see ``_root``) and return its Pid, linked to us if ``link``; None if no
+        warm child is waiting. Blocks only while the payload is written."""
+        lock = self.poller.lock
+        conns = self.conns
+        frame = _wire.control(_wire.RUN, _wire.dumps((payload, self.me if link else None)))
+        while True:
+            with lock:
+                conn = None
+                while self.warm and conn is None:
+                    pid = min(self.warm, key=_serial)  # the oldest (they offer in any order)
+                    self.warm.remove(pid)
+                    conn = conns.out_to(pid.serial)
+                if conn is None:
+                    return None
+                # Listed among the node's processes from now on.
+                self.table.set_os_pid(pid.slot, pid.os_pid)
+                mark = conns.write(conn, frame)
+                if conn.closed:
+                    continue  # it died meanwhile: the next one, or a new process
+            self._wait_written(conn, mark, None)
+            if conn.sent >= mark:
+                return pid
+
+    def waiting_warm(self) -> list[Pid]:
+        """In the embedding process: the warm children waiting for a target, oldest
+        first."""
+        with self.poller.lock:
+            return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
+                          key=lambda pid: pid.serial)
 
     def wait_for_target(self) -> tuple[bytes, Pid | None]:
-        """In a warm child: wait for the target its parent hands over (see
-        ``hand_over``), leaving every message in the mailbox as it is."""
+        """In a warm child: tell the embedding process we wait for a target (connecting
+        to it now, as what it spawns mostly talks to it first), and wait for it (see
+        ``hand_over``), leaving every message in the mailbox as it is; then tell our
+        parent, the root, that we were taken (it starts another one ahead). Before
+        all that, walk the import system once (for a name that does not exist), so
+        that importing the target's module later finds the directory listings read
+        and the pages it writes copied."""
+        importlib.util.find_spec("_runtime_warm_child_probe_")
+        main = self.info.main
+        conns = self.conns
+        with self.poller.lock:
+            conn = conns.out_to(main.serial)
+        if conn is None:
+            sock = conns.connect(main, 1.0)
+            if sock is not None:
+                with self.poller.lock:
+                    conn = conns.adopt(sock, main, hello=True)
+        if conn is not None:
+            with self.poller.lock:
+                conns.write(conn, _wire.control(_wire.WARM))
         got = self.poller.wait(lambda: self.target, None)
+        parent = self.parent
+        with self.poller.lock:
+            conn = None if parent is None else conns.out_to(parent.serial)
+            if conn is not None:
+                conns.write(conn, _wire.message(_wire.dumps(("$taken", self.me))))
         payload, link_to = _wire.loads(got)
         return payload, link_to
-
-    def connect_ahead(self, pid: Pid) -> None:
-        """Connect to ``pid`` now, if not yet, so that a first message to it later
-        costs no connection (best effort: nothing happens if it is gone)."""
-        with self.poller.lock:
-            if self.conns.out_to(pid.serial) is not None:
-                return
-        sock = self.conns.connect(pid, 1.0)
-        if sock is not None:
-            with self.poller.lock:
-                self.conns.adopt(sock, pid, hello=True)
 
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting

@@ -7,9 +7,13 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
   never fork), so it is their parent and reaps them; it runs no user code: the
   targets it is given stay pickled until the new process unpickles them;
 - keeps ``warm_children`` of them started ahead, whenever it has nothing else to
-  do: a warm child has closed what it inherited, made its node and connected to
-  the embedding process, and waits for a target. A spawn hands one over, and is
-  then two messages (the request, the target) instead of a fork;
+  do: a warm child has closed what it inherited, made its node, connected to
+  the embedding process and told it that it waits for a target. A spawn from the
+  embedding process hands one its target directly (``Node.hand_over``): one
+  message instead of a round trip to the root and a fork. A warm child that was
+  handed its target tells the root, which starts the next one at its next idle
+  moment (see ``_poller``), not at once: its fork would compete with the child on
+  its way to its first message;
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -39,7 +43,6 @@ import select
 import shutil
 import signal
 import time
-from collections import deque
 from typing import Any, NamedTuple
 
 from . import _current, _launch, _table
@@ -47,7 +50,7 @@ from ._exits import EXIT_GRACE
 from ._node import Node
 from .errors import ReceiveTimeout
 from .messages import Down
-from .pid import Pid
+from .pid import Pid, Ref
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +140,11 @@ class Root:
         node.extra_fds.append(w)
         node.add_reader(r, self._on_signals)
         self.timers: list[Escalation] = []
-        self.warm: deque[Pid] = deque()  # started ahead, oldest first
+        # Warm children not yet taken (see the module docstring), by their monitor.
+        self.warm: dict[Ref, Pid] = {}
+        self.refill_due = True  # (see _taken)
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
-        self.handing_over: tuple[Pid, bytes, Pid | None] | None = None  # (see run)
 
     def run(self) -> None:
         node = self.node
@@ -148,7 +152,8 @@ class Root:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0].due - time.monotonic())
-            refill = len(self.warm) < self.warm_target and not self.warm_blocked
+            refill = len(self.warm) < self.warm_target and self.refill_due \
+                and not self.warm_blocked
             try:
                 msg = node.receive(0.0 if refill else timeout, None)
             except ReceiveTimeout:
@@ -166,12 +171,12 @@ class Root:
                     except Exception as exc:  # a failed fork must not take the node down
                         result = ("$error", exc)
                     node.reply(caller, result)
-                    if self.handing_over is not None:  # (after the reply: see _handle_call)
-                        pid, payload, link_to = self.handing_over
-                        self.handing_over = None
-                        node.hand_over(pid, payload, link_to)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
+                elif msg[0] == "$taken":
+                    self._taken(msg[1])
+                elif msg[0] == "$refill":
+                    self.refill_due = True
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
@@ -179,32 +184,27 @@ class Root:
                 elif msg[0] == "$end":
                     self._teardown(graceful=False, timeout=0.0)
                     node.exit_process("normal")
-            elif msg.__class__ is Down and msg.ref == self.main_ref:
-                self._teardown(graceful=False, timeout=0.0)
-                node.exit_process("normal")
+            elif msg.__class__ is Down:
+                if msg.ref == self.main_ref:
+                    self._teardown(graceful=False, timeout=0.0)
+                    node.exit_process("normal")
+                self.warm.pop(msg.ref, None)
 
     def _handle_call(self, request: Any) -> Any:
         kind = request[0]
         if kind == "$spawn":
             _, payload, link, trap = request
             node = self.node
-            main = node.info.main if link else None
             self.warm_blocked = False
-            if not trap:  # (a warm child could see an exit signal before its trap)
-                pid = self._take_warm()
-                if pid is not None:
-                    # The target goes once the reply has: were it sent first, the child
-                    # could run (and exit) before the caller hears of it.
-                    node.table.set_os_pid(pid.slot, pid.os_pid)
-                    self.handing_over = (pid, payload, main)
-                    return pid
+            self.refill_due = True
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,
                                        default_signals=(signal.SIGCHLD, *ENDING))
         if kind == "$janitor":
             return self.janitor
-        if kind == "$warm":
-            return list(self.warm)
+        if kind == "$warm":  # the ones not handed over yet
+            table = self.node.table
+            return [pid for pid in self.warm.values() if table.os_pid(pid.slot) == 0]
         if kind == "$ping":
             return "pong"
         if kind == "$shutdown":
@@ -216,7 +216,6 @@ class Root:
         """Start one child ahead; if that fails (no descriptors or processes left),
         start no more until the next spawn."""
         node = self.node
-        self.warm = deque(pid for pid in self.warm if node.is_alive(pid))
         try:
             pid = _launch.start_child(node, warm=True, default_signals=(signal.SIGCHLD, *ENDING))
         except OSError as exc:
@@ -224,16 +223,22 @@ class Root:
                         "spawn", exc)
             self.warm_blocked = True
             return
-        self.warm.append(pid)
+        self.warm[node.monitor(pid)] = pid
 
-    def _take_warm(self) -> Pid | None:
-        """The oldest live warm child, taken out of the pool; None if there is none."""
+    def _taken(self, pid: Pid) -> None:
+        """The warm child ``pid`` was handed its target: start another one ahead at
+        our next idle moment (a cleanup job of the poller's, which runs once nothing
+        has happened for a moment; it cannot fork itself, as it runs in the poll)."""
         node = self.node
-        while self.warm:
-            pid = self.warm.popleft()
-            if node.is_alive(pid):
-                return pid
-        return None
+        for ref, warm in self.warm.items():
+            if warm == pid:
+                del self.warm[ref]
+                node.demonitor(ref, True)
+                break
+        if self.refill_due:
+            self.refill_due = False
+            with node.poller.lock:
+                node.poller.defer(lambda: node.mailbox.put(("$refill",)))
 
     def _escalate_due(self) -> None:
         """SIGKILL the doomed processes that did not run their exit path in time."""
@@ -329,7 +334,7 @@ class Root:
         table = node.table
         skip = {node.me.serial, node.info.main.serial}
         self.warm_target = 0
-        for pid in self.warm:  # (not in the table's list: their OS pid is not there)
+        for pid in self.warm.values():  # (some not in the table's list: no OS pid there)
             table.set_os_pid(pid.slot, pid.os_pid)
         self.warm.clear()
         if graceful:
@@ -337,6 +342,7 @@ class Root:
             # OTP stops applications), each with up to ``timeout`` seconds.
             with node.poller.lock:
                 children = [w.pid for w in node.watches.children()]
+            children.sort(key=lambda pid: table.start_order(pid.slot))
             for pid in reversed(children):
                 self._stop_one(pid, timeout)
         # Kill whatever is left anywhere in the node, and wait until it is gone.

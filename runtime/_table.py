@@ -65,9 +65,12 @@ _OS_PID_OFF = 8
 _STATE_OFF = 12
 _TRAP_OFF = 13
 # In the 8 bytes after a slot's fields: the slot (+1) of the child the process is
-# starting, until that child has its OS pid (see allocate and take_unstarted).
+# starting, until that child has its OS pid (see allocate and take_unstarted); then
+# the number of a process the embedding process started in the order it started
+# them (see set_start_order).
 _UNSTARTED_OFF = _SLOT.size
 _UNSTARTED = struct.Struct("<I")
+_START_ORDER_OFF = _SLOT.size + 4
 _ENTRY = struct.Struct("<QI4x")  # an entry's position and length, before its pickle
 _PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
 
@@ -227,6 +230,7 @@ class Table:
                 raise RuntimeError("the node's process table is full")
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
             _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _UNSTARTED_OFF, 0)
+            _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF, 0)
             if owner is not None:
                 _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
@@ -261,6 +265,19 @@ class Table:
 
     def set_os_pid(self, slot: int, os_pid: int) -> None:
         struct.pack_into("<I", self.mm, _SLOTS + _SLOT_SIZE * slot + _OS_PID_OFF, os_pid)
+
+    def set_start_order(self, slot: int, n: int) -> None:
+        """Number the process in ``slot`` ``n``-th of those the embedding process has
+        started (the root stops them in the reverse order at shutdown). 0 until then."""
+        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF, n)
+
+    def start_order(self, slot: int) -> int:
+        return int(_UNSTARTED.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot
+                                          + _START_ORDER_OFF)[0])
+
+    def os_pid(self, slot: int) -> int:
+        """The OS pid in ``slot`` (0 until :meth:`set_os_pid`)."""
+        return int(struct.unpack_from("<I", self.mm, _SLOTS + _SLOT_SIZE * slot + _OS_PID_OFF)[0])
 
     def free(self, slot: int) -> None:
         """Give back a slot whose process never started."""

@@ -14,7 +14,8 @@ LINK       none                     none: link to the sender
 UNLINK     none                     none: unlink from the sender
 EXIT       none                     the sender's exit signal reason
 INFO       the request's ref (u64)  none: answer with a REPLY (``runtime.info``)
-RUN        none                     a warm child's target, from its parent (``_root``)
+WARM       none                     none: a warm child waits for a target (``_root``)
+RUN        none                     a warm child's target and whom it links to
 ========== ======================== ==============================
 
 The sender of a frame is the process at the other end of its connection.
@@ -59,7 +60,7 @@ from .pid import Pid
 
 LENGTH = struct.Struct("!I")
 
-MSG, REPLY, LINK, UNLINK, EXIT, CALL, INFO, RUN = 0, 1, 2, 3, 4, 5, 6, 7
+MSG, REPLY, LINK, UNLINK, EXIT, CALL, INFO, RUN, WARM = 0, 1, 2, 3, 4, 5, 6, 7, 8
 _WITH_REF = struct.Struct("!IBQ")  # length, tag, ref
 _TAGGED = struct.Struct("!IB")  # length, tag
 REF_FIELD = struct.Struct("!Q")
@@ -172,8 +173,8 @@ def reply(ref: int, payload: bytes) -> list[bytes]:
 
 
 def control(tag: int, payload: bytes = b"") -> list[bytes]:
-    """A LINK, UNLINK, EXIT or RUN frame (EXIT with the pickled reason, RUN with the
-    pickled target and whom to link to)."""
+    """A LINK, UNLINK, EXIT, RUN or WARM frame (EXIT with the pickled reason, RUN with
+    the pickled target and whom to link to)."""
     return _frame(_TAGGED.pack(len(payload) + 1, tag), payload)
 
 

@@ -83,11 +83,16 @@ def node_dir() -> str | None:
 
 def warm_children() -> list[int]:
     """OS pids of the processes the node's root keeps started ahead for spawns
-    (``runtime.configure(warm_children=)``): they are not the node's processes yet."""
-    return [pid.os_pid for pid in _warm()]
+    (``runtime.configure(warm_children=)``) that are ready to be handed a target now,
+    oldest first: they are not the node's processes yet. Empty if no node runs here."""
+    node = _current.get()
+    if node is None or not node.is_main:
+        return []
+    return [pid.os_pid for pid in node.waiting_warm()]
 
 
 def _warm() -> list[Pid]:
+    """Every process the root started ahead and has not handed over (ready or not)."""
     node = _current.get()
     if node is None or node.info.root is None or not node.is_main:
         return []

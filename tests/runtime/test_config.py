@@ -93,6 +93,7 @@ def _report(parent):
 
 
 def _pool_full():
+    runtime.self()  # (joins the node: the first test to run may be this one)
     return len(testing.warm_children()) == runtime.options().warm_children
 
 
@@ -145,6 +146,26 @@ def test_a_dead_warm_child_is_skipped_and_replaced():
     ref = runtime.monitor(pid)
     runtime.send(pid, "go")
     wait_down(ref)
+
+
+def _own_code(parent):
+    runtime.send(parent, ("busy", os.getpid()))
+    signal.pause()  # in its own code, never in the runtime's, until it is killed
+
+
+def test_children_busy_in_their_own_code_do_not_keep_the_pool_empty():
+    busy = []
+    for _ in range(runtime.options().warm_children + 1):
+        wait_until(_pool_full, what="the pool of warm children")
+        pid = runtime.spawn(_own_code, runtime.self())
+        assert_receive(tagged("busy"))
+        busy.append(pid)
+    wait_until(_pool_full, what="the pool refilled while they are busy")
+    refs = [runtime.monitor(pid) for pid in busy]
+    for pid in busy:
+        runtime.exit(pid, "kill")
+    for ref in refs:
+        assert wait_down(ref).reason == "killed"
 
 
 def test_no_warm_children_when_turned_off_and_none_left_at_shutdown():

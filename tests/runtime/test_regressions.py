@@ -123,6 +123,36 @@ class Pong(runtime.GenServer):
         return runtime.Reply("pong", state)
 
 
+class Told(runtime.GenServer):
+    """Says when it stops."""
+
+    def init(self, arg):
+        runtime.trap_exit(True)
+        return arg
+
+    def terminate(self, reason, state):
+        print("stopped", state, flush=True)
+
+
+@pytest.mark.parametrize("warm", ["0", "1", "2"])
+def test_shutdown_stops_the_processes_in_the_reverse_order_of_their_spawns(warm):
+    # Some taken from the children started ahead, some forked at once when none was
+    # ready: the order is the one in which spawn returned, whichever they came from.
+    from .test_node import run_script
+
+    proc = run_script("""
+        import runtime
+        from tests.runtime.test_regressions import Told
+        if __name__ == "__main__":
+            for i in range(6):
+                Told.start(i)
+            runtime.shutdown()
+    """, env={"RUNTIME_WARM_CHILDREN": warm})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == [w for i in reversed(range(6)) for w in ("stopped", str(i))], out
+
+
 def test_shutdown_stops_top_level_processes_one_at_a_time_last_first():
     from .test_node import run_script
 

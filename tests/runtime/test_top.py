@@ -209,7 +209,9 @@ def test_top_once_shows_the_tree_with_names_statuses_and_columns(base):
         "running", "-", "-", "-")
     assert main["links"] == "2"  # counter and sup, started linked
     assert sup["links"] == "2" and child["links"] == "1"  # sup: its parent and its child
-    assert root["mon"] == "1"  # the root watches the embedding process
+    # The root watches the embedding process and the two children it keeps started
+    # ahead (by default) until they are taken.
+    assert root["mon"] == "3", proc.stdout
     for row in got:
         assert re.fullmatch(r"[\d.]+[BKMG]", row["memory"]), proc.stdout
         assert row["os"] == str(row["os_pid"])
