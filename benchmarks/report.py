@@ -79,6 +79,10 @@ def target_line(fig: dict[str, Any], t: dict[str, Any]) -> str:
 def machine_line(results: dict[str, Any]) -> str:
     m = results["machine"]
     pin = f"pinned to CPU {m['pinned_cpu']}" if m["pinned_cpu"] is not None else "not pinned"
+    own = [f"{label} on CPU {part['pinned_cpu']}" for label, part in results["parts"].items()
+           if part.get("pinned_cpu") not in (None, m["pinned_cpu"])]
+    if own:
+        pin += f" ({', '.join(own)}: pinned by default)"
     dirty = " (with uncommitted changes)" if m.get("git_dirty") else ""
     return (f"{m['cpu_model']} x {m['cpu_count']}, {m['memory_mib']:,} MiB, Linux "
             f"{m['kernel']}, Python {m['python']}, start method {m['start_method']} (spawn "
@@ -116,7 +120,10 @@ def markdown(results: dict[str, Any]) -> str:
     for fig in results["figures"]:
         by_part.setdefault(fig["part"], []).append(fig)
     for label, part in results["parts"].items():
-        lines.append(f"## {label}" + (f" ({part['seconds']} s)" if part["seconds"] else ""))
+        said = [f"{part['seconds']} s"] if part["seconds"] else []
+        if part.get("pinned_cpu") is not None:
+            said.append(f"pinned to CPU {part['pinned_cpu']}")
+        lines.append(f"## {label}" + (f" ({', '.join(said)})" if said else ""))
         lines.append("")
         if part["error"]:
             lines += [f"**Failed:** {part['error']}", ""]
