@@ -247,7 +247,7 @@ def run(rec: Recorder) -> None:
              f"embedding: not pinned (CPUs {cpus}); the issue's targets are set on one CPU")
     if rec.quick:
         measure_call(rec, 500, 1.0)
-        measure_spawns(rec, 10, 1.5, 2, 3.0, BURST)
+        measure_spawns(rec, 10, 1.5, 1, 3.0, BURST)
         measure_throughput(rec, 5, 2.0, 1000)
     else:
         measure_call(rec, 20_000, 6.0)
