@@ -4,6 +4,7 @@
     python -m benchmarks --quick              # reduced sizes, under a minute
     python -m benchmarks --only spawn,scale   # some parts (repeatable)
     python -m benchmarks --pin 0              # every part pinned to CPU 0
+    python -m benchmarks --no-pin             # not even the parts pinned by default
     python -m benchmarks --compare OLD/results.json
     python -m benchmarks --readme RUN/results.json   # regenerate README's Performance
 
@@ -40,12 +41,22 @@ class Job:
     quick_seconds: float  # estimates, for the progress bar and the bound
     full_seconds: float
     env: tuple[tuple[str, str], ...] = ()
+    pinned: bool = False  # on one CPU unless --no-pin: its targets are set pinned
 
     def seconds(self, quick: bool) -> float:
         return self.quick_seconds if quick else self.full_seconds
 
+    def pin(self, args: argparse.Namespace) -> int | None:
+        """The CPU this part runs on: ``--pin``'s; for a part measured pinned, the
+        first CPU this process may use unless ``--no-pin``; else None (not pinned)."""
+        if args.pin is not None:
+            return int(args.pin)
+        if self.pinned and not args.no_pin:
+            return min(os.sched_getaffinity(0))
+        return None
 
-PARTS = ("spawn", "messaging", "cleanup", "memory", "scale", "tcp")
+
+PARTS = ("spawn", "messaging", "cleanup", "memory", "scale", "tcp", "embedding")
 JOBS = [
     Job("spawn", "spawn (fork)", 5, 30, (("RUNTIME_START_METHOD", "fork"),)),
     Job("spawn", "spawn (spawn)", 8, 40, (("RUNTIME_START_METHOD", "spawn"),)),
@@ -54,6 +65,7 @@ JOBS = [
     Job("memory", "memory", 4, 25),
     Job("scale", "scale", 5, 200),
     Job("tcp", "tcp", 8, 60),
+    Job("embedding", "embedding", 6, 50, pinned=True),
 ]
 
 
@@ -157,7 +169,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help=f"run only these parts (repeatable or a comma list): {', '.join(PARTS)}")
     pin = ap.add_mutually_exclusive_group()
     pin.add_argument("--pin", type=int, metavar="CPU", help="pin every part to this CPU")
-    pin.add_argument("--no-pin", action="store_true", help="do not pin (the default)")
+    pin.add_argument("--no-pin", action="store_true",
+                     help="pin no part, not even those measured on one CPU by default "
+                          "(embedding); the others are not pinned unless --pin")
     ap.add_argument("--compare", metavar="OLD.json",
                     help="print each figure beside an earlier run's, with the change")
     ap.add_argument("--against", metavar="NEW.json",
@@ -203,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(total)
     t0 = time.monotonic()
     for job in jobs:
-        data = run_job(job, args.quick, out, args.pin, progress, job.seconds(args.quick))
+        pin = job.pin(args)
+        data = run_job(job, args.quick, out, pin, progress, job.seconds(args.quick))
         results["parts"][job.label] = {"seconds": data.get("seconds"), "notes": data["notes"],
-                                       "error": data.get("error")}
+                                       "error": data.get("error"), "pinned_cpu": pin}
         results["figures"] += data["figures"]
         for key, value in data["series"].items():
             results["series"][key] = value

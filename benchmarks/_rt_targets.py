@@ -17,6 +17,11 @@ def ready(parent: runtime.Pid) -> None:
     runtime.receive(timeout=3600, match=lambda m: m == "stop")
 
 
+def hello(parent: runtime.Pid, n: int) -> None:
+    """Say hello (with ``n``), and exit: a one-shot task."""
+    runtime.send(parent, ("hello", n))
+
+
 class Echo(runtime.GenServer):
     """Answers a call with its request; takes casts and does nothing."""
 

@@ -31,33 +31,39 @@ def _wait_for_stop(stop_r: int, parent: int) -> None:
 
 class ForkPipe(Sampler):
     """``os.fork`` + a one-byte pipe handshake, from this process; the children stay
-    alive (as a new server would) until the round is over."""
+    alive (as a new server would) until the round is over, or with ``stay=False``
+    exit right after the handshake (as a one-shot task would), reaped when the round
+    is over."""
 
-    def __init__(self) -> None:
-        self.children: list[tuple[int, int]] = []
+    def __init__(self, stay: bool = True) -> None:
+        self.stay = stay
+        self.children: list[tuple[int, int]] = []  # (pid, the stop pipe's write end or -1)
 
     def sample(self) -> float:
         r, w = os.pipe()
-        stop_r, stop_w = os.pipe()
+        stop_r, stop_w = os.pipe() if self.stay else (-1, -1)
         t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
                 os.write(w, b"x")
-                _wait_for_stop(stop_r, os.getppid())
+                if stop_r >= 0:
+                    _wait_for_stop(stop_r, os.getppid())
             finally:
                 os._exit(0)
         os.read(r, 1)
         elapsed = time.perf_counter() - t0
         for fd in (r, w, stop_r):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.children.append((pid, stop_w))
         return elapsed
 
     def after_round(self) -> None:
         for _, stop_w in self.children:
-            os.write(stop_w, b"s")
-            os.close(stop_w)
+            if stop_w >= 0:
+                os.write(stop_w, b"s")
+                os.close(stop_w)
         for pid, _ in self.children:
             os.waitpid(pid, 0)
         self.children.clear()

@@ -28,8 +28,9 @@ from typing import Any
 import psutil
 
 # What a unit's samples are in, and the factor from the samples to the unit.
-UNITS = {"us": 1e6, "ms": 1e3, "s": 1.0, "MiB": 1 / 2**20, "KiB": 1 / 2**10, "req/s": 1.0}
-RATES = {"req/s"}  # higher is better
+UNITS = {"us": 1e6, "ms": 1e3, "s": 1.0, "MiB": 1 / 2**20, "KiB": 1 / 2**10, "req/s": 1.0,
+         "calls/s": 1.0}
+RATES = {"req/s", "calls/s"}  # higher is better
 
 MIN_SAMPLES = 5  # a deadline never cuts a sampler below this many samples
 
@@ -154,6 +155,10 @@ def affordable(wanted: int, per_process: int) -> tuple[int, str]:
 # ------------------------------------------------------------------ the part's side
 
 
+def _met(ratio: float, target: float | None) -> bool | None:
+    return None if target is None or math.isnan(ratio) else bool(ratio <= target)
+
+
 @dataclass
 class Recorder:
     """What a part reports: figures, series (for plots), notes; progress goes to
@@ -168,16 +173,28 @@ class Recorder:
 
     def figure(self, key: str, name: str, ours: list[float], floor: list[float], floor_name: str,
                unit: str = "us", target: float | None = None, note: str = "",
-               headline: bool = False) -> dict[str, Any]:
+               headline: bool = False, tail_targets: dict[int, float] | None = None,
+               ) -> dict[str, Any]:
         """Record ours against its floor (samples in seconds, bytes or req/s). ``key``
         is stable across runs (what --compare matches on); ``headline`` figures make
-        the README's table."""
+        the README's table. ``target`` is for the ratio of the medians;
+        ``tail_targets`` maps a percentile (90, 99: the worst 10%, 1%) to a target for
+        the ratio of ours' and the floor's values there (times and sizes only)."""
         o, f = summary(ours, unit), summary(floor, unit)
         ratio = cost_ratio(o["median"], f["median"], unit)
+        if tail_targets and unit in RATES:
+            raise ValueError(f"tail targets are for times and sizes, not {unit}")
+        tails = []
+        for q, tail_target in sorted((tail_targets or {}).items()):
+            scale = UNITS[unit]
+            ours_q, floor_q = percentile(ours, q) * scale, percentile(floor, q) * scale
+            tail_ratio = cost_ratio(ours_q, floor_q, unit)
+            tails.append({"q": q, "ours": ours_q, "floor": floor_q, "ratio": tail_ratio,
+                          "target": tail_target, "met": _met(tail_ratio, tail_target)})
         fig = {"key": f"{self.part}.{key}", "part": self.part, "name": name, "unit": unit,
                "ours": o, "floor": {"name": floor_name, **f}, "ratio": ratio,
-               "target": target, "met": None if target is None or math.isnan(ratio)
-               else bool(ratio <= target), "note": note, "headline": headline}
+               "target": target, "met": _met(ratio, target), "tails": tails, "note": note,
+               "headline": headline}
         self.figures.append(fig)
         return fig
 

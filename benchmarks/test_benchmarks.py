@@ -14,7 +14,9 @@ import sys
 import psutil
 import pytest
 
+from benchmarks import __main__ as cli
 from benchmarks import report
+from benchmarks.harness import RATES, Recorder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,6 +40,8 @@ EXPECTED = [
     *(f"tcp.{s}.{p}.{f}" for s in ("1x1", "8x1", "1x8", "8x8") for p in ("put", "get")
       for f in ("floor", "bound")),
     "tcp.8x8.put.floor_x1", "tcp.8x8.get.floor_x1",
+    "embedding.call", "embedding.spawn.isolated", "embedding.spawn.back_to_back",
+    "embedding.threads", "embedding.acall",
 ]
 
 
@@ -73,7 +77,7 @@ def test_quick_suite_reports_every_figure_with_its_floor(quick_run):
     for fig in figures.values():
         for side in ("ours", "floor"):
             assert fig[side]["n"] >= 1 and fig[side]["median"] > 0, fig
-            assert fig[side]["p99"] >= fig[side]["median"] or fig["unit"] == "req/s", fig
+            assert fig[side]["p99"] >= fig[side]["median"] or fig["unit"] in RATES, fig
         assert fig["ratio"] > 0 and fig["floor"]["name"], fig
     md = (out / "results.md").read_text()
     for fig in figures.values():
@@ -122,6 +126,43 @@ def test_readme_section_is_generated_from_a_results_file(quick_run, tmp_path):
     for fig in results["figures"]:
         if fig["headline"]:
             assert fig["name"] in text, fig["key"]
+
+
+@pytest.mark.timeout(100)
+def test_quick_suite_runs_the_embedding_part_on_one_cpu_with_its_tail_targets(quick_run):
+    out, results, _ = quick_run
+    cpu = results["parts"]["embedding"]["pinned_cpu"]
+    assert cpu is not None and results["machine"]["pinned_cpu"] is None
+    md = (out / "results.md").read_text()
+    assert "## embedding (" in md and f"pinned to CPU {cpu})" in md
+    figures = {f["key"]: f for f in results["figures"]}
+    assert [(t["q"], t["target"]) for t in figures["embedding.call"]["tails"]] == [(99, 2.0)]
+    assert [(t["q"], t["target"]) for t in
+            figures["embedding.spawn.back_to_back"]["tails"]] == [(90, 1.3)]
+    assert f"p99 {report.ratio_text(figures['embedding.call']['tails'][0])} <= 2.0x" in md
+
+
+def test_a_tail_target_is_checked_on_its_own_and_reported():
+    rec = Recorder("t", quick=True)
+    fig = rec.figure("k", "op", [1.0] * 98 + [9.0] * 2, [1.0] * 100, "floor", unit="s",
+                     target=1.3, tail_targets={99: 2.0})
+    assert fig["met"] is True and fig["ratio"] == 1.0
+    assert fig["tails"] == [{"q": 99, "ours": 9.0, "floor": 1.0, "ratio": 9.0, "target": 2.0,
+                             "met": False}]
+    assert report.target_text(fig) == "<= 1.3x: met; p99 9.00x <= 2.0x: missed"
+    assert [t["met"] for t in report.targets(fig)] == [True, False]
+    with pytest.raises(ValueError):
+        rec.figure("r", "rate", [1.0], [1.0], "floor", unit="req/s", tail_targets={99: 2.0})
+
+
+def test_a_part_measured_pinned_is_pinned_unless_no_pin():
+    job = next(j for j in cli.JOBS if j.part == "embedding")
+    first = min(os.sched_getaffinity(0))
+    assert job.pin(cli.parse_args([])) == first
+    assert job.pin(cli.parse_args(["--no-pin"])) is None
+    assert job.pin(cli.parse_args(["--pin", str(first)])) == first
+    other = next(j for j in cli.JOBS if j.part == "messaging")
+    assert other.pin(cli.parse_args([])) is None
 
 
 def test_only_rejects_an_unknown_part():
