@@ -351,7 +351,8 @@ class Node:
 
     def waiting_warm(self) -> list[Pid]:
         """In the embedding process: the warm children waiting for a target, oldest
-        first."""
+        first (with what has arrived by now: does not block)."""
+        self.poller.pump()
         with self.poller.lock:
             return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
                           key=lambda pid: pid.serial)
