@@ -92,6 +92,7 @@ class Mailbox:
         self._generation = 0  # bumps when a message leaves: a scan's positions shift
         self._exits = 0  # Exit messages queued in the embedding process
         self._replies: dict[int, Any] = {}
+        self._sinks: dict[int, list[int]] = {}  # call ref -> where its end is noted
         self._downs: dict[Ref, Down | None] = {}
 
     # ---------------------------------------------------------------- delivery
@@ -134,6 +135,9 @@ class Mailbox:
         """The call ``ref`` ended (lock held); ignored unless it is still awaited."""
         if self._replies.get(ref) is _PENDING:
             self._replies[ref] = result
+            sink = self._sinks.pop(ref, None)
+            if sink is not None:
+                sink.append(ref)
             self._notify()
 
     def awaits(self, ref: int) -> bool:
@@ -143,6 +147,16 @@ class Mailbox:
     def drop_reply(self, ref: int) -> None:
         """Forget the call ``ref``: a reply that comes later is dropped (lock held)."""
         self._replies.pop(ref, None)
+        self._sinks.pop(ref, None)
+
+    def note_reply(self, ref: int, sink: list[int]) -> None:
+        """Append ``ref`` to ``sink`` when the call ``ref`` ends, or now if it has
+        (lock held): how an event loop finds which of its many calls ended without
+        looking at each."""
+        if self._replies.get(ref) is _PENDING:
+            self._sinks[ref] = sink
+        else:
+            sink.append(ref)
 
     def reply_of(self, ref: int) -> CallResult | None:
         """The call's result if it has ended (lock held)."""

@@ -52,6 +52,7 @@ class _Driver:
         self.loop = loop
         self.node = node
         self.calls: dict[int, asyncio.Future[CallResult]] = {}
+        self.ended: list[int] = []  # calls that ended (see Mailbox.note_reply)
         self.downs: dict[Ref, asyncio.Future[Down]] = {}
         self.receives: list[tuple[Callable[[Any], bool] | None, asyncio.Future[Any]]] = []
         self.attached = False
@@ -104,10 +105,13 @@ class _Driver:
             self._fail_all(ProcessError("the runtime node has been shut down"))
             return
         mailbox = self.node.mailbox
-        if self.calls or self.downs:
+        if self.ended or self.downs:
+            calls = self.calls
             with self.node.poller.lock:
-                done = [(fut, r) for ref, fut in self.calls.items()
-                        if not fut.done() and (r := mailbox.reply_of(ref)) is not None]
+                ended = self.ended[:]  # (the mailbox appends to this very list)
+                self.ended.clear()
+                done = [(fut, r) for ref in ended if (fut := calls.get(ref)) is not None
+                        and not fut.done() and (r := mailbox.reply_of(ref)) is not None]
                 downs = [(fut, d) for ref, fut in self.downs.items()
                          if not fut.done() and (d := mailbox.down_of((ref,))) is not None]
             for call, result in done:
@@ -142,6 +146,8 @@ class _Driver:
     def add_call(self, ref: int) -> asyncio.Future[CallResult]:
         fut: asyncio.Future[CallResult] = self.loop.create_future()
         self.calls[ref] = fut
+        with self.node.poller.lock:
+            self.node.mailbox.note_reply(ref, self.ended)
         self._attach()
         return fut
 
