@@ -360,8 +360,9 @@ class Node:
     def wait_for_target(self) -> tuple[bytes, Pid | None]:
         """In a warm child: tell the embedding process we wait for a target (connecting
         to it now, as what it spawns mostly talks to it first), and wait for it (see
-        ``hand_over``), leaving every message in the mailbox as it is; then tell our
-        parent, the root, that we were taken (it starts another one ahead). Before
+        ``hand_over``), leaving every message in the mailbox as it is. At our first
+        idle moment after that, we tell our parent, the root, which starts another
+        one ahead then: its fork would compete with us on our way. Before
         all that, walk the import system once (for a name that does not exist), so
         that importing the target's module later finds the directory listings read
         and the pages it writes copied."""
@@ -379,13 +380,18 @@ class Node:
             with self.poller.lock:
                 conns.write(conn, _wire.control(_wire.WARM))
         got = self.poller.wait(lambda: self.target, None)
-        parent = self.parent
         with self.poller.lock:
-            conn = None if parent is None else conns.out_to(parent.serial)
-            if conn is not None:
-                conns.write(conn, _wire.message(_wire.dumps(("$taken", self.me))))
+            self.poller.defer(self._settled)
         payload, link_to = _wire.loads(got)
         return payload, link_to
+
+    def _settled(self) -> None:
+        """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
+        parent, the root, that we have got going (see ``wait_for_target``)."""
+        parent = self.parent
+        conn = None if parent is None else self.conns.out_to(parent.serial)
+        if conn is not None:
+            self.conns.write(conn, _wire.message(_wire.dumps(("$settled", self.me))))
 
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting

@@ -11,9 +11,11 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
   the embedding process and told it that it waits for a target. A spawn from the
   embedding process hands one its target directly (``Node.hand_over``): one
   message instead of a round trip to the root and a fork. A warm child that was
-  handed its target tells the root, which starts the next one at its next idle
-  moment (see ``_poller``), not at once: its fork would compete with the child on
-  its way to its first message;
+  handed its target tells the root at its first idle moment (see ``_poller``),
+  and the root starts the next one then, not at once: its fork would compete with
+  the child on its way to its first message. One that exits first is replaced
+  then; when a spawn finds none left, the root replaces every one taken (one
+  that runs only its own code would never tell);
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -43,6 +45,7 @@ import select
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _current, _launch, _table
@@ -140,9 +143,8 @@ class Root:
         node.extra_fds.append(w)
         node.add_reader(r, self._on_signals)
         self.timers: list[Escalation] = []
-        # Warm children not yet taken (see the module docstring), by their monitor.
+        # Warm children not yet settled (see the module docstring), by their monitor.
         self.warm: dict[Ref, Pid] = {}
-        self.refill_due = True  # (see _taken)
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
 
@@ -152,8 +154,7 @@ class Root:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0].due - time.monotonic())
-            refill = len(self.warm) < self.warm_target and self.refill_due \
-                and not self.warm_blocked
+            refill = len(self.warm) < self.warm_target and not self.warm_blocked
             try:
                 msg = node.receive(0.0 if refill else timeout, None)
             except ReceiveTimeout:
@@ -173,10 +174,8 @@ class Root:
                     node.reply(caller, result)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
-                elif msg[0] == "$taken":
-                    self._taken(msg[1])
-                elif msg[0] == "$refill":
-                    self.refill_due = True
+                elif msg[0] == "$settled":
+                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
@@ -196,7 +195,8 @@ class Root:
             _, payload, link, trap = request
             node = self.node
             self.warm_blocked = False
-            self.refill_due = True
+            table = node.table
+            self._forget_warm(lambda pid: table.os_pid(pid.slot) != 0)  # (see the module docstring)
             return _launch.start_child(node, payload=payload, trap=trap,
                                        link_to=node.info.main if link else None,
                                        default_signals=(signal.SIGCHLD, *ENDING))
@@ -225,20 +225,12 @@ class Root:
             return
         self.warm[node.monitor(pid)] = pid
 
-    def _taken(self, pid: Pid) -> None:
-        """The warm child ``pid`` was handed its target: start another one ahead at
-        our next idle moment (a cleanup job of the poller's, which runs once nothing
-        has happened for a moment; it cannot fork itself, as it runs in the poll)."""
-        node = self.node
-        for ref, warm in self.warm.items():
-            if warm == pid:
+    def _forget_warm(self, which: Callable[[Pid], bool]) -> None:
+        """Stop counting the warm children ``which`` accepts: settled or taken."""
+        for ref, pid in list(self.warm.items()):
+            if which(pid):
                 del self.warm[ref]
-                node.demonitor(ref, True)
-                break
-        if self.refill_due:
-            self.refill_due = False
-            with node.poller.lock:
-                node.poller.defer(lambda: node.mailbox.put(("$refill",)))
+                self.node.demonitor(ref, True)
 
     def _escalate_due(self) -> None:
         """SIGKILL the doomed processes that did not run their exit path in time."""

@@ -153,14 +153,22 @@ def _own_code(parent):
     signal.pause()  # in its own code, never in the runtime's, until it is killed
 
 
-def test_children_busy_in_their_own_code_do_not_keep_the_pool_empty():
+def test_a_child_busy_in_its_own_code_keeps_its_place_until_a_spawn_finds_none():
+    # A child taken from the pool is replaced once it has settled (first waited in
+    # the runtime) or exited; one that runs only its own code never tells, so the
+    # pool is one short until a spawn finds it empty: that one is forked at once, and
+    # then every child taken is replaced.
+    want = runtime.options().warm_children
     busy = []
-    for _ in range(runtime.options().warm_children + 1):
-        wait_until(_pool_full, what="the pool of warm children")
-        pid = runtime.spawn(_own_code, runtime.self())
+    for _ in range(want):
+        wait_until(lambda: testing.warm_children(), what="a warm child")
+        busy.append(runtime.spawn(_own_code, runtime.self()))
         assert_receive(tagged("busy"))
-        busy.append(pid)
-    wait_until(_pool_full, what="the pool refilled while they are busy")
+    wait_until(lambda: not testing.warm_children() and not testing._warm(),
+               what="the pool empty: every place held by a busy child")
+    busy.append(runtime.spawn(_own_code, runtime.self()))  # forked at once
+    assert_receive(tagged("busy"))
+    wait_until(_pool_full, what="the pool refilled")
     refs = [runtime.monitor(pid) for pid in busy]
     for pid in busy:
         runtime.exit(pid, "kill")

@@ -210,7 +210,8 @@ def test_top_once_shows_the_tree_with_names_statuses_and_columns(base):
     assert main["links"] == "2"  # counter and sup, started linked
     assert sup["links"] == "2" and child["links"] == "1"  # sup: its parent and its child
     # The root watches the embedding process and the two children it keeps started
-    # ahead (by default) until they are taken.
+    # ahead (by default), each until it has settled once taken: the sleeper, in its
+    # own code, has not, so one is waiting and the sleeper holds the other's place.
     assert root["mon"] == "3", proc.stdout
     for row in got:
         assert re.fullmatch(r"[\d.]+[BKMG]", row["memory"]), proc.stdout
