@@ -113,14 +113,23 @@ def current() -> Config:
 
 
 def call_timeout() -> float | None:
-    """The default timeout of a call (seconds; None: none)."""
-    if "call_timeout" in _set:
+    """The default timeout of a call (seconds; None: none): ``configure``'s, else the
+    environment's (read at the first call that needs it: a call is on the hot path),
+    else the default."""
+    try:
         return _set["call_timeout"]  # type: ignore[no-any-return]
-    text = os.environ.get(ENV["call_timeout"])
-    if not text:
-        return Config.call_timeout
-    return _check("call_timeout", _from_env("call_timeout", text),  # type: ignore[no-any-return]
-                  ENV["call_timeout"])
+    except KeyError:
+        pass
+    global _env_call_timeout
+    if _env_call_timeout is _UNREAD:
+        text = os.environ.get(ENV["call_timeout"])
+        _env_call_timeout = Config.call_timeout if not text else _check(
+            "call_timeout", _from_env("call_timeout", text), ENV["call_timeout"])
+    return _env_call_timeout  # type: ignore[no-any-return]
+
+
+_UNREAD = object()
+_env_call_timeout: Any = _UNREAD
 
 
 class _Default:

@@ -430,7 +430,7 @@ class Node:
     def reply(self, to: From, value: Any) -> None:
         """Answer the call ``to``; dropped if the caller has gone."""
         data = _wire.dumps(value)
-        if to.caller == self.me:  # (a From this process made: see start_ack)
+        if to.caller.serial == self.me.serial:  # (a From we made: see start_ack)
             with self.poller.lock:
                 self.mailbox.put_reply(to.ref, CallResult(True, data))
             return

@@ -297,10 +297,13 @@ class Poller:
 
     def notify(self) -> None:
         """Something was delivered (lock held): wake the threads waiting for it."""
-        self._wake_followers()
-        for listener in self._listeners:
-            listener()
-        self._wake_leader()
+        if self._followers:
+            self._wake_followers()
+        if self._listeners:
+            for listener in self._listeners:
+                listener()
+        if self._leader:
+            self._wake_leader()
 
     def _wake_leader(self) -> None:
         """Make a thread blocked in the poll come back (lock held)."""
