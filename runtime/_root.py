@@ -175,7 +175,7 @@ class Root:
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$settled":
-                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
+                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)  # noqa: B023
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
@@ -225,7 +225,7 @@ class Root:
             return
         self.warm[node.monitor(pid)] = pid
 
-    def _forget_warm(self, which: Callable[[Pid], bool]) -> None:
+    def _forget_warm(self, which: Callable[..., bool]) -> None:
         """Stop counting the warm children ``which`` accepts: settled or taken."""
         for ref, pid in list(self.warm.items()):
             if which(pid):
