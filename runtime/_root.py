@@ -175,7 +175,7 @@ class Root:
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
                 elif msg[0] == "$settled":
-                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)  # noqa: B023
+                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
