@@ -821,8 +821,8 @@ class Chaos:
     def _serve(self, kv_sup: Pid) -> None:
         opts = self.options
         server_sup = runtime.whereis(kv_server.SUPERVISOR)
-        root = testing.root()
-        if server_sup is None or root is None:
+        root = runtime.system_info().root
+        if server_sup is None:
             raise runtime.ProcessError("the server's tree did not start")
         long_lived = {"embedding process": os.getpid(), "runtime root": root.os_pid,
                       kv_supervisor.SUPERVISOR: kv_sup.os_pid,
@@ -957,8 +957,9 @@ class Chaos:
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
         # (the root's warm children and the janitor are not the node's processes)
-        known = {p.os_pid for p in runtime.processes()} | {*testing.warm_children(),
-                                                              testing.janitor()}
+        system = runtime.system_info()
+        known = {p.os_pid for p in runtime.processes()} | {*system.warm_children,
+                                                              system.janitor}
 
         def family() -> tuple[list[int], list[int]]:
             unknown, zombies = [], []
@@ -1175,7 +1176,7 @@ def run(options: Options) -> int:
     node_dir = None
     try:
         try:
-            node_dir = testing.node_dir() or _start_node()
+            node_dir = runtime.system_info().node_dir  # (the node starts on first use)
             chaos.run()
         finally:
             runtime.shutdown()
@@ -1196,11 +1197,6 @@ def run(options: Options) -> int:
         with open(options.json, "w") as out:
             json.dump(_as_json(report), out, indent=1)
     return 1 if report.violations else 0
-
-
-def _start_node() -> str | None:
-    runtime.processes()  # (the node starts on first use)
-    return testing.node_dir()
 
 
 def _check_after_shutdown(report: Report, family: list[Any], node_dir: str | None) -> None:

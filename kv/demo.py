@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import runtime
-from runtime import Agent, Down, Supervisor, testing
+from runtime import Agent, Down, Supervisor
 
 from . import bucket, registry
 from .supervisor import BUCKET_SUPERVISOR, REGISTRY, SUPERVISOR, start, stop
@@ -68,9 +68,7 @@ class Demo:
         sup = start()
         took = time.perf_counter() - t0
         self.names[os.getpid()] = "embedding process (this script)"
-        root = testing.root()
-        if root is not None:
-            self.names[root.os_pid] = "runtime root"
+        self.names[runtime.system_info().root.os_pid] = "runtime root"
         say(f"   {self.label(sup, SUPERVISOR)} started in {ms(took)}, with children:")
         for child in Supervisor.which_children(sup):
             say(f"     - {self.label(child.pid, child.id)}, a {child.type}")
@@ -172,9 +170,10 @@ class Demo:
         import psutil  # here, not at the top: the crashing bucket imports this module
 
         restarts = {c.pid.os_pid: c.restarts for c in children if c.pid is not None}
-        for os_pid in testing.warm_children():
+        system = runtime.system_info()
+        for os_pid in system.warm_children:
             self.names[os_pid] = "warm child (for the next spawn)"
-        self.names[testing.janitor() or 0] = "janitor (cleans up the node)"
+        self.names[system.janitor or 0] = "janitor (cleans up the node)"
         rows = []
         me = psutil.Process()
         for proc in [me] + me.children(recursive=True):

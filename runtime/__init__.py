@@ -28,6 +28,7 @@ from .pid import Pid, Ref
 from .process import (
     DEFAULT_TIMEOUT,
     Config,
+    SystemInfo,
     configure,
     demonitor,
     exit,
@@ -43,6 +44,7 @@ from .process import (
     shutdown,
     spawn,
     spawn_monitor,
+    system_info,
     trap_exit,
     unlink,
 )
@@ -72,6 +74,7 @@ __all__ = [
     "StartError",
     "Stop",
     "Supervisor",
+    "SystemInfo",
     "acall",
     "areceive",
     "astop",
@@ -96,6 +99,7 @@ __all__ = [
     "spawn",
     "spawn_monitor",
     "stop",
+    "system_info",
     "trap_exit",
     "unlink",
     "unregister",

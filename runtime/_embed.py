@@ -204,6 +204,13 @@ def _start_root(node: Node, config: _config.Config) -> None:
         ) from exc
 
 
+def janitor(node: Node) -> int | None:
+    """The OS pid of the node's janitor (see ``_root``), asked of the root once."""
+    if node.janitor is None and node.info.root is not None:
+        node.janitor = node.call(node.info.root, ("$janitor",), 10.0)
+    return node.janitor
+
+
 def root_pid(node: Node) -> Pid | None:
     """The root's Pid, with its OS pid (the node's info has it as 0)."""
     root = node.info.root

@@ -93,6 +93,7 @@ class Node:
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
         self.target: bytes | None = None  # a warm child's, once handed over
         self.warm: list[Pid] = []  # the embedding process's: warm children waiting
+        self.janitor: int | None = None  # the embedding process's: see _embed.janitor
         self._refs = itertools.count(1)
         self._suspects: list[int] = []  # peers whose connection closed: dying
 

@@ -22,6 +22,7 @@ process forks from its main thread only).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _checks, _config, _embed, _launch
@@ -48,6 +49,8 @@ __all__ = [
     "shutdown",
     "spawn",
     "spawn_monitor",
+    "system_info",
+    "SystemInfo",
     "trap_exit",
     "unlink",
 ]
@@ -281,6 +284,34 @@ def info(pid: Pid, timeout: float = 1.0) -> dict[str, Any] | None:
     value = _checks.timeout(timeout, none=False)
     assert value is not None
     return _embed.current().process_info(pid, value)
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """The node as a whole (see ``system_info``)."""
+
+    node_dir: str  # its directory: sockets, the process table, names, the key
+    root: Pid  # the root process (forks the embedding process's spawns, reaps orphans)
+    janitor: int | None  # OS pid of the process that removes node_dir once all is gone
+    warm_children: tuple[int, ...]  # OS pids of the warm children ready now, oldest first
+
+
+def system_info() -> SystemInfo:
+    """The node's directory, root, janitor and warm children (OTP's ``system_info``),
+    for tools and demos: ``python -m kv demo`` names each process with it.
+
+    From the embedding process: blocks for one call to the root the first time (the
+    janitor's OS pid, kept after); joins the node on first use. From a runtime
+    process, ``janitor`` is None and ``warm_children`` empty (only the embedding
+    process knows them).
+    """
+    node = _embed.current()
+    root = _embed.root_pid(node)
+    assert root is not None
+    if not node.is_main:
+        return SystemInfo(node.info.dir, root, None, ())
+    return SystemInfo(node.info.dir, root, _embed.janitor(node),
+                      tuple(pid.os_pid for pid in node.waiting_warm()))
 
 
 def shutdown(timeout: float = 5.0) -> None:

@@ -104,10 +104,9 @@ def janitor() -> int | None:
     """The OS pid of the node's janitor (it removes the node's directory once the
     embedding process and the root are gone, however they died), if a node runs here."""
     node = _current.get()
-    if node is None or node.info.root is None or not node.is_main:
+    if node is None or not node.is_main:
         return None
-    pid: int = node.call(node.info.root, ("$janitor",), 10.0)
-    return pid
+    return _embed.janitor(node)
 
 
 def node_files() -> list[str]:

@@ -190,3 +190,19 @@ def test_no_warm_children_when_turned_off_and_none_left_at_shutdown():
     """, env={"RUNTIME_WARM_CHILDREN": "0"})
     out, err = proc.communicate(timeout=60)
     assert out.split("\n")[:2] == ["[] 0", "False"], err
+
+
+def test_system_info_names_the_node_s_own_processes():
+    info = runtime.system_info()
+    assert isinstance(info, runtime.SystemInfo)
+    assert info.node_dir == testing.node_dir() and os.path.isdir(info.node_dir)
+    assert info.root == testing.root() and runtime.is_alive(info.root)
+    assert info.janitor is not None and os.path.exists(f"/proc/{info.janitor}")
+    wait_until(_pool_full, what="the pool of warm children")
+    assert list(runtime.system_info().warm_children) == testing.warm_children()
+    # From a runtime process: what it knows.
+    me = runtime.self()
+    runtime.spawn(lambda: runtime.send(me, ("seen", runtime.system_info())))
+    _, seen = assert_receive(tagged("seen"))
+    assert (seen.node_dir, seen.root, seen.janitor, seen.warm_children) == (
+        info.node_dir, info.root, None, ())

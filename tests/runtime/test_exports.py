@@ -11,6 +11,7 @@ PUBLIC = {
     "is_clean_exit", "link", "monitor", "receive",
     "register", "reply", "self", "send", "shutdown", "spawn", "spawn_monitor", "stop",
     "trap_exit", "unlink", "unregister", "whereis", "Config", "DEFAULT_TIMEOUT", "options",
+    "system_info", "SystemInfo",
 }
 
 
