@@ -28,7 +28,6 @@ import ctypes
 import ctypes.util
 import gc
 import io
-import itertools
 import os
 import pickle
 import signal
@@ -43,7 +42,7 @@ from typing import Any
 from . import _compat, _current, _table, _wire
 from ._exits import SIG_EXIT
 from ._node import Node, NodeInfo
-from .errors import Crash, NoProcError, ProcessError
+from .errors import CallTimeout, Crash, ExitError, NoProcError, ProcessError
 from .pid import Pid
 
 _SIGINT = int(signal.SIGINT)
@@ -53,6 +52,7 @@ _SIG_DFL = int(signal.SIG_DFL)
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 BACKLOG = 4096
+ROOT_WAIT = 30.0  # seconds a spawn from the embedding process waits for the root
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -260,7 +260,7 @@ def _run(node: Node, plan: Plan) -> None:
     reason: Any = "normal"
     try:
         if plan.warm:
-            plan.payload = _wait_for_target(node)
+            plan.payload = node.wait_for_target()  # (see _root: a warm child)
         fn, args = pickle.loads(plan.payload) if plan.payload is not None else plan.target
         plan.target = plan.payload = None
         fn(*args)
@@ -270,14 +270,6 @@ def _run(node: Node, plan: Plan) -> None:
     except BaseException as exc:
         reason = Crash.from_exception(exc)
     node.exit_process(reason)
-
-
-def _wait_for_target(node: Node) -> bytes:
-    """A warm child: wait for the target the embedding process hands over."""
-    payload, link_to = node.wait_for_target()
-    if link_to is not None:
-        node.linked_by(link_to)
-    return payload
 
 
 def _become_orphan_proof(parent_os_pid: int | None, default_signals: tuple[int, ...]) -> None:
@@ -320,7 +312,6 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
         pid = node.hand_over(payload, link) if not trap and node.is_alive(root) else None
         if pid is None:
             pid = _spawn_by_root(node, root, payload, link, trap)
-        node.table.set_start_order(pid.slot, next(_starts))
         if link:
             node.linked_by(pid)
         return pid
@@ -330,17 +321,25 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
-_starts = itertools.count(1)  # (see Table.set_start_order)
-
-
 def _spawn_by_root(node: Node, root: Pid, payload: bytes, link: bool, trap: bool) -> Pid:
-    """From the embedding process: have the root fork a new process for ``payload``."""
+    """From the embedding process: have the root fork a new process for ``payload``.
+    A spawn that does not end with the root's answer (no answer in ROOT_WAIT seconds:
+    the root is stopped; or Ctrl-C) tells the root to cancel it: the root forks
+    nothing, or kills what it forked, so that no process runs a target whose spawn
+    raised."""
+
+    def cancel(ref: int) -> None:
+        node.post(root, ("$cancel", ref))  # (the root may be stopped: never wait)
+
     try:
-        pid = node.call(root, ("$spawn", payload, link, trap), 30.0)
-    except NoProcError:
+        pid = node.call(root, ("$spawn", payload, link, trap), ROOT_WAIT, cancel)
+    except (NoProcError, ExitError):
         raise ProcessError(
             "the node's root process has died, and every process of the node with "
             "it: call runtime.shutdown(), then the next use starts a new node") from None
+    except CallTimeout:
+        raise ProcessError(f"the node's root did not answer a spawn within {ROOT_WAIT} s "
+                           "(stopped?); the spawn was cancelled") from None
     if pid.__class__ is tuple and pid[0] == "$error":
         raise pid[1]  # the root could not fork (out of descriptors or processes)
     if not isinstance(pid, Pid):

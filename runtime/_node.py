@@ -24,6 +24,7 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ from ._watches import NOT_YET, Death, Watch, Watches, readable
 from .errors import CallTimeout, ExitError, NoProcError, ProcessError, ReceiveTimeout
 from .messages import Down
 from .pid import From, Pid, Ref
+
+HAND_OVER_WAIT = 2.0
 
 
 def _serial(pid: Pid) -> int:
@@ -206,7 +209,9 @@ class Node:
             self.exits.on_exit_signal(peer, bytes(body))
         elif tag == _wire.RUN:
             if peer == self.info.main and self.target is None:  # (a warm child: _root)
-                self.target = bytes(body)
+                if body[0]:  # linked at once: before any frame read after this one
+                    self._linked_by(peer)
+                self.target = bytes(body[1:])
                 self.poller.notify()
         elif tag == _wire.WARM:
             if self.is_main:
@@ -243,6 +248,16 @@ class Node:
                 self.mailbox.put(msg)
             return
         self._send(pid, _wire.message(_wire.dumps(msg)), None)
+
+    def post(self, pid: Pid, msg: Any) -> None:
+        """Queue ``msg`` to ``pid`` behind what we sent it before, and never wait for the
+        write (it goes as the connection drains); dropped if we have no connection
+        to ``pid``: for a message that follows a request made on one."""
+        frame = _wire.message(_wire.dumps(msg))
+        with self.poller.lock:
+            conn = self.conns.out_to(pid.serial)
+            if conn is not None:
+                self.conns.write(conn, frame)
 
     def _send(self, pid: Pid, frame: list[bytes], deadline: float | None) -> bool:
         """Write ``frame`` to ``pid``, connecting first if needed; block while its buffer
@@ -295,16 +310,21 @@ class Node:
 
     # --------------------------------------------------------------- calls
 
-    def call(self, pid: Pid, request: Any, timeout: float | None) -> Any:
+    def call(self, pid: Pid, request: Any, timeout: float | None,
+             abandoned: Callable[[int], Any] | None = None) -> Any:
         """Send a GenServer call and wait for its reply, the server's death, or the
-        timeout. See ``gen_server.call``."""
+        timeout. See ``gen_server.call``. ``abandoned(ref)`` runs if the wait ends
+        without either (the timeout, or an exception such as Ctrl-C), before that
+        ends the call: how a caller tells the server to undo what it may still do."""
         ref = self.start_call(pid, request)
         deadline = None if timeout is None else time.monotonic() + timeout
         mailbox = self.mailbox
+        result: CallResult | None = None
         try:
-            result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
-                                                         deadline)
+            result = self.poller.wait(lambda: mailbox.reply_of(ref), deadline)
         finally:
+            if result is None and abandoned is not None:
+                abandoned(ref)
             self.end_call(pid, ref)
         return call_outcome(pid, request, timeout, result)
 
@@ -328,10 +348,13 @@ class Node:
     def hand_over(self, payload: bytes, link: bool) -> Pid | None:
         """In the embedding process: give the cloudpickled target ``payload`` to a warm
         child (see ``_root``) and return its Pid, linked to us if ``link``; None if no
-        warm child is waiting. Blocks only while the payload is written."""
+        warm child is waiting. Blocks only while the payload is written: a child that
+        takes none of it for ``HAND_OVER_WAIT`` seconds (stopped) is killed, and the
+        next one is tried. Interrupted (Ctrl-C), it kills the child it chose: a spawn
+        that raises leaves no process running its target."""
         lock = self.poller.lock
         conns = self.conns
-        frame = _wire.control(_wire.RUN, _wire.dumps((payload, self.me if link else None)))
+        frame = _wire.run(payload, link)
         while True:
             with lock:
                 conn = None
@@ -341,14 +364,32 @@ class Node:
                     conn = conns.out_to(pid.serial)
                 if conn is None:
                     return None
-                # Listed among the node's processes from now on.
+                # Listed among the node's processes from now on, as started now.
+                self.table.started_now(pid.slot)
                 self.table.set_os_pid(pid.slot, pid.os_pid)
                 mark = conns.write(conn, frame)
                 if conn.closed:
                     continue  # it died meanwhile: the next one, or a new process
-            self._wait_written(conn, mark, None)
+            try:
+                written = self._wait_written(conn, mark, time.monotonic() + HAND_OVER_WAIT)
+            except BaseException:
+                self._drop_warm(pid, conn)
+                raise
+            if not written:
+                # It takes nothing (stopped?): it must never run this target, as the
+                # spawn goes on without it.
+                self._drop_warm(pid, conn)
+                continue
             if conn.sent >= mark:
                 return pid
+            # It died before it had its whole target: the next one, or a new process.
+
+    def _drop_warm(self, pid: Pid, conn: Conn) -> None:
+        """A warm child that was to get a target must not run it: close the connection
+        (the rest of the target stays unsent) and kill it."""
+        with self.poller.lock:
+            self.conns.close(conn)
+        self.exit(pid, "kill")
 
     def waiting_warm(self) -> list[Pid]:
         """In the embedding process: the warm children waiting for a target, oldest
@@ -358,7 +399,7 @@ class Node:
             return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
                           key=lambda pid: pid.serial)
 
-    def wait_for_target(self) -> tuple[bytes, Pid | None]:
+    def wait_for_target(self) -> bytes:
         """In a warm child: tell the embedding process we wait for a target (connecting
         to it now, as what it spawns mostly talks to it first), and wait for it (see
         ``hand_over``), leaving every message in the mailbox as it is. At our first
@@ -380,11 +421,10 @@ class Node:
         if conn is not None:
             with self.poller.lock:
                 conns.write(conn, _wire.control(_wire.WARM))
-        got = self.poller.wait(lambda: self.target, None)
+        got: bytes = self.poller.wait(lambda: self.target, None)
         with self.poller.lock:
             self.poller.defer(self._settled)
-        payload, link_to = _wire.loads(got)
-        return payload, link_to
+        return got
 
     def _settled(self) -> None:
         """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
@@ -602,7 +642,7 @@ class Node:
     def processes(self) -> list[Pid]:
         """The node's live processes, from its table (see ``runtime.processes``)."""
         node_id = self.me.node
-        live = sorted(self.table.live_slots())
+        live = self.table.live_slots()
         return [pid for pid in (Pid(node_id, serial, slot, os_pid)
                                 for serial, slot, os_pid in live if os_pid)
                 if self.is_alive(pid)]

@@ -51,14 +51,15 @@ from typing import Any, NamedTuple
 from . import _current, _launch, _table
 from ._exits import EXIT_GRACE
 from ._node import Node
-from .errors import ReceiveTimeout
+from .errors import ProcessError, ReceiveTimeout
 from .messages import Down
-from .pid import Pid, Ref
+from .pid import From, Pid, Ref
 
 log = logging.getLogger(__name__)
 
 # Signals that end the whole node when the root gets them.
 ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SPAWNS_KEPT = 256  # (see Root.spawned)
 
 
 class Escalation(NamedTuple):
@@ -147,6 +148,8 @@ class Root:
         self.warm: dict[Ref, Pid] = {}
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
+        # The last spawns, by their call's ref: what a "$cancel" that comes late kills.
+        self.spawned: dict[int, Pid] = {}
 
     def run(self) -> None:
         node = self.node
@@ -168,7 +171,7 @@ class Root:
                 if msg[0] == "$gen_call":
                     _, caller, request = msg
                     try:
-                        result = self._handle_call(request)
+                        result = self._handle_call(request, caller)
                     except Exception as exc:  # a failed fork must not take the node down
                         result = ("$error", exc)
                     node.reply(caller, result)
@@ -176,6 +179,10 @@ class Root:
                         node.exit_process("normal")
                 elif msg[0] == "$settled":
                     self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
+                elif msg[0] == "$cancel":  # (its spawn came first: see _handle_call)
+                    pid = self.spawned.pop(msg[1], None)
+                    if pid is not None:
+                        node.exit(pid, "kill")
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
@@ -189,17 +196,29 @@ class Root:
                     node.exit_process("normal")
                 self.warm.pop(msg.ref, None)
 
-    def _handle_call(self, request: Any) -> Any:
+    def _handle_call(self, request: Any, caller: From) -> Any:
         kind = request[0]
         if kind == "$spawn":
             _, payload, link, trap = request
             node = self.node
+            # The caller gave up on it (no answer in time, or Ctrl-C): fork nothing. A
+            # cancel that comes once it is forked kills it (see run).
+            cancel = ("$cancel", caller.ref)
+            try:
+                node.receive(0.0, lambda m: m == cancel)
+                return ("$error", ProcessError("the spawn was cancelled"))
+            except ReceiveTimeout:
+                pass
             self.warm_blocked = False
             table = node.table
             self._forget_warm(lambda pid: table.os_pid(pid.slot) != 0)  # (see the module docstring)
-            return _launch.start_child(node, payload=payload, trap=trap,
-                                       link_to=node.info.main if link else None,
-                                       default_signals=(signal.SIGCHLD, *ENDING))
+            pid = _launch.start_child(node, payload=payload, trap=trap,
+                                      link_to=node.info.main if link else None,
+                                      default_signals=(signal.SIGCHLD, *ENDING))
+            self.spawned[caller.ref] = pid
+            if len(self.spawned) > SPAWNS_KEPT:
+                del self.spawned[next(iter(self.spawned))]
+            return pid
         if kind == "$janitor":
             return self.janitor
         if kind == "$warm":  # the ones not handed over yet

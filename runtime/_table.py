@@ -66,8 +66,7 @@ _STATE_OFF = 12
 _TRAP_OFF = 13
 # In the 8 bytes after a slot's fields: the slot (+1) of the child the process is
 # starting, until that child has its OS pid (see allocate and take_unstarted); then
-# the number of a process the embedding process started in the order it started
-# them (see set_start_order).
+# when the process started, a number from the serials' counter (see started_now).
 _UNSTARTED_OFF = _SLOT.size
 _UNSTARTED = struct.Struct("<I")
 _START_ORDER_OFF = _SLOT.size + 4
@@ -230,7 +229,8 @@ class Table:
                 raise RuntimeError("the node's process table is full")
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
             _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _UNSTARTED_OFF, 0)
-            _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF, 0)
+            _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF,
+                                 serial & 0xFFFFFFFF)
             if owner is not None:
                 _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
@@ -266,10 +266,20 @@ class Table:
     def set_os_pid(self, slot: int, os_pid: int) -> None:
         struct.pack_into("<I", self.mm, _SLOTS + _SLOT_SIZE * slot + _OS_PID_OFF, os_pid)
 
-    def set_start_order(self, slot: int, n: int) -> None:
-        """Number the process in ``slot`` ``n``-th of those the embedding process has
-        started (the root stops them in the reverse order at shutdown). 0 until then."""
-        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF, n)
+    def started_now(self, slot: int) -> None:
+        """The process in ``slot`` starts now, not when its slot was taken (a warm child
+        handed its target): give it a start number after every process's so far. A
+        process's start number is its serial otherwise; ``processes()`` lists in their
+        order, and the root stops its children in the reverse order."""
+        mm = self.mm
+        self._lock()
+        try:
+            magic, serial, cursor, reserved = _HDR.unpack_from(mm, 0)
+            _HDR.pack_into(mm, 0, magic, serial + 1, cursor, reserved)
+        finally:
+            self._unlock()
+        _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF,
+                             serial & 0xFFFFFFFF)
 
     def start_order(self, slot: int) -> int:
         return int(_UNSTARTED.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot
@@ -487,13 +497,16 @@ class Table:
         return found
 
     def live_slots(self) -> list[tuple[int, int, int]]:
-        """(serial, slot, os_pid) of every process not yet known dead."""
-        out = []
+        """(serial, slot, os_pid) of every process not yet known dead, in the order they
+        started (see started_now)."""
+        found = []
         mm = self.mm
         for slot in range(NSLOTS):
             off = _SLOTS + _SLOT_SIZE * slot
             st = mm[off + _STATE_OFF]
             if st == ALIVE or st == DOOMED:
                 serial, os_pid = struct.unpack_from("<QI", mm, off)
-                out.append((serial, slot, os_pid))
-        return out
+                start = _UNSTARTED.unpack_from(mm, off + _START_ORDER_OFF)[0]
+                found.append((start, serial, slot, os_pid))
+        found.sort()
+        return [(serial, slot, os_pid) for _, serial, slot, os_pid in found]

@@ -15,7 +15,7 @@ UNLINK     none                     none: unlink from the sender
 EXIT       none                     the sender's exit signal reason
 INFO       the request's ref (u64)  none: answer with a REPLY (``runtime.info``)
 WARM       none                     none: a warm child waits for a target (``_root``)
-RUN        none                     a warm child's target and whom it links to
+RUN        link to the sender (u8)  none: the cloudpickled target, as a warm child gets it
 ========== ======================== ==============================
 
 The sender of a frame is the process at the other end of its connection.
@@ -162,6 +162,15 @@ def call(ref: int, payload: bytes) -> list[bytes]:
     return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, CALL, ref), payload)
 
 
+_RUN = struct.Struct("!IBB")  # length, tag, link
+
+
+def run(payload: bytes, link: bool) -> list[bytes]:
+    """A RUN frame: a warm child's target (``dumps_code``'s), and whether it links to
+    the sender first."""
+    return _frame(_RUN.pack(len(payload) + 2, RUN, link), payload)
+
+
 def info(ref: int) -> list[bytes]:
     """An INFO frame: a request for the receiver's state, answered with REPLY ``ref``."""
     return [_WITH_REF.pack(1 + REF_FIELD.size, INFO, ref)]
@@ -173,8 +182,7 @@ def reply(ref: int, payload: bytes) -> list[bytes]:
 
 
 def control(tag: int, payload: bytes = b"") -> list[bytes]:
-    """A LINK, UNLINK, EXIT, RUN or WARM frame (EXIT with the pickled reason, RUN with
-    the pickled target and whom to link to)."""
+    """A LINK, UNLINK, EXIT or WARM frame (EXIT with the pickled reason)."""
     return _frame(_TAGGED.pack(len(payload) + 1, tag), payload)
 
 

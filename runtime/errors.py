@@ -21,6 +21,7 @@ receive timeouts raise :class:`ReceiveTimeout`, a :class:`TimeoutError`.
 
 from __future__ import annotations
 
+import reprlib as _reprlib
 import traceback as _traceback
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,12 @@ def _with_remote_cause(exc: ProcessError, reason: Any) -> ProcessError:
     return exc
 
 
+# What an error message shows of a value (a request can be megabytes): its repr, cut.
+_short = _reprlib.Repr()
+_short.maxstring = _short.maxother = 200
+_short.maxlong = 60
+
+
 class ProcessError(Exception):
     """Base of every error the runtime raises to a caller."""
 
@@ -137,7 +144,8 @@ class CallTimeout(ProcessError, TimeoutError):
         self.target = target
         self.request = request
         self.timeout = timeout
-        super().__init__(f"call to {target!r} timed out after {timeout}s (request {request!r})")
+        super().__init__(f"call to {target!r} timed out after {timeout}s (request "
+                         f"{_short.repr(request)})")
 
 
 class ExitError(ProcessError):

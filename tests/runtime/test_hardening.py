@@ -394,3 +394,9 @@ def test_a_process_s_port_is_free_when_its_exit_reaches_its_link(how):
     ref = runtime.monitor(pid)
     assert assert_receive(tagged("results"), timeout=30)[1] == ["bound"] * 3
     wait_down(ref)
+
+
+def test_a_call_timeout_s_message_shows_a_big_request_cut():
+    err = runtime.CallTimeout(runtime.self(), ("put", b"x" * 1_000_000, "y" * 100_000), 1.0)
+    assert len(str(err)) < 1000 and "'put'" in str(err)
+    assert err.request[1] == b"x" * 1_000_000  # (the request itself is kept whole)
