@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import runtime
-from runtime import _embed
+from runtime import _embed, testing
 from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
 
@@ -417,6 +417,11 @@ def _spawn_until_out_of_descriptors(main, spare):
         return sum(1 for serial, _, os_pid in node.table.live_slots()
                    if os_pid == 0 and serial != me)
 
+    # Settle (an idle moment: the root replaces the warm child we were), then wait for
+    # the test to see the pool full: the root's warm children have no OS pid in the
+    # table either, and none may come while we count.
+    runtime.send(main, ("settled?",))
+    runtime.receive(timeout=30, match=lambda m: m == "go")
     before = unstarted()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     failed = None
@@ -438,6 +443,10 @@ def _spawn_until_out_of_descriptors(main, spare):
 @pytest.mark.parametrize("spare", [11, 12, 13, 14])
 def test_running_out_of_descriptors_at_spawn_leaves_no_table_slot_taken(spare):
     pid, ref = runtime.spawn_monitor(_spawn_until_out_of_descriptors, runtime.self(), spare)
+    assert_receive(tagged("settled?"))
+    wait_until(lambda: len(testing._warm()) == runtime.options().warm_children,
+               what="the pool full")
+    runtime.send(pid, "go")
     _, failed, leaked = assert_receive(tagged("out"), timeout=30)
     wait_down(ref, timeout=30)
     assert failed is not None
