@@ -66,6 +66,8 @@ JOBS = [
     Job("scale", "scale", 5, 200),
     Job("tcp", "tcp", 8, 60),
     Job("embedding", "embedding", 6, 50, pinned=True),
+    Job("embedding", "embedding (preloaded)", 3, 30,
+        (("RUNTIME_PRELOAD", "benchmarks._rt_targets"),), pinned=True),
 ]
 
 
