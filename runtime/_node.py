@@ -253,11 +253,15 @@ class Node:
         """Queue ``msg`` to ``pid`` behind what we sent it before, and never wait for the
         write (it goes as the connection drains); dropped if we have no connection
         to ``pid``: for a message that follows a request made on one."""
-        frame = _wire.message(_wire.dumps(msg))
+        data = _wire.dumps(msg)
         with self.poller.lock:
-            conn = self.conns.out_to(pid.serial)
-            if conn is not None:
-                self.conns.write(conn, frame)
+            self._post(pid, data)
+
+    def _post(self, pid: Pid, data: bytes) -> None:
+        """``post`` a pickled message (lock held)."""
+        conn = self.conns.out_to(pid.serial)
+        if conn is not None:
+            self.conns.write(conn, _wire.message(data))
 
     def _send(self, pid: Pid, frame: list[bytes], deadline: float | None) -> bool:
         """Write ``frame`` to ``pid``, connecting first if needed; block while its buffer
@@ -397,7 +401,7 @@ class Node:
         self.poller.pump()
         with self.poller.lock:
             return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
-                          key=lambda pid: pid.serial)
+                          key=_serial)
 
     def wait_for_target(self) -> bytes:
         """In a warm child: tell the embedding process we wait for a target (connecting
@@ -409,18 +413,7 @@ class Node:
         that importing the target's module later finds the directory listings read
         and the pages it writes copied."""
         importlib.util.find_spec("_runtime_warm_child_probe_")
-        main = self.info.main
-        conns = self.conns
-        with self.poller.lock:
-            conn = conns.out_to(main.serial)
-        if conn is None:
-            sock = conns.connect(main, 1.0)
-            if sock is not None:
-                with self.poller.lock:
-                    conn = conns.adopt(sock, main, hello=True)
-        if conn is not None:
-            with self.poller.lock:
-                conns.write(conn, _wire.control(_wire.WARM))
+        self._send(self.info.main, _wire.control(_wire.WARM), time.monotonic() + 1.0)
         got: bytes = self.poller.wait(lambda: self.target, None)
         with self.poller.lock:
             self.poller.defer(self._settled)
@@ -429,10 +422,8 @@ class Node:
     def _settled(self) -> None:
         """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
         parent, the root, that we have got going (see ``wait_for_target``)."""
-        parent = self.parent
-        conn = None if parent is None else self.conns.out_to(parent.serial)
-        if conn is not None:
-            self.conns.write(conn, _wire.message(_wire.dumps(("$settled", self.me))))
+        if self.parent is not None:
+            self._post(self.parent, _wire.dumps(("$settled", self.me)))
 
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting
