@@ -179,8 +179,12 @@ def test_an_init_that_hangs_times_out_and_leaves_nothing(bystander):
         pass  # (reaped: gone)
     wait_until(lambda: not psutil.pid_exists(child) or not running(psutil.Process(child)),
                timeout=1.0, what="the hanging server's child to go")
-    wait_until(lambda: testing.node_files() == files, timeout=2.0,
-               what="its socket files to go")
+    try:
+        wait_until(lambda: testing.node_files() == files, timeout=2.0)
+    except AssertionError:
+        now = set(testing.node_files())
+        raise AssertionError(f"its socket files did not go: {sorted(now - set(files))} came, "
+                             f"{sorted(set(files) - now)} went") from None
 
 
 def _stuck_server(call_timeout: float):
