@@ -608,7 +608,11 @@ class Node:
             return False
         # The slot says alive: the OS process is not reaped, maybe a zombie, or in its
         # exit (its parent may have delivered its Down already).
-        return _table.zombie_status(pid.os_pid, exiting=True) is None
+        if _table.zombie_status(pid.os_pid, exiting=True) is not None:
+            return False
+        # Not a zombie: alive, unless its parent published its exit and reaped it
+        # between the two reads (it publishes first: see _table), which this one sees.
+        return self.table.state(pid.serial, pid.slot) != _table.EXITED
 
     # -------------------------------------------------------- introspection
 

@@ -400,3 +400,26 @@ def test_a_call_timeout_s_message_shows_a_big_request_cut():
     err = runtime.CallTimeout(runtime.self(), ("put", b"x" * 1_000_000, "y" * 100_000), 1.0)
     assert len(str(err)) < 1000 and "'put'" in str(err)
     assert err.request[1] == b"x" * 1_000_000  # (the request itself is kept whole)
+
+
+def test_is_alive_sees_an_exit_published_and_reaped_between_its_two_reads(monkeypatch):
+    # is_alive of a process nobody here watches reads its table slot, then /proc. Its
+    # parent publishes its exit, then reaps it: both can happen between those reads,
+    # and /proc then has nothing. It was "alive" (the chaos run saw a name held by a
+    # killed acceptor refuse the new one); a second read of the slot settles it.
+    from runtime import _table
+
+    node = runtime._embed.current()
+    pid = runtime.spawn(len, "")  # exits at once; the root publishes its exit, reaps it
+    wait_until(lambda: not os.path.exists(f"/proc/{pid.os_pid}")
+               and node.table.state(pid.serial, pid.slot) == _table.EXITED,
+               what="the process published and reaped")
+    real, reads = node.table.state, []
+
+    def stale_first(serial, slot):
+        reads.append(serial)
+        return _table.ALIVE if len(reads) == 1 else real(serial, slot)
+
+    monkeypatch.setattr(node.table, "state", stale_first)
+    assert not runtime.is_alive(pid)
+    assert len(reads) == 2
