@@ -70,6 +70,7 @@ _TRAP_OFF = 13
 _UNSTARTED_OFF = _SLOT.size
 _UNSTARTED = struct.Struct("<I")
 _START_ORDER_OFF = _SLOT.size + 4
+_START_ORDER = struct.Struct("<I")
 _ENTRY = struct.Struct("<QI4x")  # an entry's position and length, before its pickle
 _PF_EXITING = 0x4  # in the flags of /proc/<pid>/stat: set first thing in do_exit
 
@@ -229,8 +230,7 @@ class Table:
                 raise RuntimeError("the node's process table is full")
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
             _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _UNSTARTED_OFF, 0)
-            _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF,
-                                 serial & 0xFFFFFFFF)
+            self._set_start_order(slot, serial)
             if owner is not None:
                 _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
@@ -278,12 +278,15 @@ class Table:
             _HDR.pack_into(mm, 0, magic, serial + 1, cursor, reserved)
         finally:
             self._unlock()
-        _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF,
-                             serial & 0xFFFFFFFF)
+        self._set_start_order(slot, serial)
+
+    def _set_start_order(self, slot: int, n: int) -> None:
+        _START_ORDER.pack_into(self.mm, _SLOTS + _SLOT_SIZE * slot + _START_ORDER_OFF,
+                               n & 0xFFFFFFFF)
 
     def start_order(self, slot: int) -> int:
-        return int(_UNSTARTED.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot
-                                          + _START_ORDER_OFF)[0])
+        return int(_START_ORDER.unpack_from(self.mm, _SLOTS + _SLOT_SIZE * slot
+                                            + _START_ORDER_OFF)[0])
 
     def os_pid(self, slot: int) -> int:
         """The OS pid in ``slot`` (0 until :meth:`set_os_pid`)."""
@@ -506,7 +509,7 @@ class Table:
             st = mm[off + _STATE_OFF]
             if st == ALIVE or st == DOOMED:
                 serial, os_pid = struct.unpack_from("<QI", mm, off)
-                start = _UNSTARTED.unpack_from(mm, off + _START_ORDER_OFF)[0]
+                start = _START_ORDER.unpack_from(mm, off + _START_ORDER_OFF)[0]
                 found.append((start, serial, slot, os_pid))
         found.sort()
         return [(serial, slot, os_pid) for _, serial, slot, os_pid in found]
