@@ -116,10 +116,8 @@ def call_timeout() -> float | None:
     """The default timeout of a call (seconds; None: none): ``configure``'s, else the
     environment's (read at the first call that needs it: a call is on the hot path),
     else the default."""
-    try:
+    if "call_timeout" in _set:
         return _set["call_timeout"]  # type: ignore[no-any-return]
-    except KeyError:
-        pass
     global _env_call_timeout
     if _env_call_timeout is _UNREAD:
         text = os.environ.get(ENV["call_timeout"])

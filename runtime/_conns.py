@@ -38,12 +38,14 @@ _IOV_MAX = 64
 class Conn:
     """One connection to a peer (``peer`` is None until its HELLO is checked)."""
 
-    __slots__ = ("sock", "fd", "peer", "inbuf", "out", "queued", "sent", "closed")
+    __slots__ = ("sock", "fd", "peer", "observer", "inbuf", "out", "queued", "sent",
+                 "closed")
 
     def __init__(self, sock: socket.socket, peer: Pid | None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.observer = False  # the peer is an observer (see _wire), once proven
         self.inbuf = bytearray()  # the start of a frame not yet whole
         self.out: deque[memoryview] = deque()  # what the kernel has not taken yet
         self.queued = 0  # bytes ever put in ``out``
@@ -89,7 +91,7 @@ class Connections:
         self._hellos: dict[int, tuple[int, set[int]]] = {}
         self._prune_at = 1024
         self._serial_in = serial_in
-        self._rbuf: mmap.mmap | None = None  # anonymous: only pages a read touches count
+        self._rview: memoryview | None = None  # the read buffer (see _read_buffer)
         self._reading = 0  # how deep in read() we are (a frame's handler may read)
 
     # ------------------------------------------------------------ connections
@@ -187,75 +189,93 @@ class Connections:
 
     def read(self, conn: Conn, drain: bool = False) -> None:
         """Read what ``conn`` has (all of it with ``drain``) and hand over whole frames."""
+        view = self._rview
+        if view is None or self._reading:  # the first read, or one from a frame's handler
+            view = self._read_buffer()
         sock = conn.sock
-        rbuf = self._rbuf
-        if rbuf is None or self._reading:  # first read, or re-entered from a frame
-            rbuf = mmap.mmap(-1, READ_SIZE)
-            if not self._reading:
-                self._rbuf = rbuf
-        view = memoryview(rbuf)
         self._reading += 1
         try:
-            while not conn.closed:
+            while True:
                 try:
-                    n = sock.recv_into(rbuf)
+                    n = sock.recv_into(view)
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
                     n = 0
                 if not n:
-                    peer = conn.peer
-                    self.close(conn)
-                    if not drain and peer is not None and not _wire.is_observer(peer.serial):
-                        self._on_closed(peer)
+                    self._closed_by_peer(conn, drain)
                     return
-                inbuf = conn.inbuf
-                if inbuf:
-                    inbuf += view[:n]
-                    whole = memoryview(inbuf)
-                    try:
-                        used = self._frames(conn, whole, len(inbuf))
-                    finally:
-                        whole.release()
-                    del inbuf[:used]
+                if conn.inbuf:
+                    self._more(conn, view, n)
                 else:
                     # Frames straight from the read buffer; only a partial one is copied.
                     used = self._frames(conn, view, n)
                     if used < n and not conn.closed:
-                        inbuf += view[used:n]
-                if not drain and n < READ_SIZE:
+                        conn.inbuf += view[used:n]
+                if conn.closed or (not drain and n < READ_SIZE):
                     return
         finally:
             self._reading -= 1
-            view.release()
+
+    def _read_buffer(self) -> memoryview:
+        """The buffer a read fills: kept for every read, but a read made while another
+        one hands over its frames has one of its own."""
+        view = memoryview(mmap.mmap(-1, READ_SIZE))  # anonymous: only pages read count
+        if self._rview is None:
+            self._rview = view
+        return view
+
+    def _more(self, conn: Conn, view: memoryview, n: int) -> None:
+        """``view[:n]`` continues the partial frame in ``conn.inbuf``: hand over what is
+        whole now."""
+        inbuf = conn.inbuf
+        inbuf += view[:n]
+        whole = memoryview(inbuf)
+        try:
+            used = self._frames(conn, whole, len(inbuf))
+        finally:
+            whole.release()
+        del inbuf[:used]
+
+    def _closed_by_peer(self, conn: Conn, drain: bool) -> None:
+        """``conn`` read its end of file: the peer closed it, that is, it is dying."""
+        peer = conn.peer
+        self.close(conn)
+        if not drain and peer is not None and not conn.observer:
+            self._on_closed(peer)
 
     def _frames(self, conn: Conn, view: memoryview, end: int) -> int:
         """Hand over the whole frames at the start of ``view[:end]``; how many bytes
         they took."""
         unpack = _wire.LENGTH.unpack_from
-        on_frame = self._on_frame
         peer = conn.peer
-        observer = peer is not None and _wire.is_observer(peer.serial)
         pos = 0
         while end - pos >= 4:
             stop = pos + 4 + unpack(view, pos)[0]
             if stop > end:
                 break
-            if peer is None:
-                self._hello(conn, view[pos + 4 : stop])
+            if peer is None or conn.observer:
+                self._unproven_frame(conn, view[pos + 4 : stop])
                 peer = conn.peer
-                observer = peer is not None and _wire.is_observer(peer.serial)
-            elif observer and view[pos + 4] != _wire.INFO:
-                # An observer only looks (see _wire): it takes no part in the node.
-                log.warning("%r closed an observer's connection: it sent a frame other "
-                            "than INFO", self._me)
-                self.close(conn)
             else:
-                on_frame(peer, view[pos + 4], view[pos + 5 : stop])
+                self._on_frame(peer, view[pos + 4], view[pos + 5 : stop])
             pos = stop
             if conn.closed:
                 break
         return pos
+
+    def _unproven_frame(self, conn: Conn, frame: memoryview) -> None:
+        """A frame from a connection whose peer is not proven (its HELLO), or is an
+        observer (its INFO frames)."""
+        if conn.peer is None:
+            self._hello(conn, frame)
+        elif frame[0] == _wire.INFO:
+            self._on_frame(conn.peer, frame[0], frame[1:])
+        else:
+            # An observer only looks (see _wire): it takes no part in the node.
+            log.warning("%r closed an observer's connection: it sent a frame other "
+                        "than INFO", self._me)
+            self.close(conn)
 
     def _hello(self, conn: Conn, body: memoryview) -> None:
         peer = _wire.check_hello(self._key, conn.sock, self._me.serial, body)
@@ -276,6 +296,7 @@ class Connections:
         seen[1].add(n)
         self._unproven.discard(conn)
         conn.peer = Pid(self._me.node, serial, slot, os_pid)
+        conn.observer = _wire.is_observer(serial)
         self._of.setdefault(serial, set()).add(conn)
         self._out.setdefault(serial, conn)
 

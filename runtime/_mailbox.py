@@ -81,7 +81,7 @@ class Mailbox:
     """See the module docstring. Methods marked "lock held" run inside a node section;
     the others wait through ``wait`` (the poller's) and take the lock themselves."""
 
-    def __init__(self, lock: Any, wait: Wait, notify: Callable[[], None], owner: Pid,
+    def __init__(self, lock: Any, wait: Wait, notify: Callable[..., None], owner: Pid,
                  is_main: bool) -> None:
         self._lock = lock
         self._wait = wait
@@ -138,11 +138,21 @@ class Mailbox:
             sink = self._sinks.pop(ref, None)
             if sink is not None:
                 sink.append(ref)
-            self._notify()
+            self._notify(ref)
 
-    def awaits(self, ref: int) -> bool:
-        """Is the call ``ref`` still waiting for its reply? (lock held)"""
-        return self._replies.get(ref) is _PENDING
+    def reply_arrived(self, ref: int, frame: memoryview) -> None:
+        """A REPLY frame's body (its ref, then the pickled reply) came for the call
+        ``ref`` (lock held); ignored unless it is still awaited."""
+        if self._replies.get(ref) is _PENDING:
+            self.put_reply(ref, CallResult(True, bytes(frame[8:])))
+
+    def take_reply(self, ref: int) -> CallResult | None:
+        """The call's result if it has ended, and the call forgotten (lock held)."""
+        r = self._replies.get(ref)
+        if r is _PENDING or r is None:
+            return None
+        del self._replies[ref]
+        return r  # type: ignore[no-any-return]
 
     def drop_reply(self, ref: int) -> None:
         """Forget the call ``ref``: a reply that comes later is dropped (lock held)."""
@@ -203,16 +213,8 @@ class Mailbox:
 
     def take(self, deadline: float | None) -> tuple[Any] | None:
         """The first message, as a 1-tuple; None once ``deadline`` has passed."""
-        messages = self._messages
-
-        def first() -> tuple[Any] | None:
-            if messages:
-                self._generation += 1
-                return (self._taken(messages.popleft()),)
-            return None
-
         while True:
-            got = self._wait(first, deadline)
+            got = self._wait(self._first, deadline)
             if got is None:
                 return None
             msg = got[0]
@@ -225,6 +227,17 @@ class Mailbox:
                 if msg is _BAD:
                     continue
             return (msg,)
+
+    def _first(self) -> tuple[Any] | None:
+        """The first message, taken, as a 1-tuple, if there is one (lock held)."""
+        messages = self._messages
+        if messages:
+            self._generation += 1
+            msg = messages.popleft()
+            if self._is_main and _is_exit(msg):
+                self._exits -= 1
+            return (msg,)
+        return None
 
     def take_match(self, match: Callable[[Any], bool],
                    deadline: float | None) -> tuple[Any] | None:

@@ -83,7 +83,7 @@ class Node:
         self.table = table
         self.is_main = is_main
         self.parent = parent
-        self.poller = poller = Poller(self._on_events, self._after_events)
+        self.poller = poller = Poller(self._on_events, self._on_event, self._after_events)
         self.mailbox = Mailbox(poller.lock, poller.wait, poller.notify, me, is_main)
         self.conns = Connections(poller, info.key, me, info.sock_path, listen, self._on_frame,
                                  self._on_closed, table.serial_in)
@@ -112,13 +112,6 @@ class Node:
         returned its death: in a whole batch, it is accepted already, or there was
         none (``accepted``)."""
         conns = self.conns
-        if len(batch) == 1:  # the common case, kept short: one connection to read
-            fd, mask, owner = batch[0]
-            if owner.__class__ is Conn and not mask & EPOLLOUT:
-                conns.read(owner)
-                if self._suspects:
-                    self._check_suspects([], whole)
-                return
         deaths = [owner for _, _, owner in batch if owner.__class__ is Watch]
         listener = conns.listener
         if deaths:
@@ -147,6 +140,16 @@ class Node:
                         conns.read(conn)
         if self._suspects:
             self._check_suspects(deaths, whole)
+
+    def _on_event(self, fd: int, mask: int, owner: Any) -> None:
+        """What a poll that returned one event returned (lock held): the common case,
+        kept short when it is a connection to read (see ``_on_events``)."""
+        if owner.__class__ is Conn and not mask & EPOLLOUT:
+            self.conns.read(owner)
+            if self._suspects:
+                self._check_suspects([], True)
+        else:
+            self._on_events([(fd, mask, owner)], True)
 
     def _on_closed(self, peer: Pid) -> None:
         # A peer closes its end only by dying: check it in this batch rather than
@@ -198,9 +201,7 @@ class Node:
             ref = _wire.REF_FIELD.unpack_from(body)[0]
             self.mailbox.put(Raw(bytes(body[8:]), From(peer, ref)))
         elif tag == _wire.REPLY:
-            ref = _wire.REF_FIELD.unpack_from(body)[0]
-            if self.mailbox.awaits(ref):
-                self.mailbox.put_reply(ref, CallResult(True, bytes(body[8:])))
+            self.mailbox.reply_arrived(_wire.REF_FIELD.unpack_from(body)[0], body)
         elif tag == _wire.LINK:
             self._linked_by(peer)
         elif tag == _wire.UNLINK:
@@ -282,7 +283,8 @@ class Node:
             with lock:
                 conn = conns.adopt(sock, pid, hello=True)
                 mark = conns.write(conn, frame)
-        if not self._wait_written(conn, mark, deadline):
+        if conn.sent < mark and not conn.closed and not self._wait_written(conn, mark,
+                                                                            deadline):
             with lock:
                 conns.close(conn)  # part of a frame is on its way: the stream is lost
         return not conn.closed
@@ -322,14 +324,23 @@ class Node:
         ends the call: how a caller tells the server to undo what it may still do."""
         ref = self.start_call(pid, request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        mailbox = self.mailbox
+        take_reply = self.mailbox.take_reply
+        end_call = self.watches.end_call
+
+        def ended() -> CallResult | None:  # (lock held) the result, and the call forgotten
+            result = take_reply(ref)
+            if result is not None:
+                end_call(pid, ref)
+            return result
+
         result: CallResult | None = None
         try:
-            result = self.poller.wait(lambda: mailbox.reply_of(ref), deadline)
+            result = self.poller.wait(ended, deadline, ref)
         finally:
-            if result is None and abandoned is not None:
-                abandoned(ref)
-            self.end_call(pid, ref)
+            if result is None:
+                if abandoned is not None:
+                    abandoned(ref)
+                self.end_call(pid, ref)
         return call_outcome(pid, request, timeout, result)
 
     def start_call(self, pid: Pid, request: Any) -> int:
@@ -341,7 +352,7 @@ class Node:
             NoProcError: ``pid`` is dead.
             ProcessError: ``pid`` is this process.
         """
-        if pid == self.me:
+        if pid.serial == self.me.serial and pid == self.me:
             raise ProcessError(f"{pid!r} called itself: that would deadlock")
         ref = next(self._refs)
         self._ask(pid, ref, _wire.call(ref, _wire.dumps(request)))
@@ -681,7 +692,7 @@ class Node:
         try:
             mailbox = self.mailbox
             result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
-                                                         time.monotonic() + timeout)
+                                                         time.monotonic() + timeout, ref)
         finally:
             self.end_call(pid, ref)
         if result is None or not result.ok:

@@ -56,6 +56,7 @@ CLEANUP_MAX = 32
 
 Batch = list[tuple[int, int, Any]]  # (fd, event mask, owner when the batch was read)
 OnEvents = Callable[[Batch, bool], None]
+OnEvent = Callable[[int, int, Any], None]
 
 
 class _Wake:
@@ -130,10 +131,11 @@ def time_left(deadline: float | None) -> float:
 class Poller:
     """See the module docstring. ``on_events(batch, whole)`` handles what a poll
     returned (lock held; ``whole``: the poll returned every ready event, fewer than
-    the most it returns); ``after_events()`` runs after it, lock released (the
+    the most it returns), and ``on_event(fd, mask, owner)`` what a poll returned
+    when that was one event; ``after_events()`` runs after them, lock released (the
     node's exit path starts there)."""
 
-    def __init__(self, on_events: OnEvents,
+    def __init__(self, on_events: OnEvents, on_event: OnEvent,
                  after_events: Callable[[], None]) -> None:
         self.lock = threading.Lock()
         self._epoll = select.epoll()
@@ -141,7 +143,9 @@ class Poller:
         self.fds = FdSet()
         self._leader = 0
         self._followers: list[threading.Lock] = []  # one held lock each, released to wake
-        self._leader_since = 0.0  # when the leader last started or came back from a poll
+        self._keyed: dict[Any, threading.Lock] = {}  # the same, each waiting for its key
+        self._leader_key: Any = None  # what the leader waits for (see wait)
+        self._leader_since = 0.0  # when the leader started polling
         self._wake: _Wake | None = None
         self._jobs: list[Callable[[], None]] = []
         self._jobs_due = 0.0
@@ -149,6 +153,7 @@ class Poller:
         self._listeners: list[Callable[[], None]] = []
         self._waiting: set[int] = set()  # threads inside wait() (set.add is atomic)
         self._on_events = on_events
+        self._on_event = on_event
         self._after_events = after_events
 
     # ------------------------------------------------------------ descriptors
@@ -197,11 +202,15 @@ class Poller:
 
     # ---------------------------------------------------------------- waiting
 
-    def wait(self, ready: Callable[[], Any], deadline: float | None) -> Any:
+    def wait(self, ready: Callable[[], Any], deadline: float | None, key: Any = None) -> Any:
         """Block until ``ready()`` (called with the lock held) returns something other
         than None, and return that; None once ``deadline`` (monotonic seconds; None:
         never) has passed. Polls at least once, so a deadline already past still
         finds what has arrived (OTP's ``after 0``).
+
+        ``key``: the one delivery ``ready`` waits for (a call's ref), announced by
+        ``notify(key)``; a thread waiting while another polls is then woken by that
+        delivery only, not by every other one (None: by every delivery).
 
         Raises:
             ProcessError: the node was shut down meanwhile.
@@ -209,67 +218,87 @@ class Poller:
         me = threading.get_ident()
         self._waiting.add(me)
         try:
-            return self._wait(ready, deadline, me)
+            return self._wait(ready, deadline, key, me)
         finally:
             self._waiting.discard(me)
+            if self._keyed and not self._leader:
+                self._pass_lead()
 
-    def _wait(self, ready: Callable[[], Any], deadline: float | None, me: int) -> Any:
+    def _wait(self, ready: Callable[[], Any], deadline: float | None, key: Any,
+              me: int) -> Any:
         lock = self.lock
         polled = False
         kicked = False
         while True:
-            leading = False
             waiter: threading.Lock | None = None
-            events: list[tuple[int, int]] = []
-            try:
-                with lock:
-                    r = ready()
-                    if r is not None:
-                        return r
-                    if self._closed:
-                        raise ProcessError("the runtime node has been shut down")
-                    timeout = time_left(deadline)
-                    if timeout == 0.0:
-                        if polled:
-                            return None
-                        # Poll once, without blocking, whoever leads.
-                        events = self._epoll.poll(0, POLL_MAX)
-                        if events:
-                            self._process(events)
-                            self._wake_followers()
-                    elif self._leader and self._leader != me and not (
-                            kicked and self._leader_gone()):
-                        # The leader polls. If it has not come back for LEASE seconds,
-                        # kick it; take over if it has not come back a LEASE later.
-                        kicked = self._leader_gone()
-                        if kicked:
-                            self._wake_leader()
-                        waiter = threading.Lock()
-                        waiter.acquire()
+            leading = False
+            with lock:
+                r = ready()
+                if r is not None:
+                    return r
+                if self._closed:
+                    raise ProcessError("the runtime node has been shut down")
+                timeout = -1.0 if deadline is None else time_left(deadline)
+                if timeout == 0.0:
+                    if polled:
+                        return None
+                    # Poll once, without blocking, whoever leads.
+                    events = self._epoll.poll(0, POLL_MAX)
+                    if events:
+                        self._process(events)
+                        self._wake_followers()
+                elif self._leader and self._leader != me and not (
+                        kicked and self._leader_gone()):
+                    # The leader polls. If it has not come back for LEASE seconds,
+                    # kick it; take over if it has not come back a LEASE later.
+                    kicked = self._leader_gone()
+                    if kicked:
+                        self._wake_leader()
+                    waiter = threading.Lock()
+                    waiter.acquire()
+                    if key is None:
                         self._followers.append(waiter)
                     else:
-                        self._leader = me
-                        self._leader_since = time.monotonic()
-                        leading = True
+                        self._keyed[key] = waiter
+                else:
+                    self._leader = me
+                    self._leader_key = key
+                    self._leader_since = time.monotonic()
+                    if self._jobs:
                         timeout = self._poll_timeout(timeout)
-                if waiter is not None:
-                    # Another thread polls: wait to be woken (lock released: an exception
-                    # here, Ctrl-C, leaves nothing half-done).
-                    waiter.acquire(True, LEASE if timeout < 0 else min(timeout, LEASE))
-                    continue
-                if leading:
+                    leading = True
+            if waiter is not None:
+                # Another thread polls: wait to be woken (lock released: an exception
+                # here, Ctrl-C, leaves nothing half-done).
+                woken = False
+                try:
+                    woken = waiter.acquire(True, LEASE if timeout < 0 else min(timeout, LEASE))
+                finally:
+                    if not woken and key is not None:  # (a waker takes it off the list)
+                        with lock:
+                            if self._keyed.get(key) is waiter:
+                                del self._keyed[key]
+                continue
+            if leading:
+                events = []
+                try:
                     events = self._epoll.poll(min(timeout, _POLL_LONGEST), POLL_MAX)
-            finally:
-                if leading:
+                finally:
+                    # Give up the lead, handle what the poll returned, and look at what
+                    # we wait for in the same section.
                     with lock:
                         if self._leader == me:
                             self._leader = 0
-                        self._leader_since = time.monotonic()
                         if events:
                             self._process(events)
                         elif self._jobs and not self._closed:
                             self._clean_up_idle()
-                        self._wake_followers()
+                        if self._followers:
+                            self._wake_followers()
+                        r = ready() if events else None
+                if r is not None:
+                    self._after_events()
+                    return r
             polled = True
             self._after_events()
 
@@ -277,11 +306,25 @@ class Poller:
         return time.monotonic() - self._leader_since >= LEASE
 
     def _wake_followers(self) -> None:
-        """Wake every thread waiting while another polls (lock held)."""
+        """Wake the threads waiting for any delivery while another polls (lock held);
+        those waiting for one key's wait for it (see ``notify``)."""
         if self._followers:
             followers, self._followers = self._followers, []
             for waiter in followers:
                 waiter.release()
+
+    def _wake_keyed(self) -> None:
+        """Wake the threads waiting for their key too (lock held): the node closes."""
+        keyed, self._keyed = self._keyed, {}
+        for waiter in keyed.values():
+            waiter.release()
+
+    def _pass_lead(self) -> None:
+        """No thread polls, and threads wait for their key while none polls: wake one
+        of them to poll (it leads, or has what it waited for and passes the lead)."""
+        with self.lock:
+            if self._keyed and not self._leader and not self._followers:
+                self._keyed.popitem()[1].release()
 
     def listen(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` (lock held, in whichever thread delivers) whenever
@@ -295,14 +338,21 @@ class Poller:
             if listener in self._listeners:
                 self._listeners.remove(listener)
 
-    def notify(self) -> None:
-        """Something was delivered (lock held): wake the threads waiting for it."""
+    def notify(self, key: Any = None) -> None:
+        """Something was delivered (lock held): wake the threads waiting for it. With
+        ``key``, the delivery is the one awaited under that key (see ``wait``):
+        the thread waiting for it is woken, and those waiting for any delivery."""
+        if key is not None:
+            waiter = self._keyed.pop(key, None)
+            if waiter is not None:
+                waiter.release()
         if self._followers:
             self._wake_followers()
         if self._listeners:
             for listener in self._listeners:
                 listener()
-        if self._leader:
+        if self._leader and (key is None or self._leader_key is None
+                             or self._leader_key == key):
             self._wake_leader()
 
     def _wake_leader(self) -> None:
@@ -334,6 +384,12 @@ class Poller:
 
     def _process(self, events: list[tuple[int, int]]) -> None:
         owners = self._owners
+        if len(events) == 1:  # the common case, kept short
+            fd, mask = events[0]
+            owner = owners.get(fd)
+            if owner is not None and owner.__class__ is not _Wake:
+                self._on_event(fd, mask, owner)
+                return
         batch: Batch = []
         for fd, mask in events:
             owner = owners.get(fd)
@@ -423,6 +479,7 @@ class Poller:
             self.run_jobs()
             self._closed = True
             self.notify()
+            self._wake_keyed()
         deadline = time.monotonic() + 2.0
         while self._leader and self._leader != threading.get_ident() \
                 and time.monotonic() < deadline:
@@ -438,6 +495,7 @@ class Poller:
             self._wake = None
             self._epoll.close()
             self._wake_followers()
+            self._wake_keyed()
 
     @property
     def closed(self) -> bool:
