@@ -23,6 +23,7 @@ connecting to a process it has not talked to yet).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,16 +59,26 @@ class _Driver:
         self.attached = False
         self.fd = -1  # the node's descriptor, while attached (kept: it may close first)
         self.scheduled = False
+        self.thread = threading.get_ident()  # the loop's
+        self.pumping = False  # the loop's thread handles the node's events now
 
     # -- the loop's watch -----------------------------------------------------
 
     def _attach(self) -> None:
+        """Watch the node while something is awaited. What another thread handled
+        before we listened may be there already: look soon."""
         if not self.attached:
             self.attached = True
             self.fd = self.node.fileno()
             self.loop.add_reader(self.fd, self._ready)
             self.node.poller.listen(self._delivered)
-        self._schedule()  # (it may be there already)
+            self._look_soon()
+
+    def _look_soon(self) -> None:
+        """Settle soon (the loop's thread)."""
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._settle)
 
     def _detach_if_idle(self) -> None:
         if self.attached and not (self.calls or self.downs or self.receives):
@@ -79,8 +90,9 @@ class _Driver:
                 pass  # (the descriptor was closed with the node)
 
     def _delivered(self) -> None:
-        """Something was delivered (any thread, the node's lock held): look soon."""
-        if not self.scheduled:
+        """Something was delivered (any thread, the node's lock held): look soon, unless
+        this is the loop's thread handling the node's events (``_ready`` looks next)."""
+        if not self.scheduled and not (self.pumping and threading.get_ident() == self.thread):
             self._schedule()
 
     def _schedule(self) -> None:
@@ -91,11 +103,14 @@ class _Driver:
             pass  # the loop is closed
 
     def _ready(self) -> None:
+        self.pumping = True
         try:
             self.node.pump()
         except (ProcessError, ValueError, OSError):  # (the node was shut down)
             self._fail_all(ProcessError("the runtime node has been shut down"))
             return
+        finally:
+            self.pumping = False
         self._settle()
 
     def _settle(self) -> None:
@@ -146,21 +161,27 @@ class _Driver:
     def add_call(self, ref: int) -> asyncio.Future[CallResult]:
         fut: asyncio.Future[CallResult] = self.loop.create_future()
         self.calls[ref] = fut
+        ended = self.ended
         with self.node.poller.lock:
-            self.node.mailbox.note_reply(ref, self.ended)
+            self.node.mailbox.note_reply(ref, ended)
+            now = bool(ended)  # (it ended already, or another one did unseen)
         self._attach()
+        if now:
+            self._look_soon()
         return fut
 
     def add_down(self, ref: Ref) -> asyncio.Future[Down]:
         fut: asyncio.Future[Down] = self.loop.create_future()
         self.downs[ref] = fut
         self._attach()
+        self._look_soon()  # (it may be there already)
         return fut
 
     def add_receive(self, match: Callable[[Any], bool] | None) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         self.receives.append((match, fut))
         self._attach()
+        self._look_soon()  # (it may be there already)
         return fut
 
     def forget(self, ref: Any = None, fut: Any = None) -> None:
@@ -187,13 +208,20 @@ def _driver() -> _Driver:
 
 
 async def _outcome(fut: asyncio.Future[Any], timeout: float | None) -> Any:
-    """The future's result; None at the timeout."""
-    import asyncio
-
+    """The future's result; None at the timeout (a timer resolves it so: lighter than
+    ``asyncio.wait_for``, which wraps the future on every await)."""
+    if timeout is None:
+        return await fut
+    timer = fut.get_loop().call_later(timeout, _expire, fut)
     try:
-        return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        return None
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def acall(dest: Any, request: Any, timeout: float | None = DEFAULT_TIMEOUT) -> Any:

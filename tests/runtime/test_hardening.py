@@ -423,3 +423,95 @@ def test_is_alive_sees_an_exit_published_and_reaped_between_its_two_reads(monkey
     monkeypatch.setattr(node.table, "state", stale_first)
     assert not runtime.is_alive(pid)
     assert len(reads) == 2
+
+
+# ------------------------------- threads waiting for their own call's reply
+
+
+class _Holder(runtime.GenServer):
+    """Answers a call only once told to (a cast "go")."""
+
+    def init(self, arg):
+        return None
+
+    def handle_call(self, request, from_, state):
+        return runtime.NoReply(from_)
+
+    def handle_cast(self, request, state):
+        if state is not None:
+            runtime.reply(state, "done")
+        return runtime.NoReply(None)
+
+
+def test_a_thread_waiting_for_its_reply_polls_once_the_thread_that_polled_leaves(
+        monkeypatch):
+    """A thread waiting for its call's reply while another polls is woken by that reply
+    only; so when the polling thread gets its own reply and leaves, it must hand the
+    poll over to a waiting thread, or that thread's reply would sit unread until its
+    lease runs out (made 60 s here: the test would see it)."""
+    from runtime import _poller
+
+    monkeypatch.setattr(_poller, "LEASE", 60.0)
+    node = runtime._embed.current()
+    first, second = _Holder.start_link(), _Holder.start_link()
+    out: dict[str, object] = {}
+
+    def caller(name, pid):
+        out[name] = runtime.call(pid, "hold", timeout=30)
+
+    a = threading.Thread(target=caller, args=("first", first))
+    a.start()
+    wait_until(lambda: node.poller.polling, what="the first caller polling the node")
+    b = threading.Thread(target=caller, args=("second", second))
+    b.start()
+    wait_until(lambda: len(node.poller._keyed) == 1, what="the second caller waiting")
+    runtime.cast(first, "go")  # the polling thread's reply: it leaves
+    a.join(timeout=30)
+    runtime.cast(second, "go")
+    b.join(timeout=20)
+    assert not a.is_alive() and not b.is_alive(), out
+    assert out == {"first": "done", "second": "done"}
+    runtime.stop(first)
+    runtime.stop(second)
+
+
+def test_calls_from_many_threads_with_a_receiving_thread_all_get_their_own_reply():
+    """Threads waiting for calls (each woken by its reply only) beside a thread waiting
+    for any message, on one node: every reply reaches its caller, every message the
+    receiver."""
+    servers = [_Echo.start_link() for _ in range(4)]
+    me = runtime.self()
+    errors: list[BaseException] = []
+
+    def caller(k):
+        try:
+            for i in range(200):
+                assert runtime.call(servers[k % 4], (k, i), timeout=20) == (k, i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    got: list[int] = []
+
+    def receiver():
+        try:
+            for _ in range(100):
+                got.append(runtime.receive(timeout=20, match=tagged("n"))[1])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+    threads.append(threading.Thread(target=receiver))
+    for t in threads:
+        t.start()
+    for i in range(100):
+        runtime.spawn(_send_back, me, ("n", i))
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert sorted(got) == list(range(100))
+    for s in servers:
+        runtime.stop(s)
+
+
+def _send_back(to, msg):
+    runtime.send(to, msg)
