@@ -252,8 +252,12 @@ class Watches:
 
         The sentinel reads EOF when the child's descriptors close, a little before
         the kernel makes it waitable. If the runtime recorded its reason, that is
-        the answer; else its status is read from /proc, where the kernel sets it
-        first thing in the exit."""
+        the answer (the child let its own files go before it recorded it). Else
+        its death is not told before the kernel makes it waitable: the kernel lets a
+        dying process's files go from the highest descriptor down, so the sentinel
+        (a high one, made in the parent) can read EOF while a port the child
+        listened on is still bound, and a supervisor restarting that child on its
+        exit would find the port taken."""
         pid = w.pid
         try:
             status = os.waitid(os.P_PID, pid.os_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -261,9 +265,6 @@ class Watches:
                 return status.si_code, status.si_status
             if self._table.state(pid.serial, pid.slot) != _table.ALIVE:
                 return IN_TABLE
-            early = _table.zombie_status(pid.os_pid, exiting=True)
-            if early is not None:
-                return early
         except ChildProcessError:
             return None
         try:

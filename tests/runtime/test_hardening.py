@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 
 import pytest
@@ -343,17 +344,35 @@ def _deaf():
     time.sleep(30)  # sleep-ok: a process that ignores its parent's exit
 
 
-def _holds_a_port(parent):
+def _holds_a_port(parent, how="crash", fillers=()):
+    import os
     import socket
 
-    runtime.spawn(_deaf)
+    for fd in fillers:  # (see _open_fillers)
+        os.close(fd)
+    if how != "SIGKILL":
+        runtime.spawn(_deaf)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen()
+    for _ in fillers:
+        os.open(os.devnull, os.O_RDONLY)
     runtime.send(parent, ("port", sock.getsockname()[1]))
     if runtime.receive(timeout=30) == "crash":
         raise RuntimeError("crashed holding a port")
+
+
+def _open_fillers():
+    """Files that take the low descriptor numbers, so that the sentinel made for the
+    next child gets a high one. The child closes them, listens (a low number), and
+    opens as many again (below the sentinel's): the kernel, ending the child, lets
+    its files go from the highest number down, the sentinel's thousands of files
+    before the port's."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return [os.open(os.devnull, os.O_RDONLY) for _ in range(max(0, min(limit, 1 << 16) - 400))]
 
 
 def _restarts_a_port_holder(parent, how):
@@ -364,10 +383,15 @@ def _restarts_a_port_holder(parent, how):
     runtime.trap_exit(True)
     results = []
     for _ in range(3):
-        pid = runtime.spawn(_holds_a_port, runtime.self(), link=True)
+        fillers = _open_fillers() if how == "SIGKILL" else []
+        pid = runtime.spawn(_holds_a_port, runtime.self(), how, fillers, link=True)
+        for fd in fillers:
+            os.close(fd)
         port = runtime.receive(timeout=10, match=lambda m: m[0] == "port")[1]
         if how == "exit signal":
             runtime.exit(pid, "chaos")
+        elif how == "SIGKILL":
+            os.kill(pid.os_pid, signal.SIGKILL)
         else:
             runtime.send(pid, "crash")
         runtime.receive(timeout=10, match=lambda m, pid=pid: isinstance(m, runtime.Exit)
@@ -385,11 +409,14 @@ def _restarts_a_port_holder(parent, how):
     runtime.send(parent, ("results", results))
 
 
-@pytest.mark.parametrize("how", ["exit signal", "crash"])
+@pytest.mark.parametrize("how", ["exit signal", "crash", "SIGKILL"])
 def test_a_process_s_port_is_free_when_its_exit_reaches_its_link(how):
     """A supervisor restarting an acceptor on its Exit found the port still bound
     (EADDRINUSE): the exit was passed on before the process let its sockets go (here
-    its exit waits a second for a child that does not stop)."""
+    its exit waits a second for a child that does not stop). SIGKILLed, the process's
+    parent passed its exit on as soon as the kernel closed its first descriptors (the
+    sentinel), while the kernel was still closing the rest (here thousands, the
+    port's last): a chaos run's restarted acceptor found its port taken."""
     pid = runtime.spawn(_restarts_a_port_holder, runtime.self(), how)
     ref = runtime.monitor(pid)
     assert assert_receive(tagged("results"), timeout=30)[1] == ["bound"] * 3
