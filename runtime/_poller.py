@@ -231,59 +231,56 @@ class Poller:
         kicked = False
         while True:
             waiter: threading.Lock | None = None
+            woken = False
             leading = False
-            with lock:
-                r = ready()
-                if r is not None:
-                    return r
-                if self._closed:
-                    raise ProcessError("the runtime node has been shut down")
-                timeout = -1.0 if deadline is None else time_left(deadline)
-                if timeout == 0.0:
-                    if polled:
-                        return None
-                    # Poll once, without blocking, whoever leads.
-                    events = self._epoll.poll(0, POLL_MAX)
-                    if events:
-                        self._process(events)
-                        self._wake_followers()
-                elif self._leader and self._leader != me and not (
-                        kicked and self._leader_gone()):
-                    # The leader polls. If it has not come back for LEASE seconds,
-                    # kick it; take over if it has not come back a LEASE later.
-                    kicked = self._leader_gone()
-                    if kicked:
-                        self._wake_leader()
-                    waiter = threading.Lock()
-                    waiter.acquire()
-                    if key is None:
-                        self._followers.append(waiter)
+            events: list[tuple[int, int]] = []
+            # From the section that makes us the leader or a follower to the one that
+            # undoes it, an exception (Ctrl-C, between two sections) must leave neither
+            # a leader that does not poll nor a follower that does not wait.
+            try:
+                with lock:
+                    r = ready()
+                    if r is not None:
+                        return r
+                    if self._closed:
+                        raise ProcessError("the runtime node has been shut down")
+                    timeout = -1.0 if deadline is None else time_left(deadline)
+                    if timeout == 0.0:
+                        if polled:
+                            return None
+                        # Poll once, without blocking, whoever leads.
+                        now = self._epoll.poll(0, POLL_MAX)
+                        if now:
+                            self._process(now)
+                            self._wake_followers()
+                    elif self._leader and self._leader != me and not (
+                            kicked and self._leader_gone()):
+                        # The leader polls. If it has not come back for LEASE seconds,
+                        # kick it; take over if it has not come back a LEASE later.
+                        kicked = self._leader_gone()
+                        if kicked:
+                            self._wake_leader()
+                        waiter = threading.Lock()
+                        waiter.acquire()
+                        if key is None:
+                            self._followers.append(waiter)
+                        else:
+                            self._keyed[key] = waiter
                     else:
-                        self._keyed[key] = waiter
-                else:
-                    self._leader = me
-                    self._leader_key = key
-                    self._leader_since = time.monotonic()
-                    if self._jobs:
-                        timeout = self._poll_timeout(timeout)
-                    leading = True
-            if waiter is not None:
-                # Another thread polls: wait to be woken (lock released: an exception
-                # here, Ctrl-C, leaves nothing half-done).
-                woken = False
-                try:
+                        leading = True
+                        self._leader = me
+                        self._leader_key = key
+                        self._leader_since = time.monotonic()
+                        if self._jobs:
+                            timeout = self._poll_timeout(timeout)
+                if waiter is not None:
+                    # Another thread polls: wait to be woken (a waker takes us off
+                    # its list).
                     woken = waiter.acquire(True, LEASE if timeout < 0 else min(timeout, LEASE))
-                finally:
-                    if not woken and key is not None:  # (a waker takes it off the list)
-                        with lock:
-                            if self._keyed.get(key) is waiter:
-                                del self._keyed[key]
-                continue
-            if leading:
-                events = []
-                try:
+                elif leading:
                     events = self._epoll.poll(min(timeout, _POLL_LONGEST), POLL_MAX)
-                finally:
+            finally:
+                if leading:
                     # Give up the lead, handle what the poll returned, and look at what
                     # we wait for in the same section.
                     with lock:
@@ -296,11 +293,24 @@ class Poller:
                         if self._followers:
                             self._wake_followers()
                         r = ready() if events else None
-                if r is not None:
-                    self._after_events()
-                    return r
+                elif waiter is not None and not woken:
+                    with lock:
+                        self._unfollow(waiter, key)
+            if waiter is not None:
+                continue
+            if r is not None:
+                self._after_events()
+                return r
             polled = True
             self._after_events()
+
+    def _unfollow(self, waiter: threading.Lock, key: Any) -> None:
+        """Take a follower that was not woken off its list (lock held)."""
+        if key is None:
+            if waiter in self._followers:
+                self._followers.remove(waiter)
+        elif self._keyed.get(key) is waiter:
+            del self._keyed[key]
 
     def _leader_gone(self) -> bool:
         return time.monotonic() - self._leader_since >= LEASE
