@@ -267,6 +267,8 @@ class Watches:
                 return IN_TABLE
         except ChildProcessError:
             return None
+        if w.owns_fd:
+            return NOT_YET  # its pidfd is watched already (asked again: its connection closed)
         try:
             fd = os.pidfd_open(pid.os_pid)
         except ProcessLookupError:

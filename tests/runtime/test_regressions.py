@@ -709,3 +709,46 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
         warm = {pid.serial for pid in testing._warm()}
         return [s for s in node.table.live_slots() if s[2] == 0 and s[0] not in warm]
     wait_until(lambda: not unstarted(), what="no table slot without a process")
+
+
+def _pidfds() -> int:
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            n += "pidfd" in os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return n
+
+
+def _asks_twice_whether_a_child_is_dead(parent):
+    """(A runtime process) Ask the watch of a live child twice whether it has died, as
+    its sentinel and then its closed connection do; kill it; report the pidfds held
+    before, in between, and once its Down is in and it is reaped."""
+    node = _embed.current()
+    pid, ref = runtime.spawn_monitor(time.sleep, 60)
+    before = _pidfds()
+    with node.poller.lock:
+        w = node.watches.get(pid.serial)
+        first = node.watches.child_status(w)
+        second = node.watches.child_status(w)
+    between = _pidfds()
+    os.kill(pid.os_pid, signal.SIGKILL)
+    runtime.receive(timeout=10, match=lambda m: getattr(m, "ref", None) == ref)
+    deadline = time.monotonic() + 10
+    while node.watches.unreaped_fds() and time.monotonic() < deadline:
+        with contextlib.suppress(runtime.ReceiveTimeout):
+            runtime.receive(timeout=0.05, match=lambda m: False)  # idle: reaping runs
+    runtime.send(parent, ("pidfds", first == second, before, between, _pidfds()))
+
+
+def test_a_child_asked_twice_whether_it_died_holds_one_pidfd_and_none_once_reaped():
+    """A review found pidfds piling up in a process whose children died: a child whose
+    sentinel read EOF before it was waitable got a pidfd, and its closed connection
+    asked again and got another, the first left open (and inherited by every child
+    forked later)."""
+    runtime.spawn(_asks_twice_whether_a_child_is_dead, runtime.self())
+    _, same, before, between, after = assert_receive(tagged("pidfds"), timeout=30)
+    assert same
+    assert between == before + 1
+    assert after == before
