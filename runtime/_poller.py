@@ -228,7 +228,7 @@ class Poller:
               me: int) -> Any:
         lock = self.lock
         polled = False
-        kicked = False
+        kick: tuple[float, float] | None = None  # (the leader's poll we kicked, when)
         while True:
             waiter: threading.Lock | None = None
             woken = False
@@ -253,12 +253,13 @@ class Poller:
                         if now:
                             self._process(now)
                             self._wake_followers()
-                    elif self._leader and self._leader != me and not (
-                            kicked and self._leader_gone()):
-                        # The leader polls. If it has not come back for LEASE seconds,
-                        # kick it; take over if it has not come back a LEASE later.
-                        kicked = self._leader_gone()
-                        if kicked:
+                    elif self._leader and self._leader != me and not self._abandoned(kick):
+                        # The leader polls. If it has been in one poll for LEASE seconds,
+                        # kick it; take over if it has not come back from that very
+                        # poll a LEASE later.
+                        if self._leader_gone() and (kick is None
+                                                    or kick[0] != self._leader_since):
+                            kick = (self._leader_since, time.monotonic())
                             self._wake_leader()
                         waiter = threading.Lock()
                         waiter.acquire()
@@ -314,6 +315,12 @@ class Poller:
 
     def _leader_gone(self) -> bool:
         return time.monotonic() - self._leader_since >= LEASE
+
+    def _abandoned(self, kick: tuple[float, float] | None) -> bool:
+        """Is the leader still in the poll we kicked it in, a LEASE after the kick?
+        (Then it vanished without handing over: take over.)"""
+        return (kick is not None and kick[0] == self._leader_since
+                and time.monotonic() - kick[1] >= LEASE)
 
     def _wake_followers(self) -> None:
         """Wake the threads waiting for any delivery while another polls (lock held);

@@ -542,3 +542,37 @@ def test_calls_from_many_threads_with_a_receiving_thread_all_get_their_own_reply
 
 def _send_back(to, msg):
     runtime.send(to, msg)
+
+
+class _Slow(runtime.GenServer):
+    def handle_call(self, request, from_, state):
+        import time
+
+        time.sleep(request)  # sleep-ok: a server busy in its own code
+        return runtime.Reply("done", state)
+
+
+def test_a_thread_long_in_receive_still_polls_after_another_thread_s_long_call(monkeypatch):
+    """A thread in a long receive polls the node; another thread's call outlasting two
+    leases kicked it, and a lease later took the poll over as if it had vanished,
+    though it had come back and polled again; once that call returned, no thread was
+    the leader while the first one still polled, and a message for it woke no one
+    (found by a review: it never got its message)."""
+    from runtime import _poller
+
+    monkeypatch.setattr(_poller, "LEASE", 0.1)
+    node = runtime._embed.current()
+    slow = _Slow.start_link()
+    got: list[object] = []
+
+    def receiver():
+        got.append(runtime.receive(timeout=30, match=lambda m: m == "hello"))
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    wait_until(lambda: node.poller.polling, what="the receiving thread polling")
+    assert runtime.call(slow, 0.6, timeout=10) == "done"  # six leases
+    runtime.send(runtime.self(), "hello")
+    thread.join(timeout=20)
+    assert got == ["hello"]
+    runtime.stop(slow)
