@@ -13,12 +13,13 @@ Threads. Any thread may use the node. All node state is guarded by
 run user code. One thread at a time polls (the *leader*); the others (the
 *followers*) wait with the lock released, each on a lock of its own that is
 released when something was delivered, so that an exception while they wait
-(Ctrl-C) leaves no lock half-taken. A thread that delivers something while
+(Ctrl-C) leaves no lock half-taken. A follower waiting for one call's reply is
+woken by that reply only (its *key*), not by every delivery, and a leader that
+leaves hands the poll to one of them. A thread that delivers something while
 another one polls wakes it through an eventfd, made the first time a second
-thread needs it. Should a leader vanish without handing over (an exception from
-a signal handler at the wrong moment), a follower that finds it gone for
-``LEASE`` seconds wakes it, and takes over if it has not come back a ``LEASE``
-later.
+thread needs it. Should a leader vanish without handing over, a follower that
+finds it in one poll for ``LEASE`` seconds wakes it, and takes over if it has
+not come back from that poll a ``LEASE`` later.
 
 Signals. A signal handler runs in the main thread between two bytecodes, so it
 could land inside a section and leave the node half-changed. The handlers the

@@ -700,7 +700,12 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
     def stray():
         live = {str(p.serial) for p in runtime.processes()}
         return set(testing.node_files()) - live - {"lock", "names", "table", "key"}
-    wait_until(lambda: not stray(), what="no socket file of a dead process")
+    try:
+        wait_until(lambda: not stray(), what="no socket file of a dead process")
+    except AssertionError:
+        slots = {s[0]: s for s in node.table.live_slots()}
+        raise AssertionError(f"socket files of dead processes: {sorted(stray())}; their "
+                             f"slots: {[slots.get(int(f)) for f in stray()]}") from None
     # (the root's warm children have no OS pid in the table until a spawn takes them;
     # the root replaces those the Spawners were as their deaths reach it: read both
     # again until they agree)
