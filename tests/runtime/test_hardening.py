@@ -345,11 +345,13 @@ def _deaf():
 
 
 def _holds_a_port(parent, how="crash", fillers=()):
+    import contextlib
     import os
     import socket
 
-    for fd in fillers:  # (see _open_fillers)
-        os.close(fd)
+    for fd in fillers:  # (see _open_fillers; inherited under fork only)
+        with contextlib.suppress(OSError):
+            os.close(fd)
     if how != "SIGKILL":
         runtime.spawn(_deaf)
     sock = socket.socket()
