@@ -116,8 +116,11 @@ def node_files() -> list[str]:
     node = _current.get()
     if node is None:
         return []
+    # The directory first: a warm child the root forks after we ask it for them
+    # would be listed and not known as warm.
+    listed = set(os.listdir(node.info.dir))
     warm = {os.path.basename(node.info.sock_path(pid.serial)) for pid in _warm()}
-    return sorted(set(os.listdir(node.info.dir)) - warm)
+    return sorted(listed - warm)
 
 
 def node_processes() -> list[int]:
