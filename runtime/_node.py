@@ -283,8 +283,7 @@ class Node:
             with lock:
                 conn = conns.adopt(sock, pid, hello=True)
                 mark = conns.write(conn, frame)
-        if conn.sent < mark and not conn.closed and not self._wait_written(conn, mark,
-                                                                            deadline):
+        if not self._wait_written(conn, mark, deadline):
             with lock:
                 conns.close(conn)  # part of a frame is on its way: the stream is lost
         return not conn.closed
@@ -324,6 +323,14 @@ class Node:
         ends the call: how a caller tells the server to undo what it may still do."""
         ref = self.start_call(pid, request)
         deadline = None if timeout is None else time.monotonic() + timeout
+        result = self._await_call(pid, ref, deadline, abandoned)
+        return call_outcome(pid, request, timeout, result)
+
+    def _await_call(self, pid: Pid, ref: int, deadline: float | None,
+                    abandoned: Callable[[int], Any] | None = None) -> CallResult | None:
+        """Wait until the call ``ref`` to ``pid`` ends (its reply, or ``pid``'s death),
+        until ``deadline``; how it ended, None if it did not. The call is forgotten
+        either way (a reply that comes later is dropped); ``abandoned``: see ``call``."""
         take_reply = self.mailbox.take_reply
         end_call = self.watches.end_call
 
@@ -341,7 +348,7 @@ class Node:
                 if abandoned is not None:
                     abandoned(ref)
                 self.end_call(pid, ref)
-        return call_outcome(pid, request, timeout, result)
+        return result
 
     def start_call(self, pid: Pid, request: Any) -> int:
         """Send the call ``request`` to ``pid``; its ref. The caller then waits for
@@ -689,12 +696,7 @@ class Node:
             self._ask(pid, ref, _wire.info(ref))
         except NoProcError:
             return None
-        try:
-            mailbox = self.mailbox
-            result: CallResult | None = self.poller.wait(lambda: mailbox.reply_of(ref),
-                                                         time.monotonic() + timeout, ref)
-        finally:
-            self.end_call(pid, ref)
+        result = self._await_call(pid, ref, time.monotonic() + timeout)
         if result is None or not result.ok:
             return None
         state: dict[str, Any] = _wire.loads(result.value)

@@ -154,14 +154,12 @@ def _frame(head: bytes, payload: bytes) -> list[bytes]:
 
 def message(payload: bytes) -> list[bytes]:
     """A MSG frame around a pickled message (as buffers to write in order)."""
-    head = _TAGGED.pack(len(payload) + 1, MSG)
-    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
+    return _frame(_TAGGED.pack(len(payload) + 1, MSG), payload)
 
 
 def call(ref: int, payload: bytes) -> list[bytes]:
     """A CALL frame: the pickled request of the call ``ref``."""
-    head = _WITH_REF.pack(len(payload) + 9, CALL, ref)  # (9: the tag and the ref)
-    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
+    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, CALL, ref), payload)
 
 
 _RUN = struct.Struct("!IBB")  # length, tag, link
@@ -180,8 +178,7 @@ def info(ref: int) -> list[bytes]:
 
 def reply(ref: int, payload: bytes) -> list[bytes]:
     """A REPLY frame: the pickled answer to the call ``ref``."""
-    head = _WITH_REF.pack(len(payload) + 9, REPLY, ref)
-    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
+    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, REPLY, ref), payload)
 
 
 def control(tag: int, payload: bytes = b"") -> list[bytes]:
