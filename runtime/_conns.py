@@ -189,6 +189,8 @@ class Connections:
 
     def read(self, conn: Conn, drain: bool = False) -> None:
         """Read what ``conn`` has (all of it with ``drain``) and hand over whole frames."""
+        if conn.closed:
+            return  # (closed earlier in the same batch: a failed write, say)
         view = self._rview
         if view is None or self._reading:  # the first read, or one from a frame's handler
             view = self._read_buffer()

@@ -101,8 +101,9 @@ def _wave(n: int, per_wave: int) -> dict[str, int]:
     assert set(reasons[:kills]) == {"killed"}, set(reasons[:kills])
     assert set(reasons[kills:kills + stops]) == {"normal"}
     crashed = reasons[kills + stops:]
-    assert all(isinstance(r, runtime.Crash) and r.exc_type.endswith("NotImplementedError")
-               for r in crashed), crashed[:3]
+    odd = [r for r in crashed
+           if not (isinstance(r, runtime.Crash) and r.exc_type.endswith("NotImplementedError"))]
+    assert not odd, odd[:3]
     # Once a bucket's Down is in, lookup never returns it (the registry's promise).
     assert kv.registry.lookup("kv.registry", f"wave{n}-0") is None
     return {"killed": kills, "stopped": stops, "crashed": len(crashed)}
