@@ -17,6 +17,8 @@ import runtime
 from runtime import _embed, testing
 from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
+from .test_process import _fd_targets
+
 
 class SlowTerminate(runtime.GenServer):
     """Traps exits; its terminate takes a while, then reports."""
@@ -717,13 +719,7 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
 
 
 def _pidfds() -> int:
-    n = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            n += "pidfd" in os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return n
+    return sum("pidfd" in target for target in _fd_targets().values())
 
 
 def _asks_twice_whether_a_child_is_dead(parent):

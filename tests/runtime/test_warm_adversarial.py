@@ -145,10 +145,10 @@ CTRL_C = """
 def test_a_spawn_interrupted_by_ctrl_c_starts_nothing(warm):
     # Ctrl-C during a spawn raises KeyboardInterrupt, so the caller has no Pid: the
     # process must then not run the target (or the spawn must finish and return).
-    # Today the warm child keeps the RUN frame queued on its connection (hand_over
-    # took it out of Node.warm and wrote its OS pid into the table first), and the
-    # root still forks for a $spawn call that was abandoned: the target runs, in a
-    # process nobody has the Pid of.
+    # It used to: the warm child kept the RUN frame queued on its connection
+    # (hand_over had taken it out of Node.warm and written its OS pid into the table),
+    # and the root still forked for a $spawn call that was abandoned: the target ran,
+    # in a process nobody had the Pid of.
     proc = run_script(CTRL_C, env={"RUNTIME_WARM_CHILDREN": warm})
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
