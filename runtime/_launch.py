@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import gc
 import io
+import logging
 import os
 import pickle
 import signal
@@ -35,6 +36,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import process, reduction
 from multiprocessing.context import get_spawning_popen, set_spawning_popen
 from typing import Any
@@ -44,6 +46,8 @@ from ._exits import SIG_EXIT
 from ._node import Node, NodeInfo
 from .errors import CallTimeout, Crash, ExitError, NoProcError, ProcessError
 from .pid import Pid
+
+log = logging.getLogger("runtime")
 
 _SIGINT = int(signal.SIGINT)
 _SIGKILL = int(signal.SIGKILL)
@@ -318,7 +322,76 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if threading.get_ident() != threading.main_thread().ident:
         raise ProcessError("spawn from a runtime process must run on its main thread "
                            "(a fork from another thread would not be safe)")
+    if node.own_warm is not None and not trap:
+        pid = _hand_over_own(node, fn, args, link)
+        if pid is not None:
+            return pid
+    if node.warm_paused:  # (see _start_warm)
+        node.warm_paused = False
+        node.warm_refill = partial(_start_warm, node)
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
+
+
+# ------------------------------------------- a runtime process's own warm child
+
+
+def keep_warm(node: Node, on: bool) -> None:
+    """In a runtime process: keep one child started ahead (or stop: ``on`` False), so
+    that a spawn hands it its target instead of forking then. The first one starts
+    when the process next waits for a message, and each next one likewise once a
+    spawn took the previous one (``Node._before_idle``): the fork happens while the
+    process is idle, not while a spawn waits.
+
+    What it means for the process's spawns: a target that can be pickled (with
+    cloudpickle) and that does not trap exits is run by that child, which was
+    forked when the process was last idle and sees the process's memory as it was
+    then; any other target is forked as usual. The child started ahead is not one
+    of the node's processes (``processes()``) until it has a target; it stops with
+    the process, and a process killed before it took a target takes it along."""
+    if node.is_main:
+        raise ProcessError("keep_warm is for a runtime process: the embedding process's "
+                           "spawns use the root's warm children (configure(warm_children=))")
+    if on:
+        node.warm_refill = partial(_start_warm, node)
+        return
+    node.warm_refill = None
+    node.warm_paused = False
+    own, node.own_warm = node.own_warm, None
+    if own is not None:
+        node.table.started(node.me.slot)
+        node.exit(own, "kill")
+
+
+def _start_warm(node: Node) -> None:
+    """Start the process's next warm child (see ``keep_warm``); if that fails (no
+    descriptors or processes left), start none until the next spawn."""
+    try:
+        node.own_warm = start_child(node, warm=True)
+    except OSError as exc:
+        log.warning("could not start a child ahead (%s); trying again after the next "
+                    "spawn", exc)
+        node.own_warm = None
+        node.warm_refill = None
+        node.warm_paused = True
+
+
+def _hand_over_own(node: Node, fn: Any, args: tuple[Any, ...], link: bool) -> Pid | None:
+    """Run ``fn(*args)`` in the process's warm child if it is ready and the target can
+    be pickled; its Pid, else None (the spawn forks as usual)."""
+    try:
+        payload = _wire.dumps_code((fn, args), None)
+    except Exception:
+        return None  # (not picklable: a fork inherits it)
+    own = node.own_warm
+    pid = node.hand_over(payload, link)
+    if pid is None:
+        return None
+    if own is not None and pid.serial == own.serial:
+        node.own_warm = None
+        node.table.started(node.me.slot)
+    if link:
+        node.linked_by(pid)
+    return pid
 
 
 def _spawn_by_root(node: Node, root: Pid, payload: bytes, link: bool, trap: bool) -> Pid:
@@ -418,7 +491,11 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
         if not warm:
             table.set_os_pid(slot, popen.pid)
-        table.started(node.me.slot)
+        if warm and node.me != node.info.root:
+            pass  # its parent's unstarted child until handed over (see keep_warm)
+        else:
+            own = node.own_warm
+            table.started(node.me.slot, -1 if own is None else own.slot)
     except BaseException:
         if popen is None:
             if watch is not None:

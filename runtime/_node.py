@@ -95,7 +95,13 @@ class Node:
                            send=self._send, trap=trap, runtime_fds=self.descriptors)
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
         self.target: bytes | None = None  # a warm child's, once handed over
-        self.warm: list[Pid] = []  # the embedding process's: warm children waiting
+        self.warm: list[Pid] = []  # warm children that offered themselves (see hand_over)
+        # A runtime process that keeps a child started ahead of its spawns (see
+        # _launch.keep_warm): how to start one, and the one started, not handed over.
+        self.warm_refill: Callable[[], None] | None = None
+        self.own_warm: Pid | None = None
+        self.warm_paused = False  # the last start failed: none until the next spawn
+        self.warm_owner: Pid | None = None  # a warm child's: whom it waits for a target from
         self.janitor: int | None = None  # the embedding process's: see _embed.janitor
         self._refs = itertools.count(1)
         self._suspects: list[int] = []  # peers whose connection closed: dying
@@ -209,13 +215,14 @@ class Node:
         elif tag == _wire.EXIT:
             self.exits.on_exit_signal(peer, bytes(body))
         elif tag == _wire.RUN:
-            if peer == self.info.main and self.target is None:  # (a warm child: _root)
+            if peer == self.warm_owner and self.target is None:  # (a warm child)
                 if body[0]:  # linked at once: before any frame read after this one
                     self._linked_by(peer)
                 self.target = bytes(body[1:])
                 self.poller.notify()
         elif tag == _wire.WARM:
-            if self.is_main:
+            own = self.own_warm
+            if self.is_main or (own is not None and own.serial == peer.serial):
                 self.warm.append(peer)  # (see hand_over)
         elif tag == _wire.INFO:
             conn = self.conns.out_to(peer.serial)
@@ -299,6 +306,10 @@ class Node:
 
     def receive(self, timeout: float | None, match: Any) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.warm_refill is not None and match is None:
+            got = self._before_idle()
+            if got is not None:
+                return got[0]
         if match is None:
             got = self.mailbox.take(deadline)
         else:
@@ -309,6 +320,10 @@ class Node:
 
     def next_message(self) -> Any:
         """The next message, however long it takes (the GenServer loop)."""
+        if self.warm_refill is not None:
+            got = self._before_idle()
+            if got is not None:
+                return got[0]
         got = self.mailbox.take(None)
         assert got is not None
         return got[0]
@@ -367,10 +382,26 @@ class Node:
 
     # -------------------------------------------------------- warm children
 
+    def _before_idle(self) -> tuple[Any] | None:
+        """In a process that keeps a child started ahead (``_launch.keep_warm``), before
+        it waits for a message: the first message if one is there; else, if the child
+        started ahead was taken (or died), start the next one now, while idle, and
+        None."""
+        own = self.own_warm
+        if own is not None and self.watches.get(own.serial) is not None:
+            return None
+        got = self.mailbox.take(0.0)
+        if got is None:
+            refill = self.warm_refill
+            if refill is not None:
+                refill()
+        return got
+
     def hand_over(self, payload: bytes, link: bool) -> Pid | None:
-        """In the embedding process: give the cloudpickled target ``payload`` to a warm
-        child (see ``_root``) and return its Pid, linked to us if ``link``; None if no
-        warm child is waiting. Blocks only while the payload is written: a child that
+        """Give the cloudpickled target ``payload`` to a warm child that offered itself
+        (in the embedding process, the root's: see ``_root``; in a runtime process, its
+        own: see ``_launch.keep_warm``) and return its Pid, linked to us if ``link``;
+        None if no warm child is waiting. Blocks only while the payload is written: a child that
         takes none of it for ``HAND_OVER_WAIT`` seconds (stopped) is killed, and the
         next one is tried. Interrupted (Ctrl-C), it kills the child it chose: a spawn
         that raises leaves no process running its target."""
@@ -422,19 +453,27 @@ class Node:
                           key=_serial)
 
     def wait_for_target(self) -> bytes:
-        """In a warm child: tell the embedding process we wait for a target (connecting
-        to it now, as what it spawns mostly talks to it first), and wait for it (see
-        ``hand_over``), leaving every message in the mailbox as it is. At our first
-        idle moment after that, we tell our parent, the root, which starts another
-        one ahead then: its fork would compete with us on our way. Before
-        all that, walk the import system once (for a name that does not exist), so
-        that importing the target's module later finds the directory listings read
-        and the pages it writes copied."""
+        """In a warm child: tell whoever spawns through us that we wait for a target,
+        and wait for it (see ``hand_over``), leaving every message in the mailbox as it
+        is. The root's warm children offer themselves to the embedding process
+        (connecting to it now, as what it spawns mostly talks to it first); at our
+        first idle moment after the target came, we tell the root, which starts
+        another one ahead then: its fork would compete with us on our way. A runtime
+        process's own warm child offers itself to its parent, which starts the next
+        one when it is idle (see ``_before_idle``). Before all that, walk the import
+        system once (for a name that does not exist), so that importing the target's
+        module later finds the directory listings read and the pages it writes
+        copied."""
         importlib.util.find_spec("_runtime_warm_child_probe_")
-        self._send(self.info.main, _wire.control(_wire.WARM), time.monotonic() + 1.0)
+        for_root = self.parent is not None and self.parent == self.info.root
+        owner = self.info.main if for_root else self.parent
+        assert owner is not None
+        self.warm_owner = owner
+        self._send(owner, _wire.control(_wire.WARM), time.monotonic() + 1.0)
         got: bytes = self.poller.wait(lambda: self.target, None)
-        with self.poller.lock:
-            self.poller.defer(self._settled)
+        if for_root:
+            with self.poller.lock:
+                self.poller.defer(self._settled)
         return got
 
     def _settled(self) -> None:
@@ -642,14 +681,16 @@ class Node:
             status = "waiting"
         else:
             status = "running"
+        own = self.own_warm
         return {
             "parent": self.parent,
             "status": status,
             "message_queue_len": self.mailbox.length(),
             "monitors": self.watches.monitored(),
             "links": self.watches.links(),
-            "children": [w.pid for w in self.watches.children()],
+            "children": [w.pid for w in self.watches.children() if w.pid is not own],
             "trap_exit": self.exits.trap,
+            "warm_child": own,
         }
 
     def processes(self) -> list[Pid]:

@@ -221,9 +221,6 @@ class Root:
             return pid
         if kind == "$janitor":
             return self.janitor
-        if kind == "$warm":  # the ones not handed over yet
-            table = self.node.table
-            return [pid for pid in self.warm.values() if table.os_pid(pid.slot) == 0]
         if kind == "$ping":
             return "pong"
         if kind == "$shutdown":

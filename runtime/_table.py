@@ -238,9 +238,11 @@ class Table:
         finally:
             self._unlock()
 
-    def started(self, owner: int) -> None:
-        """The child that ``owner`` was starting has its OS pid (or was given back)."""
-        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, 0)
+    def started(self, owner: int, keep: int = -1) -> None:
+        """The child that ``owner`` was starting has its OS pid (or was given back).
+        ``keep``: the slot of a child ``owner`` keeps unstarted for now (its warm
+        child: see ``_launch.keep_warm``), recorded again instead."""
+        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, keep + 1)
 
     def take_unstarted(self, owner: int) -> int | None:
         """Called for a dead process (slot ``owner``): if it died while starting a child

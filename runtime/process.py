@@ -39,6 +39,7 @@ __all__ = [
     "exit",
     "info",
     "is_alive",
+    "keep_warm",
     "link",
     "monitor",
     "options",
@@ -238,6 +239,31 @@ def trap_exit(flag: bool) -> bool:
     return _embed.current().trap_exit(flag)
 
 
+def keep_warm(on: bool = True) -> None:
+    """In a runtime process: keep one child started ahead for its spawns (``on``), or
+    stop (``False``: the child kept is stopped). Returns at once; the child is
+    forked when the caller next waits for a message (``receive`` with no ``match``,
+    or a GenServer between messages), and again each time a spawn took it: the
+    fork happens while the process is idle instead of while a spawn waits.
+
+    A spawn whose target can be pickled (cloudpickle) then writes it to that child
+    instead of forking, except ``trap=True`` starts (a supervisor's own children):
+    the target runs in a process forked when the caller was last idle, so it sees
+    the caller's memory as it was then, not as it is at the spawn (which is why
+    this is a choice, not the default). Other targets are forked as usual.
+
+    The child kept is not one of the node's processes (``processes()``) until it
+    has a target, costs the memory of an idle process, stops when the caller
+    exits, and dies with it if it is killed. ``DynamicSupervisor.start_link(
+    warm_child=True)`` turns it on for a supervisor's children.
+
+    Raises:
+        ProcessError: called from the embedding process (its spawns use the root's
+            warm children: ``configure(warm_children=)``).
+    """
+    _launch.keep_warm(_embed.current(), bool(on))
+
+
 def exit(pid: Any, reason: Any) -> None:
     """Send an exit signal to ``pid`` (OTP's ``exit/2``). Returns at once.
 
@@ -279,8 +305,9 @@ def info(pid: Pid, timeout: float = 1.0) -> dict[str, Any] | None:
     (``{"rss": ..., "uss": ...}`` in bytes, from psutil), and what the process's own
     runtime answers when asked: ``parent``, ``status`` (``"waiting"`` in the
     runtime, ``"running"`` its own code, ``"exiting"``), ``message_queue_len``,
-    ``monitors`` (the processes it monitors), ``links``, ``children`` and
-    ``trap_exit``. A process busy in its own code answers when it next enters the
+    ``monitors`` (the processes it monitors), ``links``, ``children``,
+    ``trap_exit`` and ``warm_child`` (the Pid of the child it keeps started ahead,
+    not among its ``children``: see ``keep_warm``; None if none). A process busy in its own code answers when it next enters the
     runtime: if it has not within ``timeout`` seconds, those keys are None and its
     status is ``"running"``.
 

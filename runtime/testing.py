@@ -91,13 +91,22 @@ def warm_children() -> list[int]:
     return [pid.os_pid for pid in node.waiting_warm()]
 
 
-def _warm() -> list[Pid]:
-    """Every process the root started ahead and has not handed over (ready or not)."""
+def warm_serials() -> set[int]:
+    """The serials of every process started ahead and not handed a target yet (the
+    root's warm children and runtime processes' own: ``runtime.keep_warm``), ready
+    or not: their table slots have no OS pid. Empty if no node runs here."""
     node = _current.get()
-    if node is None or node.info.root is None or not node.is_main:
-        return []
-    pids: list[Pid] = node.call(node.info.root, ("$warm",), 10.0)
-    return pids
+    if node is None:
+        return set()
+    return {serial for serial, _, os_pid in node.table.live_slots() if os_pid == 0}
+
+
+def sock_file(pid: Pid) -> str:
+    """The name of ``pid``'s socket file in the node directory (see ``node_files``)."""
+    node = _current.get()
+    if node is None:
+        raise RuntimeError("no node runs in this process")
+    return os.path.basename(node.info.sock_path(pid.serial))
 
 
 def janitor() -> int | None:
@@ -111,15 +120,16 @@ def janitor() -> int | None:
 
 def node_files() -> list[str]:
     """The names of the files in this process's node directory (its sockets, table and
-    names), sorted, without the sockets of the warm children (see ``warm_children``),
-    which come and go as spawns take them."""
+    names), sorted, without the sockets of the processes started ahead (the root's
+    warm children, see ``warm_children``, and ``runtime.keep_warm``'s), which come
+    and go as spawns take them."""
     node = _current.get()
     if node is None:
         return []
-    # The directory first: a warm child the root forks after we ask it for them
-    # would be listed and not known as warm.
+    # The directory first: a warm child forked after we read the table would be
+    # listed and not known as warm.
     listed = set(os.listdir(node.info.dir))
-    warm = {os.path.basename(node.info.sock_path(pid.serial)) for pid in _warm()}
+    warm = {os.path.basename(node.info.sock_path(serial)) for serial in warm_serials()}
     return sorted(listed - warm)
 
 

@@ -98,14 +98,22 @@ class Leftovers:
         left = [] if poll(lambda: not extra(), timeout) else extra()
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
-        # (the root's warm children and the janitor are not the node's processes)
+        # (the root's warm children, the bucket supervisor's child started ahead and
+        # the janitor are not the node's processes)
         system = runtime.system_info()
         known = {p.os_pid for p in runtime.processes()} | {*system.warm_children,
                                                               system.janitor}
 
+        def warm_child() -> set[int]:
+            sup = runtime.whereis(kv_supervisor.BUCKET_SUPERVISOR)
+            info = None if sup is None else runtime.info(sup, timeout=5.0)
+            own = None if info is None else info.get("warm_child")
+            return set() if own is None else {own.os_pid}
+
         def family() -> tuple[list[int], list[int]]:
             living, zombies = _living(psutil.Process().children(recursive=True))
-            return [pid for pid in living if pid not in known], zombies
+            ahead = warm_child()
+            return [pid for pid in living if pid not in known and pid not in ahead], zombies
         poll(lambda: family() == ([], []), timeout)
         unknown, zombies = family()
         if unknown:

@@ -164,7 +164,7 @@ def test_a_child_busy_in_its_own_code_keeps_its_place_until_a_spawn_finds_none()
         wait_until(lambda: testing.warm_children(), what="a warm child")
         busy.append(runtime.spawn(_own_code, runtime.self()))
         assert_receive(tagged("busy"))
-    wait_until(lambda: not testing.warm_children() and not testing._warm(),
+    wait_until(lambda: not testing.warm_children() and not testing.warm_serials(),
                what="the pool empty: every place held by a busy child")
     busy.append(runtime.spawn(_own_code, runtime.self()))  # forked at once
     assert_receive(tagged("busy"))

@@ -8,7 +8,7 @@ PUBLIC = {
     "GenServer", "InvalidChildSpec", "NoProcError", "NoReply", "Pid", "ProcessError",
     "ReceiveTimeout", "Ref", "Reply", "StartError", "Stop", "acall", "areceive", "astop",
     "call", "cast", "configure", "demonitor", "exit", "info", "is_alive", "processes",
-    "is_clean_exit", "link", "monitor", "receive",
+    "is_clean_exit", "keep_warm", "link", "monitor", "receive",
     "register", "reply", "self", "send", "shutdown", "spawn", "spawn_monitor", "stop",
     "trap_exit", "unlink", "unregister", "whereis", "Config", "DEFAULT_TIMEOUT", "options",
     "system_info", "SystemInfo",

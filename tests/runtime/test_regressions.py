@@ -446,7 +446,7 @@ def _spawn_until_out_of_descriptors(main, spare):
 def test_running_out_of_descriptors_at_spawn_leaves_no_table_slot_taken(spare):
     pid, ref = runtime.spawn_monitor(_spawn_until_out_of_descriptors, runtime.self(), spare)
     assert_receive(tagged("settled?"))
-    wait_until(lambda: len(testing._warm()) == runtime.options().warm_children,
+    wait_until(lambda: len(testing.warm_serials()) == runtime.options().warm_children,
                what="the pool full")
     runtime.send(pid, "go")
     _, failed, leaked = assert_receive(tagged("out"), timeout=30)
@@ -713,7 +713,7 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
     # again until they agree)
 
     def unstarted():
-        warm = {pid.serial for pid in testing._warm()}
+        warm = testing.warm_serials()
         return [s for s in node.table.live_slots() if s[2] == 0 and s[0] not in warm]
     wait_until(lambda: not unstarted(), what="no table slot without a process")
 
