@@ -682,13 +682,16 @@ class Node:
         else:
             status = "running"
         own = self.own_warm
+        if own is not None and own not in self.warm:
+            own = None  # (not ready for a target yet)
         return {
             "parent": self.parent,
             "status": status,
             "message_queue_len": self.mailbox.length(),
             "monitors": self.watches.monitored(),
             "links": self.watches.links(),
-            "children": [w.pid for w in self.watches.children() if w.pid is not own],
+            "children": [w.pid for w in self.watches.children()
+                         if self.own_warm is None or w.pid.serial != self.own_warm.serial],
             "trap_exit": self.exits.trap,
             "warm_child": own,
         }

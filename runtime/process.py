@@ -120,7 +120,8 @@ def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
     not wait for ``fn`` to start. From the embedding process, ``fn`` and ``args``
     are cloudpickled (lambdas and closures work) and unpickled in the new
     process, which imports the modules they need; from a runtime process nothing
-    is pickled (the child is forked), except under the spawn start method.
+    is pickled (the child is forked), except under the spawn start method and
+    when the caller keeps a child started ahead (``keep_warm``).
 
     From the embedding process it blocks while the target is written to a process
     the root started ahead (one that takes none of it for 2 s, stopped, is killed
@@ -307,7 +308,8 @@ def info(pid: Pid, timeout: float = 1.0) -> dict[str, Any] | None:
     runtime, ``"running"`` its own code, ``"exiting"``), ``message_queue_len``,
     ``monitors`` (the processes it monitors), ``links``, ``children``,
     ``trap_exit`` and ``warm_child`` (the Pid of the child it keeps started ahead,
-    not among its ``children``: see ``keep_warm``; None if none). A process busy in its own code answers when it next enters the
+    once that is ready for a target, else None: see ``keep_warm``; it is not among
+    its ``children``). A process busy in its own code answers when it next enters the
     runtime: if it has not within ``timeout`` seconds, those keys are None and its
     status is ``"running"``.
 

@@ -1,0 +1,223 @@
+"""``runtime.keep_warm``: a runtime process keeps one child started ahead, forked
+while it is idle, and a spawn hands that child its target instead of forking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+import runtime
+from runtime import testing
+from runtime.testing import assert_receive, tagged, wait_down, wait_until
+
+STATE = "as forked"  # what a process's children see of its memory (see _keeper)
+
+
+def _keeper(main):
+    """(A runtime process) Keeps a child ahead and does what it is told."""
+    global STATE
+    runtime.keep_warm(True)
+    runtime.send(main, ("keeper", runtime.self()))
+    while True:
+        msg = runtime.receive()
+        kind = msg[0]
+        if kind == "spawn":
+            _, fn, args, link = msg
+            runtime.send(main, ("spawned", runtime.spawn(fn, *args, link=link)))
+        elif kind == "set":
+            STATE = msg[1]
+            runtime.send(main, ("set",))
+        elif kind == "unpicklable":
+            lock = threading.Lock()
+            runtime.send(main, ("spawned", runtime.spawn(
+                lambda: runtime.send(main, ("lambda", lock.locked(), os.getpid())))))
+        elif kind == "supervisor":
+            sup = runtime.Supervisor.start_link([], strategy="one_for_one")
+            runtime.send(main, ("supervisor", sup))
+        elif kind == "trap":
+            runtime.trap_exit(True)
+            runtime.send(main, ("trap",))
+        elif kind == "keep_warm":
+            runtime.keep_warm(msg[1])
+            runtime.send(main, ("keep_warm",))
+        elif kind == "stop":
+            return
+        elif msg.__class__ is runtime.Exit:
+            runtime.send(main, ("exit", msg.pid, msg.reason))
+
+
+def _report(main, tag="child"):
+    runtime.send(main, (tag, runtime.self(), os.getpid(), os.getppid(), STATE))
+    runtime.receive(timeout=30)  # until told to go
+
+
+def _crash_when_told(main):
+    runtime.send(main, ("crasher", runtime.self()))
+    runtime.receive(timeout=30)
+    raise RuntimeError("told to crash")
+
+
+def _start_keeper():
+    pid, ref = runtime.spawn_monitor(_keeper, runtime.self())
+    assert_receive(("keeper", pid))
+    warm = wait_until(lambda: _warm_of(pid), what="the child started ahead")
+    return pid, ref, warm
+
+
+def _warm_of(pid):
+    info = runtime.info(pid, timeout=5.0)
+    return None if info is None else info["warm_child"]
+
+
+def _gone(os_pid: int) -> bool:
+    try:
+        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _stop(pid, ref):
+    runtime.send(pid, ("stop",))
+    assert wait_down(ref).reason == "normal"
+
+
+def test_a_spawn_takes_the_child_started_ahead_and_the_next_one_starts_while_idle():
+    keeper, ref, warm = _start_keeper()
+    # Started ahead, it is no process of the node yet, nor one of the keeper's children.
+    assert warm.os_pid not in {p.os_pid for p in runtime.processes()}
+    assert warm not in runtime.info(keeper)["children"]
+    runtime.send(keeper, ("spawn", _report, (runtime.self(),), False))
+    _, spawned = assert_receive(tagged("spawned"))
+    _, me, os_pid, ppid, _ = assert_receive(tagged("child"))
+    assert spawned == warm == me and os_pid == warm.os_pid
+    assert ppid == keeper.os_pid  # still the keeper's child, as a forked one
+    assert spawned in runtime.processes() and spawned in runtime.info(keeper)["children"]
+    following = wait_until(lambda: (lambda w: w if w not in (None, warm) else None)(
+        _warm_of(keeper)), what="the next child started ahead")
+    assert following.serial > warm.serial
+    runtime.send(spawned, "go")
+    _stop(keeper, ref)
+
+
+def test_the_target_sees_the_spawner_s_memory_as_it_was_when_the_child_was_forked():
+    keeper, ref, warm = _start_keeper()
+    runtime.send(keeper, ("set", "changed since"))
+    assert_receive(("set",))
+    runtime.send(keeper, ("spawn", _report, (runtime.self(),), False))
+    _, spawned = assert_receive(tagged("spawned"))
+    _, _, _, _, seen = assert_receive(tagged("child"))
+    assert spawned == warm and seen == "as forked"  # the documented trade
+    # The next one was forked after the change: it sees it.
+    wait_until(lambda: _warm_of(keeper) not in (None, warm), what="the next one")
+    runtime.send(keeper, ("spawn", _report, (runtime.self(), "second"), False))
+    _, second = assert_receive(tagged("spawned"))
+    _, _, _, _, seen = assert_receive(tagged("second"))
+    # (under the spawn start method no child inherits memory: it imports this module)
+    assert seen == ("as forked" if runtime.options().start_method == "spawn"
+                    else "changed since")
+    for pid in (spawned, second):
+        runtime.send(pid, "go")
+    _stop(keeper, ref)
+
+
+@pytest.mark.skipif(runtime.options().start_method == "spawn",
+                    reason="under spawn every target must be picklable")
+def test_a_target_that_cannot_be_pickled_is_forked_as_usual():
+    keeper, ref, warm = _start_keeper()
+    runtime.send(keeper, ("unpicklable",))
+    _, spawned = assert_receive(tagged("spawned"))
+    _, locked, os_pid = assert_receive(tagged("lambda"))
+    assert locked is False and spawned != warm and os_pid != warm.os_pid
+    assert _warm_of(keeper) == warm  # still kept
+    _stop(keeper, ref)
+
+
+def test_a_start_that_traps_exits_is_forked_as_usual():
+    keeper, ref, warm = _start_keeper()
+    runtime.send(keeper, ("supervisor",))
+    _, sup = assert_receive(tagged("supervisor"))
+    assert sup != warm and sup.os_pid != warm.os_pid
+    assert runtime.info(sup)["trap_exit"] is True
+    assert _warm_of(keeper) == warm
+    _stop(keeper, ref)  # (the supervisor is linked: it stops with the keeper)
+
+
+def test_a_linked_spawn_through_the_child_started_ahead_is_linked_both_ways():
+    keeper, ref, warm = _start_keeper()
+    runtime.send(keeper, ("trap",))
+    assert_receive(("trap",))
+    runtime.send(keeper, ("spawn", _crash_when_told, (runtime.self(),), True))
+    _, spawned = assert_receive(tagged("spawned"))
+    assert_receive(("crasher", spawned))
+    assert spawned == warm
+    assert keeper in runtime.info(spawned)["links"]
+    assert spawned in runtime.info(keeper)["links"]
+    runtime.send(spawned, "go")
+    _, pid, reason = assert_receive(tagged("exit"))
+    assert pid == spawned and isinstance(reason, runtime.Crash)
+    assert "told to crash" in str(reason)
+    _stop(keeper, ref)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_the_child_started_ahead_ends_with_its_process_and_leaves_nothing(how):
+    keeper, ref, warm = _start_keeper()
+    sock = testing.sock_file(warm)
+    assert sock in os.listdir(testing.node_dir())
+    if how == "stop":
+        _stop(keeper, ref)
+    else:
+        os.kill(keeper.os_pid, signal.SIGKILL)
+        assert wait_down(ref).reason == "killed"
+    wait_until(lambda: _gone(warm.os_pid), what="the child started ahead to end")
+    # Its table slot and its socket file go with it (whoever saw the keeper die frees
+    # them when it was killed).
+    wait_until(lambda: warm.serial not in testing.warm_serials()
+               and sock not in os.listdir(testing.node_dir()),
+               what="its slot and socket file to go")
+
+
+def test_keep_warm_false_stops_the_child_kept_and_spawns_fork_again():
+    keeper, ref, warm = _start_keeper()
+    runtime.send(keeper, ("keep_warm", False))
+    assert_receive(("keep_warm",))
+    wait_until(lambda: _gone(warm.os_pid), what="the child kept to stop")
+    assert _warm_of(keeper) is None
+    runtime.send(keeper, ("spawn", _report, (runtime.self(),), False))
+    _, spawned = assert_receive(tagged("spawned"))
+    assert spawned != warm
+    assert_receive(tagged("child"))
+    assert _warm_of(keeper) is None  # and none is started any more
+    runtime.send(spawned, "go")
+    _stop(keeper, ref)
+
+
+def test_keep_warm_is_for_runtime_processes():
+    with pytest.raises(runtime.ProcessError, match="runtime process"):
+        runtime.keep_warm(True)
+
+
+def test_a_dynamic_supervisor_with_a_warm_child_starts_its_children_in_it():
+    sup = runtime.DynamicSupervisor.start_link(warm_child=True)
+    try:
+        warm = wait_until(lambda: _warm_of(sup), what="the supervisor's warm child")
+        assert runtime.DynamicSupervisor.which_children(sup) == []
+        pid = runtime.DynamicSupervisor.start_child(sup, (runtime.Agent, lambda: 41))
+        assert pid == warm
+        assert runtime.Agent.get(pid, lambda n: n + 1) == 42
+        assert [c.pid for c in runtime.DynamicSupervisor.which_children(sup)] == [pid]
+        assert runtime.DynamicSupervisor.count_children(sup)["active"] == 1
+        assert pid in runtime.info(sup)["links"]  # linked, as any started child
+        ref = runtime.monitor(pid)
+        os.kill(pid.os_pid, signal.SIGKILL)
+        assert wait_down(ref).reason == "killed"
+        # (permanent: restarted, in the next child started ahead if it is ready)
+        again = wait_until(lambda: [c.pid for c in runtime.DynamicSupervisor.which_children(sup)
+                                    if c.pid != pid], what="the child restarted")
+        assert runtime.Agent.get(again[0], lambda n: n) == 41
+    finally:
+        runtime.stop(sup)
