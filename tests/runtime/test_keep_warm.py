@@ -34,7 +34,7 @@ def _keeper(main):
         elif kind == "unpicklable":
             lock = threading.Lock()
             runtime.send(main, ("spawned", runtime.spawn(
-                lambda: runtime.send(main, ("lambda", lock.locked(), os.getpid())))))
+                lambda lock=lock: runtime.send(main, ("lambda", lock.locked(), os.getpid())))))
         elif kind == "supervisor":
             sup = runtime.Supervisor.start_link([], strategy="one_for_one")
             runtime.send(main, ("supervisor", sup))
