@@ -364,10 +364,11 @@ def keep_warm(node: Node, on: bool) -> None:
 
 def _start_warm(node: Node) -> None:
     """Start the process's next warm child (see ``keep_warm``); if that fails (no
-    descriptors or processes left), start none until the next spawn."""
+    descriptors or processes left, the table full), start none until the next spawn:
+    the process goes on as if it kept none."""
     try:
         node.own_warm = start_child(node, warm=True)
-    except OSError as exc:
+    except Exception as exc:
         log.warning("could not start a child ahead (%s); trying again after the next "
                     "spawn", exc)
         node.own_warm = None
