@@ -221,3 +221,50 @@ def test_a_dynamic_supervisor_with_a_warm_child_starts_its_children_in_it():
         assert runtime.Agent.get(again[0], lambda n: n) == 41
     finally:
         runtime.stop(sup)
+
+
+def _starved_keeper(main):
+    """(A runtime process) Keeps a child ahead while it has no descriptor to spare."""
+    import resource
+
+    from runtime import _embed
+
+    node = _embed.current()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    fillers = []
+    try:
+        while True:  # every number below the limit taken
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        runtime.keep_warm(True)
+        try:
+            runtime.receive(timeout=0.05)  # idle: the start of a child ahead fails
+        except runtime.ReceiveTimeout:
+            pass
+        paused = (node.own_warm, node.warm_paused)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    child = runtime.spawn(_report, main)  # forked as usual; a child ahead again after it
+    try:
+        runtime.receive(timeout=0.05)
+    except runtime.ReceiveTimeout:
+        pass
+    runtime.send(main, ("starved", paused, child, node.own_warm is not None))
+    runtime.receive(timeout=30)
+
+
+def test_a_child_ahead_that_cannot_start_is_skipped_until_the_next_spawn():
+    pid, ref = runtime.spawn_monitor(_starved_keeper, runtime.self())
+    _, _, os_pid, _, _ = assert_receive(tagged("child"))
+    _, paused, child, again = assert_receive(tagged("starved"))
+    assert paused == (None, True)
+    assert child.os_pid == os_pid and again
+    runtime.send(child, "go")
+    runtime.send(pid, "go")
+    assert wait_down(ref).reason == "normal"
