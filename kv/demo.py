@@ -173,6 +173,10 @@ class Demo:
         system = runtime.system_info()
         for os_pid in system.warm_children:
             self.names[os_pid] = "warm child (for the next spawn)"
+        sup = runtime.whereis("kv.bucket_supervisor")
+        info = None if sup is None else runtime.info(sup)
+        if info is not None and info["warm_child"] is not None:
+            self.names[info["warm_child"].os_pid] = "warm child (for the next bucket)"
         self.names[system.janitor or 0] = "janitor (cleans up the node)"
         rows = []
         me = psutil.Process()
