@@ -358,6 +358,9 @@ def keep_warm(node: Node, on: bool) -> None:
     node.warm_paused = False
     own, node.own_warm = node.own_warm, None
     if own is not None:
+        with node.poller.lock:
+            if own in node.warm:
+                node.warm.remove(own)
         node.table.started(node.me.slot)
         node.exit(own, "kill")
 

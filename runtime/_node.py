@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -386,10 +387,12 @@ class Node:
         """In a process that keeps a child started ahead (``_launch.keep_warm``), before
         it waits for a message: the first message if one is there; else, if the child
         started ahead was taken (or died), start the next one now, while idle, and
-        None."""
+        None. Only on the main thread: another thread's wait forks nothing."""
         own = self.own_warm
         if own is not None and self.watches.get(own.serial) is not None:
             return None
+        if threading.get_ident() != threading.main_thread().ident:
+            return None  # (a fork from another thread is not safe: see _launch.spawn)
         got = self.mailbox.take(0.0)
         if got is None:
             refill = self.warm_refill

@@ -268,3 +268,35 @@ def test_a_child_ahead_that_cannot_start_is_skipped_until_the_next_spawn():
     runtime.send(child, "go")
     runtime.send(pid, "go")
     assert wait_down(ref).reason == "normal"
+
+
+def _keeper_with_a_receiving_thread(main):
+    """(A runtime process) Keeps a child ahead; a thread of its own waits first."""
+    from runtime import _embed
+
+    node = _embed.current()
+    runtime.keep_warm(True)
+
+    def worker():
+        try:
+            runtime.receive(timeout=0.05)
+        except runtime.ReceiveTimeout:
+            pass
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    after_thread = node.own_warm
+    try:
+        runtime.receive(timeout=0.05)
+    except runtime.ReceiveTimeout:
+        pass
+    runtime.send(main, ("waited", after_thread, node.own_warm is not None))
+
+
+def test_only_the_main_thread_s_wait_starts_a_child_ahead():
+    # A fork from another thread is not safe, and the child's parent-death signal
+    # would follow that thread: it would die when the thread ends.
+    pid, ref = runtime.spawn_monitor(_keeper_with_a_receiving_thread, runtime.self())
+    _, after_thread, after_main = assert_receive(tagged("waited"))
+    assert after_thread is None and after_main
+    assert wait_down(ref).reason == "normal"
