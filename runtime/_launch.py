@@ -237,8 +237,7 @@ def _spawned_main(plan: Plan) -> None:
     _close_all_but([0, 1, 2, listen_fd, conn_fd, plan.sentinel])
     table = _table.Table(os.path.join(plan.info.dir, "table"))
     me = Pid(plan.info.node_id, plan.serial, plan.slot, os.getpid())
-    if not plan.warm:  # (a warm child's is set when it is handed over)
-        table.set_os_pid(plan.slot, me.os_pid)
+    table.set_os_pid(plan.slot, me.os_pid)
     node = Node(plan.info, me, socket.socket(fileno=listen_fd), table, is_main=False,
                 parent=plan.parent, trap=plan.trap)
     if plan.sentinel >= 0:
@@ -361,7 +360,6 @@ def keep_warm(node: Node, on: bool) -> None:
         with node.poller.lock:
             if own in node.warm:
                 node.warm.remove(own)
-        node.table.started(node.me.slot)
         node.exit(own, "kill")
 
 
@@ -392,7 +390,6 @@ def _hand_over_own(node: Node, fn: Any, args: tuple[Any, ...], link: bool) -> Pi
         return None
     if own is not None and pid.serial == own.serial:
         node.own_warm = None
-        node.table.started(node.me.slot)
     if link:
         node.linked_by(pid)
     return pid
@@ -429,10 +426,12 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
                 warm: bool = False, shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
-    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for the embedding
-    process's ``Node.hand_over``). Returns once the OS process exists and can be sent
-    to; does not wait for it to run. A warm child's OS pid is not in the table (it
-    is not listed among the node's processes) until it is handed over."""
+    or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a target from
+    ``Node.hand_over``). Returns once the OS process exists and can be sent to; does
+    not wait for it to run. A warm child's slot is marked as started ahead
+    (``Table.set_ahead``): it is not listed among the node's processes until it is
+    handed a target, and it is found by its OS pid like any other (by the root,
+    when its parent was killed and it died an orphan)."""
     info = node.info
     spawned = info.start_method == "spawn"
     if spawned and payload is None:
@@ -450,6 +449,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
         if not spawned:
             sentinel = os.pipe()
         serial, slot = table.allocate(node.me.slot)
+        if warm:  # (before it has an OS pid in the table: never listed as a process)
+            table.set_ahead(slot, True)
         path = info.sock_path(serial)
         listen.bind(path)
         listen.listen(BACKLOG)
@@ -493,13 +494,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                     node.poller.defer(held.clear)
             finally:
                 _compat.sigmask(signal.SIG_SETMASK, plan.sigmask)
-        if not warm:
-            table.set_os_pid(slot, popen.pid)
-        if warm and node.me != node.info.root:
-            pass  # its parent's unstarted child until handed over (see keep_warm)
-        else:
-            own = node.own_warm
-            table.started(node.me.slot, -1 if own is None else own.slot)
+        table.set_os_pid(slot, popen.pid)
+        table.started(node.me.slot)
     except BaseException:
         if popen is None:
             if watch is not None:

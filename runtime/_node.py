@@ -420,9 +420,11 @@ class Node:
                     conn = conns.out_to(pid.serial)
                 if conn is None:
                     return None
+                if not self._ready_for_target(pid):
+                    continue  # it dies (killed while it waited): the next one, or a fork
                 # Listed among the node's processes from now on, as started now.
                 self.table.started_now(pid.slot)
-                self.table.set_os_pid(pid.slot, pid.os_pid)
+                self.table.set_ahead(pid.slot, False)
                 mark = conns.write(conn, frame)
                 if conn.closed:
                     continue  # it died meanwhile: the next one, or a new process
@@ -439,6 +441,14 @@ class Node:
             if conn.sent >= mark:
                 return pid
             # It died before it had its whole target: the next one, or a new process.
+
+    def _ready_for_target(self, pid: Pid) -> bool:
+        """Is the warm child ``pid`` alive and not in its exit (lock held)? A child
+        killed a moment ago still has its connection open while the kernel tears it
+        down: a target written to it would be lost, where a fork would have run it."""
+        table = self.table
+        return (table.state(pid.serial, pid.slot) == _table.ALIVE
+                and _table.zombie_status(pid.os_pid, exiting=True) is None)
 
     def _drop_warm(self, pid: Pid, conn: Conn) -> None:
         """A warm child that was to get a target must not run it: close the connection
@@ -727,7 +737,7 @@ class Node:
             if not self.is_alive(pid):
                 return None
             state = dict.fromkeys(("parent", "message_queue_len", "monitors", "links",
-                                   "children", "trap_exit"))
+                                   "children", "trap_exit", "warm_child"))
             state["status"] = "running"
         out.update(state)
         return out

@@ -211,7 +211,8 @@ class Root:
                 pass
             self.warm_blocked = False
             table = node.table
-            self._forget_warm(lambda pid: table.os_pid(pid.slot) != 0)  # (see the module docstring)
+            # (those taken: see the module docstring)
+            self._forget_warm(lambda pid: not table.is_ahead(pid.slot))
             pid = _launch.start_child(node, payload=payload, trap=trap,
                                       link_to=node.info.main if link else None,
                                       default_signals=(signal.SIGCHLD, *ENDING))
@@ -297,9 +298,14 @@ class Root:
                 if node.watches.child_of_os_pid(info.si_pid) is None:
                     continue
             table = node.table
-            if index is None:  # one pass over the table for all orphans of this wake-up
-                index = {os_pid: (serial, slot) for serial, slot, os_pid in table.live_slots()}
-            found = index.get(info.si_pid)
+            # One pass over the table for the orphans of this wake-up, and another
+            # for one it does not know: a process may have been given its OS pid
+            # in the table (by its parent, which died then) since the pass.
+            found = None if index is None else index.get(info.si_pid)
+            if found is None:
+                index = {os_pid: (serial, slot)
+                         for serial, slot, os_pid in table.live_slots(ahead=True)}
+                found = index.get(info.si_pid)
             if found is None:  # it began its exit (EXITED) but was killed before the end
                 found = table.exited_slot_of(info.si_pid)
             if found is not None:
@@ -342,8 +348,6 @@ class Root:
         table = node.table
         skip = {node.me.serial, node.info.main.serial}
         self.warm_target = 0
-        for pid in self.warm.values():  # (some not in the table's list: no OS pid there)
-            table.set_os_pid(pid.slot, pid.os_pid)
         self.warm.clear()
         if graceful:
             # One at a time, last started first, each gone before the next is asked (as
@@ -355,7 +359,7 @@ class Root:
                 self._stop_one(pid, timeout)
         # Kill whatever is left anywhere in the node, and wait until it is gone.
         pidfds = []
-        for serial, slot, os_pid in table.live_slots():
+        for serial, slot, os_pid in table.live_slots(ahead=True):
             if serial in skip or os_pid == 0:
                 continue
             try:

@@ -58,12 +58,14 @@ _MAGIC = 0x52554E54494D4533  # "RUNTIME3"
 _SLOTS = 64
 _SLOT_SIZE = 32
 _RING_OFF = _SLOTS + _SLOT_SIZE * NSLOTS
-# serial, OS pid, state, trap, exit code, doom code, exit argument, doom argument
+# serial, OS pid, state, flags, exit code, doom code, exit argument, doom argument
 _SLOT = struct.Struct("<QIBBBBII")
 _SERIAL = struct.Struct("<Q")
 _OS_PID_OFF = 8
 _STATE_OFF = 12
-_TRAP_OFF = 13
+_FLAGS_OFF = 13
+_TRAP = 1  # it traps exits
+_AHEAD = 2  # started ahead, waiting for a target: not one of the node's processes yet
 # In the 8 bytes after a slot's fields: the slot (+1) of the child the process is
 # starting, until that child has its OS pid (see allocate and take_unstarted); then
 # when the process started, a number from the serials' counter (see started_now).
@@ -238,11 +240,9 @@ class Table:
         finally:
             self._unlock()
 
-    def started(self, owner: int, keep: int = -1) -> None:
-        """The child that ``owner`` was starting has its OS pid (or was given back).
-        ``keep``: the slot of a child ``owner`` keeps unstarted for now (its warm
-        child: see ``_launch.keep_warm``), recorded again instead."""
-        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, keep + 1)
+    def started(self, owner: int) -> None:
+        """The child that ``owner`` was starting has its OS pid (or was given back)."""
+        _UNSTARTED.pack_into(self.mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, 0)
 
     def take_unstarted(self, owner: int) -> int | None:
         """Called for a dead process (slot ``owner``): if it died while starting a child
@@ -318,10 +318,25 @@ class Table:
 
     def is_trapping(self, serial: int, slot: int) -> bool:
         off = _SLOTS + _SLOT_SIZE * slot
-        return _SERIAL.unpack_from(self.mm, off)[0] == serial and bool(self.mm[off + _TRAP_OFF])
+        return (_SERIAL.unpack_from(self.mm, off)[0] == serial
+                and bool(self.mm[off + _FLAGS_OFF] & _TRAP))
 
     def set_trap(self, slot: int, flag: bool) -> None:
-        self.mm[_SLOTS + _SLOT_SIZE * slot + _TRAP_OFF] = 1 if flag else 0
+        self._set_flag(slot, _TRAP, flag)
+
+    def is_ahead(self, slot: int) -> bool:
+        """Is the process in ``slot`` started ahead, waiting for a target (a warm
+        child: not one of the node's processes yet, see ``live_slots``)?"""
+        return bool(self.mm[_SLOTS + _SLOT_SIZE * slot + _FLAGS_OFF] & _AHEAD)
+
+    def set_ahead(self, slot: int, flag: bool) -> None:
+        self._set_flag(slot, _AHEAD, flag)
+
+    def _set_flag(self, slot: int, bit: int, flag: bool) -> None:
+        # (each slot has one writer of its flags at a time: its parent until it runs,
+        # then itself for its trap, the process handing it a target for the other)
+        off = _SLOTS + _SLOT_SIZE * slot + _FLAGS_OFF
+        self.mm[off] = self.mm[off] | bit if flag else self.mm[off] & ~bit
 
     # -- reasons ---------------------------------------------------------------
 
@@ -501,15 +516,16 @@ class Table:
                     found = (serial, slot)
         return found
 
-    def live_slots(self) -> list[tuple[int, int, int]]:
+    def live_slots(self, ahead: bool = False) -> list[tuple[int, int, int]]:
         """(serial, slot, os_pid) of every process not yet known dead, in the order they
-        started (see started_now)."""
+        started (see started_now); with ``ahead``, the processes started ahead too
+        (``set_ahead``), else not."""
         found = []
         mm = self.mm
         for slot in range(NSLOTS):
             off = _SLOTS + _SLOT_SIZE * slot
             st = mm[off + _STATE_OFF]
-            if st == ALIVE or st == DOOMED:
+            if (st == ALIVE or st == DOOMED) and (ahead or not mm[off + _FLAGS_OFF] & _AHEAD):
                 serial, os_pid = struct.unpack_from("<QI", mm, off)
                 start = _START_ORDER.unpack_from(mm, off + _START_ORDER_OFF)[0]
                 found.append((start, serial, slot, os_pid))

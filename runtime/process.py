@@ -250,8 +250,10 @@ def keep_warm(on: bool = True) -> None:
     A spawn whose target can be pickled (cloudpickle) then writes it to that child
     instead of forking, except ``trap=True`` starts (a supervisor's own children):
     the target runs in a process forked when the caller was last idle, so it sees
-    the caller's memory as it was then, not as it is at the spawn (which is why
-    this is a choice, not the default). Other targets are forked as usual.
+    the caller's memory, and holds the descriptors the caller had open, as they
+    were then, not as they are at the spawn (a socket the caller has closed since
+    stays open in it: its port stays bound). That is why this is a choice, not
+    the default. Other targets are forked as usual.
 
     The child kept is not one of the node's processes (``processes()``) until it
     has a target, costs the memory of an idle process, stops when the caller

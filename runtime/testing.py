@@ -94,11 +94,12 @@ def warm_children() -> list[int]:
 def warm_serials() -> set[int]:
     """The serials of every process started ahead and not handed a target yet (the
     root's warm children and runtime processes' own: ``runtime.keep_warm``), ready
-    or not: their table slots have no OS pid. Empty if no node runs here."""
+    or not. Empty if no node runs here."""
     node = _current.get()
     if node is None:
         return set()
-    return {serial for serial, _, os_pid in node.table.live_slots() if os_pid == 0}
+    table = node.table
+    return {serial for serial, slot, _ in table.live_slots(ahead=True) if table.is_ahead(slot)}
 
 
 def sock_file(pid: Pid) -> str:

@@ -420,8 +420,7 @@ def _spawn_until_out_of_descriptors(main, spare):
                    if os_pid == 0 and serial != me)
 
     # Settle (an idle moment: the root replaces the warm child we were), then wait for
-    # the test to see the pool full: the root's warm children have no OS pid in the
-    # table either, and none may come while we count.
+    # the test to see the pool full: no warm child comes while we count.
     runtime.send(main, ("settled?",))
     runtime.receive(timeout=30, match=lambda m: m == "go")
     before = unstarted()
@@ -708,9 +707,9 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
         slots = {s[0]: s for s in node.table.live_slots()}
         raise AssertionError(f"socket files of dead processes: {sorted(stray())}; their "
                              f"slots: {[slots.get(int(f)) for f in stray()]}") from None
-    # (the root's warm children have no OS pid in the table until a spawn takes them;
-    # the root replaces those the Spawners were as their deaths reach it: read both
-    # again until they agree)
+    # (the root's warm children are marked as started ahead in the table, and not
+    # listed, until a spawn takes them; the root replaces those the Spawners were as
+    # their deaths reach it: read both again until they agree)
 
     def unstarted():
         warm = testing.warm_serials()
