@@ -338,6 +338,8 @@ def _keeper_out_of_descriptors(main):
     runtime.receive(match=lambda m: m == "never")
 
 
+@pytest.mark.skipif(runtime.options().start_method == "spawn",
+                    reason="under spawn every target must be picklable")
 def test_a_failed_fork_then_a_sigkill_leaves_nothing_of_the_child_ahead():
     # (Regression: the child ahead was found through its parent's record of the child
     # it was starting, which the failed fork cleared: its slot and socket file stayed.)
