@@ -176,9 +176,13 @@ def test_the_child_started_ahead_ends_with_its_process_and_leaves_nothing(how):
             assert_receive(("keep_warm",))
         os.kill(keeper.os_pid, signal.SIGKILL)
         assert wait_down(ref).reason == "killed"
+    _wait_nothing_left_of(warm, sock)
+
+
+def _wait_nothing_left_of(warm, sock):
+    """The child started ahead ends, and its table slot and socket file go with it
+    (whoever saw its parent die frees them if that was killed)."""
     wait_until(lambda: _gone(warm.os_pid), what="the child started ahead to end")
-    # Its table slot and its socket file go with it (whoever saw the keeper die frees
-    # them when it was killed).
     wait_until(lambda: warm.serial not in testing.warm_serials()
                and sock not in os.listdir(testing.node_dir()),
                what="its slot and socket file to go")
@@ -353,10 +357,7 @@ def test_a_failed_fork_then_a_sigkill_leaves_nothing_of_the_child_ahead():
     assert assert_receive(tagged("tried"))[1] == errno.EMFILE
     os.kill(pid.os_pid, signal.SIGKILL)
     assert wait_down(ref).reason == "killed"
-    wait_until(lambda: _gone(warm.os_pid), what="the child started ahead to end")
-    wait_until(lambda: warm.serial not in testing.warm_serials()
-               and sock not in os.listdir(testing.node_dir()),
-               what="its slot and socket file to go")
+    _wait_nothing_left_of(warm, sock)
 
 
 def test_a_child_ahead_killed_a_moment_ago_is_not_handed_the_target():
