@@ -321,7 +321,7 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     if threading.get_ident() != threading.main_thread().ident:
         raise ProcessError("spawn from a runtime process must run on its main thread "
                            "(a fork from another thread would not be safe)")
-    if node.own_warm is not None and not trap:
+    if node.own_warm is not None and node.own_warm in node.warm and not trap:
         pid = _hand_over_own(node, fn, args, link)
         if pid is not None:
             return pid
@@ -378,18 +378,16 @@ def _start_warm(node: Node) -> None:
 
 
 def _hand_over_own(node: Node, fn: Any, args: tuple[Any, ...], link: bool) -> Pid | None:
-    """Run ``fn(*args)`` in the process's warm child if it is ready and the target can
-    be pickled; its Pid, else None (the spawn forks as usual)."""
+    """Run ``fn(*args)`` in the process's warm child (it has offered itself) if the
+    target can be pickled; its Pid, else None (the spawn forks as usual)."""
     try:
         payload = _wire.dumps_code((fn, args), None)
     except Exception:
         return None  # (not picklable: a fork inherits it)
-    own = node.own_warm
-    pid = node.hand_over(payload, link)
+    pid = node.hand_over(payload, link)  # (in a runtime process, only its own offers)
     if pid is None:
         return None
-    if own is not None and pid.serial == own.serial:
-        node.own_warm = None
+    node.own_warm = None
     if link:
         node.linked_by(pid)
     return pid
