@@ -325,9 +325,7 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
         pid = _hand_over_own(node, fn, args, link)
         if pid is not None:
             return pid
-    if node.warm_paused:  # (see _start_warm)
-        node.warm_paused = False
-        node.warm_refill = partial(_start_warm, node)
+    node.warm_paused = False  # (see _start_warm)
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
@@ -373,7 +371,6 @@ def _start_warm(node: Node) -> None:
         log.warning("could not start a child ahead (%s); trying again after the next "
                     "spawn", exc)
         node.own_warm = None
-        node.warm_refill = None
         node.warm_paused = True
 
 

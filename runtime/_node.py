@@ -389,7 +389,7 @@ class Node:
         started ahead was taken (or died), start the next one now, while idle, and
         None. Only on the main thread: another thread's wait forks nothing."""
         own = self.own_warm
-        if own is not None and self.watches.get(own.serial) is not None:
+        if self.warm_paused or (own is not None and self.watches.get(own.serial) is not None):
             return None
         if threading.get_ident() != threading.main_thread().ident:
             return None  # (a fork from another thread is not safe: see _launch.spawn)
@@ -694,19 +694,16 @@ class Node:
             status = "waiting"
         else:
             status = "running"
-        own = self.own_warm
-        if own is not None and own not in self.warm:
-            own = None  # (not ready for a target yet)
+        kept = self.own_warm
         return {
             "parent": self.parent,
             "status": status,
             "message_queue_len": self.mailbox.length(),
             "monitors": self.watches.monitored(),
             "links": self.watches.links(),
-            "children": [w.pid for w in self.watches.children()
-                         if self.own_warm is None or w.pid.serial != self.own_warm.serial],
+            "children": [w.pid for w in self.watches.children() if w.pid != kept],
             "trap_exit": self.exits.trap,
-            "warm_child": own,
+            "warm_child": kept if kept in self.warm else None,  # (once ready for a target)
         }
 
     def processes(self) -> list[Pid]:
