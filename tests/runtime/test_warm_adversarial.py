@@ -40,12 +40,22 @@ def test_processes_lists_the_spawns_of_the_embedding_process_in_start_order():
         refs = [runtime.monitor(pid) for pid in pids]
         try:
             listed = [pid for pid in runtime.processes() if pid in pids]
-            assert listed == pids, f"spawn order as listed: {[pids.index(p) for p in listed]}"
+            assert listed == pids, (f"spawn order as listed: {[pids.index(p) for p in listed]}"
+                                    f"; not listed: {_slots_of(set(pids) - set(listed))}")
         finally:
             for pid in pids:
                 runtime.exit(pid, "kill")
             for ref in refs:
                 wait_down(ref)
+
+
+def _slots_of(pids):
+    """What the table says of ``pids`` (for a failure's message)."""
+    from runtime import _embed
+
+    table = _embed.current().table
+    return [(pid, table.read(pid.slot), table.is_ahead(pid.slot), runtime.is_alive(pid))
+            for pid in pids]
 
 
 # ------------------------------------------ a stopped warm child and a spawn
