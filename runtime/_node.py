@@ -478,6 +478,10 @@ class Node:
         module later finds the directory listings read and the pages it writes
         copied."""
         importlib.util.find_spec("_runtime_warm_child_probe_")
+        # Our OS pid in the table before we offer ourselves: our parent writes it once
+        # its fork returns, which may come after a spawn has taken us, and a process
+        # without it is not listed (``processes()``).
+        self.table.set_os_pid(self.me.slot, self.me.os_pid)
         for_root = self.parent is not None and self.parent == self.info.root
         owner = self.info.main if for_root else self.parent
         assert owner is not None
