@@ -178,8 +178,9 @@ def measure_call(rec: Recorder, n: int, seconds: float) -> None:
 
 def measure_spawns(rec: Recorder, n: int, seconds: float, bursts: int, burst_seconds: float,
                    burst: int, preloaded: bool = False) -> None:
-    """``preloaded``: the root imported the targets' module (``RUNTIME_PRELOAD``), as the
-    README advises for what a service spawns often; else each new process imports it."""
+    """``preloaded``: the root imported the targets' module (``RUNTIME_PRELOAD``); else
+    the warm children import it ahead once a target has (``warm_imports``: from the
+    warm-up on), and a child forked at a spawn imports it itself."""
     key, how = (".preloaded", ", its target's module preloaded") if preloaded else ("", "")
     samplers: dict[str, Any] = {"ours": Isolated(Spawn()), "os_fork": Isolated(ForkPipe())}
     interleave(samplers, 2, 30)  # warm-up

@@ -24,6 +24,7 @@ class Config:
     node_dir: str | None = None
     call_timeout: float | None = 5.0
     warm_children: int = 2
+    warm_imports: bool = True
 
 
 ENV = {
@@ -32,6 +33,7 @@ ENV = {
     "node_dir": "RUNTIME_NODE_DIR",
     "call_timeout": "RUNTIME_CALL_TIMEOUT",
     "warm_children": "RUNTIME_WARM_CHILDREN",
+    "warm_imports": "RUNTIME_WARM_IMPORTS",
 }
 
 _set: dict[str, Any] = {}  # what configure() set
@@ -62,6 +64,10 @@ def _check(option: str, value: Any, source: str) -> Any:
         if not 0 <= value <= 64:
             raise ValueError(f"{source} must be between 0 and 64, got {value!r}")
         return value
+    if option == "warm_imports":
+        if not isinstance(value, bool):
+            raise TypeError(f"{source} must be True or False, got {value!r}")
+        return value
     raise TypeError(f"unknown option {option!r}")
 
 
@@ -77,6 +83,13 @@ def _from_env(option: str, text: str) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be a number of seconds or 'none', "
                              f"got {text!r}") from None
+    if option == "warm_imports":
+        flag = text.strip().lower()
+        if flag in ("1", "true", "yes", "on"):
+            return True
+        if flag in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be 1 or 0 (true or false), got {text!r}")
     if option == "warm_children":
         try:
             return int(text)

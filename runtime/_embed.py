@@ -43,7 +43,7 @@ _UNLOCKED_AGE = 60.0
 
 _start_lock = threading.Lock()
 _lock_fd = -1
-NODE_OPTIONS = ("start_method", "preload", "node_dir", "warm_children")
+NODE_OPTIONS = ("start_method", "preload", "node_dir", "warm_children", "warm_imports")
 
 
 def configure(options: dict[str, Any]) -> None:
@@ -182,7 +182,8 @@ def _start_root(node: Node, config: _config.Config) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     plan = _launch.Plan(info, serial, slot, node.me, os.getpid(),
                         _launch.InheritFd(listen.fileno()), _launch.InheritFd(theirs.fileno()),
-                        trap=True, target=(_root.main, (config.preload, config.warm_children)),
+                        trap=True, target=(_root.main, (config.preload, config.warm_children,
+                                                    config.warm_imports)),
                         pdeathsig=False)
     try:
         popen = _launch.SpawnPopen(_launch.RuntimeProcess(plan, "runtime-root"))

@@ -100,6 +100,7 @@ class Plan:
     sentinel: int = -1  # its end of its sentinel pipe, once known
     sigmask: Any = None  # under fork: the signal mask to restore once its handlers are set
     warm: bool = False  # started ahead: waits for its target (see ``_root``)
+    imports: tuple[str, ...] = ()  # a warm child's: modules to import ahead (see _root)
     close: list[tuple[int, int]] | None = None  # under fork: the parent's descriptors
 
 
@@ -263,7 +264,7 @@ def _run(node: Node, plan: Plan) -> None:
     reason: Any = "normal"
     try:
         if plan.warm:
-            plan.payload = node.wait_for_target()  # (see _root: a warm child)
+            plan.payload = node.wait_for_target(plan.imports)  # (see _root: a warm child)
         fn, args = pickle.loads(plan.payload) if plan.payload is not None else plan.target
         plan.target = plan.payload = None
         fn(*args)
@@ -419,14 +420,15 @@ def _spawn_by_root(node: Node, root: Pid, payload: bytes, link: bool, trap: bool
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
-                warm: bool = False, shown: Any = None) -> Pid:
+                warm: bool = False, imports: tuple[str, ...] = (), shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
     or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a target from
-    ``Node.hand_over``). Returns once the OS process exists and can be sent to; does
-    not wait for it to run. A warm child's slot is marked as started ahead
-    (``Table.set_ahead``): it is not listed among the node's processes until it is
-    handed a target, and it is found by its OS pid like any other (by the root,
-    when its parent was killed and it died an orphan)."""
+    ``Node.hand_over``, having imported the modules ``imports`` first). Returns once
+    the OS process exists and can be sent to; does not wait for it to run. A warm
+    child's slot is marked as started ahead (``Table.set_ahead``): it is not listed
+    among the node's processes until it is handed a target, and it is found by its
+    OS pid like any other (by the root, when its parent was killed and it died an
+    orphan)."""
     info = node.info
     spawned = info.start_method == "spawn"
     if spawned and payload is None:
@@ -455,7 +457,7 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
         plan = Plan(info, serial, slot, node.me, os.getpid(), InheritFd(listen.fileno()),
                     InheritFd(theirs.fileno()), link=link, link_to=link_to, trap=trap,
                     target=target, payload=payload, default_signals=default_signals,
-                    sentinel=sentinel[1], warm=warm)
+                    sentinel=sentinel[1], warm=warm, imports=imports)
         proc = RuntimeProcess(plan, f"{name}-{serial}")
         if spawned:
             popen = SpawnPopen(proc)

@@ -19,14 +19,19 @@ connects, and waits outside them.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
 from typing import Any
 
 from . import _table, _wire
@@ -39,6 +44,8 @@ from ._watches import NOT_YET, Death, Watch, Watches, readable
 from .errors import CallTimeout, ExitError, NoProcError, ProcessError, ReceiveTimeout
 from .messages import Down
 from .pid import From, Pid, Ref
+
+log = logging.getLogger("runtime")
 
 HAND_OVER_WAIT = 2.0
 
@@ -72,6 +79,22 @@ class NodeInfo:
 
     def sock_path(self, serial: int) -> str:
         return f"{self.dir}/{serial}"
+
+
+def _importable(name: str, module: Any) -> bool:
+    """Can a warm child import ``module`` ahead by its ``name``? (Not ``__main__``, nor
+    a module made at run time, which has no spec, as cloudpickle's.)"""
+    return (getattr(module, "__spec__", None) is not None
+            and name not in ("__main__", "__mp_main__"))
+
+
+def _import_ahead(name: str) -> None:
+    """Import ``name`` in a warm child, ahead of its target: a module that fails to
+    import is left to the target, which meets the same error where it can see it."""
+    try:
+        importlib.import_module(name)
+    except (Exception, SystemExit) as exc:
+        log.debug("a warm child could not import %s ahead: %r", name, exc)
 
 
 class Node:
@@ -465,7 +488,7 @@ class Node:
             return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
                           key=_serial)
 
-    def wait_for_target(self) -> bytes:
+    def wait_for_target(self, imports: tuple[str, ...] = ()) -> bytes:
         """In a warm child: tell whoever spawns through us that we wait for a target,
         and wait for it (see ``hand_over``), leaving every message in the mailbox as it
         is. The root's warm children offer themselves to the embedding process
@@ -473,10 +496,14 @@ class Node:
         first idle moment after the target came, we tell the root, which starts
         another one ahead then: its fork would compete with us on our way. A runtime
         process's own warm child offers itself to its parent, which starts the next
-        one when it is idle (see ``_before_idle``). Before all that, walk the import
-        system once (for a name that does not exist), so that importing the target's
-        module later finds the directory listings read and the pages it writes
-        copied."""
+        one when it is idle (see ``_before_idle``). Before all that, import ``imports``
+        (a root's warm child: what the targets before us imported, see ``_root``), and
+        walk the import system once (for a name that does not exist), so that
+        importing the target's module later finds the directory listings read and
+        the pages it writes copied."""
+        for name in imports:
+            if name not in sys.modules:
+                _import_ahead(name)
         importlib.util.find_spec("_runtime_warm_child_probe_")
         # Our OS pid in the table before we offer ourselves: our parent writes it once
         # its fork returns, which may come after a spawn has taken us, and a process
@@ -486,18 +513,26 @@ class Node:
         owner = self.info.main if for_root else self.parent
         assert owner is not None
         self.warm_owner = owner
+        modules = len(sys.modules)
         self._send(owner, _wire.control(_wire.WARM), time.monotonic() + 1.0)
         got: bytes = self.poller.wait(lambda: self.target, None)
         if for_root:
             with self.poller.lock:
-                self.poller.defer(self._settled)
+                self.poller.defer(partial(self._settled, modules))
         return got
 
-    def _settled(self) -> None:
+    def _settled(self, modules: int) -> None:
         """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
-        parent, the root, that we have got going (see ``wait_for_target``)."""
+        parent, the root, that we have got going (see ``wait_for_target``), and which
+        modules our target imported since it came (those after the first ``modules``
+        in ``sys.modules``, which keeps them in the order they came), for the warm
+        children after us to import ahead. Only those are read: reading a name
+        writes its reference count, and the page it is on, shared with the root, is
+        then copied."""
         if self.parent is not None:
-            self._post(self.parent, _wire.dumps(("$settled", self.me)))
+            new = list(islice(reversed(sys.modules.items()), len(sys.modules) - modules))
+            names = [name for name, module in reversed(new) if _importable(name, module)]
+            self._post(self.parent, _wire.dumps(("$settled", self.me, names)))
 
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting

@@ -15,7 +15,11 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
   and the root starts the next one then, not at once: its fork would compete with
   the child on its way to its first message. One that exits first is replaced
   then; when a spawn finds none left, the root replaces every one taken (one
-  that runs only its own code would never tell);
+  that runs only its own code would never tell). A settled child also names
+  the modules its target imported to get going; the root keeps the last
+  ``IMPORTS_KEPT`` of those names (``warm_imports``), and each warm child
+  imports them before it offers itself: the next target of the same kind finds
+  its modules imported, and the root itself imports none;
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 # Signals that end the whole node when the root gets them.
 ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SPAWNS_KEPT = 256  # (see Root.spawned)
+IMPORTS_KEPT = 512  # module names a warm child imports ahead, at most (the newest)
 
 
 class Escalation(NamedTuple):
@@ -104,11 +109,12 @@ def start_janitor(node_dir: str) -> int:
         os._exit(0)
 
 
-def main(preload: tuple[str, ...], warm_children: int) -> None:
+def main(preload: tuple[str, ...], warm_children: int, warm_imports: bool = True) -> None:
     """The root's process function (its target). ``preload``: modules the user asked
     the root to import (``runtime.configure``), which the processes it forks then
     inherit instead of importing each; ``warm_children``: how many to keep started
-    ahead."""
+    ahead; ``warm_imports``: whether they import ahead what the targets before them
+    imported (see the module docstring)."""
     # The runtime's own dependency, imported once here rather than in every child the
     # root forks: a target from the embedding process is unpickled with it.
     import cloudpickle  # noqa: F401
@@ -121,13 +127,13 @@ def main(preload: tuple[str, ...], warm_children: int) -> None:
                            f"{threads} threads: the processes it forks would inherit "
                            "locks those threads hold; preload only modules that start "
                            "no thread at import")
-    Root(warm_children).run()
+    Root(warm_children, warm_imports).run()
 
 
 class Root:
     """The root's loop: spawn requests, escalations, orphans, the end of the node."""
 
-    def __init__(self, warm_children: int) -> None:
+    def __init__(self, warm_children: int, warm_imports: bool = True) -> None:
         node = _current.get()
         assert node is not None
         self.node: Node = node
@@ -148,6 +154,9 @@ class Root:
         self.warm: dict[Ref, Pid] = {}
         self.warm_target = warm_children
         self.warm_blocked = False  # the last start failed: none until the next spawn
+        # What a warm child imports ahead (None: nothing), oldest first: a dict kept
+        # in the order names were first seen.
+        self.imports: dict[str, None] | None = {} if warm_imports else None
         # The last spawns, by their call's ref: what a "$cancel" that comes late kills.
         self.spawned: dict[int, Pid] = {}
 
@@ -179,6 +188,7 @@ class Root:
                         node.exit_process("normal")
                 elif msg[0] == "$settled":
                     self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
+                    self._learn_imports(msg[2])
                 elif msg[0] == "$cancel":  # (its spawn came first: see _handle_call)
                     pid = self.spawned.pop(msg[1], None)
                     if pid is not None:
@@ -234,13 +244,26 @@ class Root:
         start no more until the next spawn."""
         node = self.node
         try:
-            pid = _launch.start_child(node, warm=True, default_signals=(signal.SIGCHLD, *ENDING))
+            pid = _launch.start_child(node, warm=True, default_signals=(signal.SIGCHLD, *ENDING),
+                                      imports=tuple(self.imports or ()))
         except OSError as exc:
             log.warning("could not start a child ahead (%s); trying again at the next "
                         "spawn", exc)
             self.warm_blocked = True
             return
         self.warm[node.monitor(pid)] = pid
+
+    def _learn_imports(self, names: Any) -> None:
+        """A settled warm child's target imported the modules ``names``: the next warm
+        children import them ahead (the newest ``IMPORTS_KEPT`` names)."""
+        imports = self.imports
+        if imports is None or not isinstance(names, list):
+            return
+        for name in names:
+            if isinstance(name, str) and name not in imports:
+                imports[name] = None
+        while len(imports) > IMPORTS_KEPT:
+            del imports[next(iter(imports))]
 
     def _forget_warm(self, which: Callable[..., bool]) -> None:
         """Stop counting the warm children ``which`` accepts: settled or taken."""

@@ -54,6 +54,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 from typing import Any
 
 from .pid import Pid
@@ -90,7 +91,20 @@ def dumps(obj: Any, shown: Any = None) -> bytes:
 
 
 def dumps_code(obj: Any, shown: Any = None) -> bytes:
-    """Pickle something that carries code (a spawn target): cloudpickle directly."""
+    """Pickle a spawn target ``(fn, args)``: plain pickle when that carries no code (a
+    function importable by name, with plain arguments), else cloudpickle, which also
+    takes the modules registered with ``cloudpickle.register_pickle_by_value``.
+
+    Raises:
+        TypeError: as ``dumps``.
+    """
+    if not _by_value_registered():
+        try:
+            data = pickle.dumps(obj, protocol=5)
+            if b"__main__" not in data:
+                return data
+        except Exception:
+            pass
     try:
         with io.BytesIO() as file:
             _code_pickler()(file, protocol=5).dump(obj)
@@ -98,6 +112,13 @@ def dumps_code(obj: Any, shown: Any = None) -> bytes:
     except Exception as exc:
         value = obj if shown is None else shown
         raise TypeError(f"cannot send {value!r} to another process: {exc}") from None
+
+
+def _by_value_registered() -> bool:
+    """Has a module been registered with cloudpickle to travel by value? (Not if
+    cloudpickle is not even imported yet.)"""
+    cloudpickle = sys.modules.get("cloudpickle")
+    return cloudpickle is not None and bool(cloudpickle.list_registry_pickle_by_value())
 
 
 _CodePickler: Any = None

@@ -59,7 +59,7 @@ __all__ = [
 
 def configure(*, start_method: str | None = None, preload: Any = None,
               node_dir: str | None = None, warm_children: int | None = None,
-              call_timeout: Any = None) -> None:
+              warm_imports: bool | None = None, call_timeout: Any = None) -> None:
     """Set the runtime's options, in code. Never blocks. Options left as None keep
     their value; each has an environment variable that sets it when neither code
     nor an earlier ``configure`` did. All but ``call_timeout`` are the node's: set
@@ -86,6 +86,14 @@ def configure(*, start_method: str | None = None, preload: Any = None,
             was forked from the root before the spawn and waits for its target: it
             holds the root's state, which is the runtime, ``preload``'s modules and
             no user state. ``RUNTIME_WARM_CHILDREN``.
+        warm_imports: whether a warm child imports, before it offers itself, the
+            modules that the targets handed to the warm children before it imported
+            to get going (default True): a service that spawns the same kind of
+            process again finds its module imported already, as with ``preload``,
+            but learned, and imported in the warm child, never in the root. Turn it
+            off if importing one of those modules has effects beyond the process
+            (it binds a port, say), as a warm child may never run a target, or run
+            another one. ``RUNTIME_WARM_IMPORTS`` (1 or 0).
         call_timeout: the timeout of ``call``, ``acall`` and the Agent's calls when
             none is given (default 5.0 s; ``math.inf``: none). May change at any
             time. ``RUNTIME_CALL_TIMEOUT`` (seconds, or ``none``).
@@ -99,7 +107,7 @@ def configure(*, start_method: str | None = None, preload: Any = None,
     """
     _embed.configure({"start_method": start_method, "preload": preload,
                       "node_dir": node_dir, "warm_children": warm_children,
-                      "call_timeout": call_timeout})
+                      "warm_imports": warm_imports, "call_timeout": call_timeout})
 
 
 def options() -> Config:

@@ -52,6 +52,7 @@ def test_the_default_call_timeout_is_configurable_at_any_time():
     ("warm_children", 1.5, TypeError), ("call_timeout", -1, ValueError),
     ("call_timeout", "5", TypeError), ("start_method", "forkserver", ValueError),
     ("node_dir", "/no/such/dir", ValueError), ("preload", "json", TypeError),
+    ("warm_imports", 1, TypeError),
 ])
 def test_configure_names_a_bad_option(option, value, error):
     with pytest.raises(error, match=option):
@@ -82,6 +83,21 @@ def test_the_environment_sets_options_and_a_bad_value_is_named():
     """, env={"RUNTIME_WARM_CHILDREN": "many"})
     out, err = proc.communicate(timeout=60)
     assert "RUNTIME_WARM_CHILDREN must be an int, got 'many'" in out, err
+    proc = run_script("""
+        import runtime
+        print(runtime.options().warm_imports)
+    """, env={"RUNTIME_WARM_IMPORTS": "off"})
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == ["False"], err
+    proc = run_script("""
+        import runtime
+        try:
+            runtime.options()
+        except ValueError as e:
+            print(e)
+    """, env={"RUNTIME_WARM_IMPORTS": "maybe"})
+    out, err = proc.communicate(timeout=60)
+    assert "RUNTIME_WARM_IMPORTS must be 1 or 0" in out, err
 
 
 # ------------------------------------------------------------- warm children
@@ -206,3 +222,87 @@ def test_system_info_names_the_node_s_own_processes():
     _, seen = assert_receive(tagged("seen"))
     assert (seen.node_dir, seen.root, seen.janitor, seen.warm_children) == (
         info.node_dir, info.root, None, ())
+
+
+# ------------------------------------------------- what warm children import ahead
+
+WARM_IMPORTS = """
+    import os, sys
+    import runtime
+    from runtime.testing import wait_until, warm_children
+
+    def probe(parent):
+        # (by value, from __main__: unpickling it imports nothing of the module)
+        runtime.send(parent, ("probe", "learned_mod" in sys.modules))
+
+    if __name__ == "__main__":
+        me = runtime.self()
+        want = runtime.options().warm_children
+        wait_until(lambda: len(warm_children()) == want)
+        import learned_mod
+        runtime.spawn(learned_mod.target, me)
+        print(runtime.receive(timeout=10))
+        if len(sys.argv) > 1:  # from now on, importing learned_mod fails
+            open(sys.argv[1], "w").close()
+        seen = []
+        for _ in range(2 * want + 2):
+            wait_until(lambda: len(warm_children()) == want)
+            runtime.spawn(probe, me)
+            seen.append(runtime.receive(timeout=10)[1])
+        print(seen)
+        if len(sys.argv) > 1:
+            ref = runtime.monitor(runtime.spawn(learned_mod.target, me))
+            down = runtime.receive(timeout=10, match=lambda m: getattr(m, "ref", None) == ref)
+            print(down.reason.exc_type)
+        runtime.shutdown()
+"""
+
+LEARNED_MOD = """
+    import os
+    import runtime
+
+    if os.path.exists(os.environ.get("LEARNED_MOD_FLAG", "/nonexistent")):
+        raise RuntimeError("learned_mod cannot be imported here")
+
+    def target(parent):
+        runtime.send(parent, "target ran")
+"""
+
+
+def _run_learning(tmp_path, env=None, *args):
+    import textwrap
+
+    from .test_node import REPO
+
+    (tmp_path / "learned_mod.py").write_text(textwrap.dedent(LEARNED_MOD))
+    full_env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO]),
+                "LEARNED_MOD_FLAG": str(tmp_path / "flag"), **(env or {})}
+    proc = run_script(WARM_IMPORTS, *args, env=full_env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    return out.splitlines(), err
+
+
+def test_a_warm_child_imports_ahead_what_the_targets_before_it_imported(tmp_path):
+    # A target from learned_mod ran in a warm child, which tells the root at its first
+    # idle moment what it imported; the warm children the root forks after that import
+    # it before they offer themselves (the ones forked before do not have it).
+    lines, err = _run_learning(tmp_path)
+    assert lines[0] == "target ran", err
+    seen = eval(lines[1])
+    assert seen[-1] is True and seen[-2] is True, (seen, err)
+
+
+def test_warm_imports_off_imports_nothing_ahead(tmp_path):
+    lines, err = _run_learning(tmp_path, {"RUNTIME_WARM_IMPORTS": "0"})
+    assert lines[0] == "target ran", err
+    assert eval(lines[1]) == [False] * len(eval(lines[1])), err
+
+
+def test_a_module_that_fails_to_import_ahead_is_left_to_the_target(tmp_path):
+    # The warm children's import of learned_mod fails from now on: they start all the
+    # same, and a target that needs it crashes with the import's own error.
+    lines, err = _run_learning(tmp_path, None, str(tmp_path / "flag"))
+    assert lines[0] == "target ran", err
+    assert eval(lines[1]) == [False] * len(eval(lines[1])), err
+    assert lines[2] == "RuntimeError", err

@@ -95,6 +95,30 @@ def test_spawn_runs_lambdas_and_closures_from_the_embedding_process():
     assert_receive(("closure", token))
 
 
+def test_a_target_from_a_module_cloudpickle_sends_by_value_runs_where_it_cannot_be_imported(
+        tmp_path, monkeypatch):
+    # A target importable by name travels as plain pickle, by name; a module the user
+    # registered with cloudpickle.register_pickle_by_value travels by value, so its
+    # functions run where the module is not importable (the new process's sys.path,
+    # the root's, lacks tmp_path).
+    import cloudpickle
+
+    runtime.self()
+    (tmp_path / "by_value_mod.py").write_text(
+        "import runtime\n\ndef target(parent, token):\n"
+        "    runtime.send(parent, ('by value', token))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import by_value_mod
+
+    cloudpickle.register_pickle_by_value(by_value_mod)
+    try:
+        runtime.spawn(by_value_mod.target, runtime.self(), 7)
+        assert_receive(("by value", 7))
+    finally:
+        cloudpickle.unregister_pickle_by_value(by_value_mod)
+        sys.modules.pop("by_value_mod", None)
+
+
 def test_spawn_rejects_a_non_callable():
     with pytest.raises(TypeError, match="callable"):
         runtime.spawn(42)
