@@ -33,6 +33,12 @@ log = logging.getLogger("runtime")
 
 READ_SIZE = 65536
 _IOV_MAX = 64
+_length = _wire.LENGTH.unpack_from
+
+
+def _read_buffer() -> memoryview:
+    """A buffer for reads, anonymous memory: only the pages a read fills count."""
+    return memoryview(mmap.mmap(-1, READ_SIZE))
 
 
 class Conn:
@@ -91,8 +97,7 @@ class Connections:
         self._hellos: dict[int, tuple[int, set[int]]] = {}
         self._prune_at = 1024
         self._serial_in = serial_in
-        self._rview: memoryview | None = None  # the read buffer (see _read_buffer)
-        self._reading = 0  # how deep in read() we are (a frame's handler may read)
+        self._rview: memoryview | None = None  # the read buffer, while no read holds it
 
     # ------------------------------------------------------------ connections
 
@@ -191,41 +196,35 @@ class Connections:
         """Read what ``conn`` has (all of it with ``drain``) and hand over whole frames."""
         if conn.closed:
             return  # (closed earlier in the same batch: a failed write, say)
+        # The read buffer is taken while its frames are handed over: a read made by a
+        # frame's handler makes one of its own (and one lost to an exception is made
+        # again).
         view = self._rview
-        if view is None or self._reading:  # the first read, or one from a frame's handler
-            view = self._read_buffer()
+        if view is None:
+            view = _read_buffer()
+        else:
+            self._rview = None
         sock = conn.sock
-        self._reading += 1
-        try:
-            while True:
-                try:
-                    n = sock.recv_into(view)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    n = 0
-                if not n:
-                    self._closed_by_peer(conn, drain)
-                    return
-                if conn.inbuf:
-                    self._more(conn, view, n)
-                else:
-                    # Frames straight from the read buffer; only a partial one is copied.
-                    used = self._frames(conn, view, n)
-                    if used < n and not conn.closed:
-                        conn.inbuf += view[used:n]
-                if conn.closed or (not drain and n < READ_SIZE):
-                    return
-        finally:
-            self._reading -= 1
-
-    def _read_buffer(self) -> memoryview:
-        """The buffer a read fills: kept for every read, but a read made while another
-        one hands over its frames has one of its own."""
-        view = memoryview(mmap.mmap(-1, READ_SIZE))  # anonymous: only pages read count
-        if self._rview is None:
-            self._rview = view
-        return view
+        while True:
+            try:
+                n = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                n = 0
+            if not n:
+                self._closed_by_peer(conn, drain)
+                break
+            if conn.inbuf:
+                self._more(conn, view, n)
+            else:
+                # Frames straight from the read buffer; only a partial one is copied.
+                used = self._frames(conn, view, n)
+                if used < n and not conn.closed:
+                    conn.inbuf += view[used:n]
+            if conn.closed or (n < READ_SIZE and not drain):
+                break
+        self._rview = view
 
     def _more(self, conn: Conn, view: memoryview, n: int) -> None:
         """``view[:n]`` continues the partial frame in ``conn.inbuf``: hand over what is
@@ -249,18 +248,33 @@ class Connections:
     def _frames(self, conn: Conn, view: memoryview, end: int) -> int:
         """Hand over the whole frames at the start of ``view[:end]``; how many bytes
         they took."""
-        unpack = _wire.LENGTH.unpack_from
         peer = conn.peer
+        if peer is None or conn.observer:
+            return self._frames_unproven(conn, view, end)
+        on_frame = self._on_frame
         pos = 0
         while end - pos >= 4:
-            stop = pos + 4 + unpack(view, pos)[0]
+            stop = pos + 4 + _length(view, pos)[0]
             if stop > end:
                 break
-            if peer is None or conn.observer:
+            on_frame(peer, view[pos + 4], view[pos + 5 : stop])
+            pos = stop
+            if conn.closed:
+                break
+        return pos
+
+    def _frames_unproven(self, conn: Conn, view: memoryview, end: int) -> int:
+        """``_frames`` for a connection whose peer is not proven yet (its first frame
+        is a HELLO), or is an observer."""
+        pos = 0
+        while end - pos >= 4:
+            stop = pos + 4 + _length(view, pos)[0]
+            if stop > end:
+                break
+            if conn.peer is None or conn.observer:
                 self._unproven_frame(conn, view[pos + 4 : stop])
-                peer = conn.peer
             else:
-                self._on_frame(peer, view[pos + 4], view[pos + 5 : stop])
+                self._on_frame(conn.peer, view[pos + 4], view[pos + 5 : stop])
             pos = stop
             if conn.closed:
                 break

@@ -48,6 +48,8 @@ from .pid import From, Pid, Ref
 log = logging.getLogger("runtime")
 
 HAND_OVER_WAIT = 2.0
+CALL, REPLY, MSG = _wire.CALL, _wire.REPLY, _wire.MSG  # (the frames of every call)
+_ref_of = _wire.REF_FIELD.unpack_from
 
 
 def _serial(pid: Pid) -> int:
@@ -225,13 +227,12 @@ class Node:
 
     def _on_frame(self, peer: Pid, tag: int, body: memoryview) -> None:
         """A frame from ``peer`` (lock held). ``body`` is only valid during the call."""
-        if tag == _wire.MSG:
+        if tag == CALL:
+            self.mailbox.put(Raw(bytes(body[8:]), From(peer, _ref_of(body)[0])))
+        elif tag == REPLY:
+            self.mailbox.reply_arrived(_ref_of(body)[0], body)
+        elif tag == MSG:
             self.mailbox.put(Raw(bytes(body)))
-        elif tag == _wire.CALL:
-            ref = _wire.REF_FIELD.unpack_from(body)[0]
-            self.mailbox.put(Raw(bytes(body[8:]), From(peer, ref)))
-        elif tag == _wire.REPLY:
-            self.mailbox.reply_arrived(_wire.REF_FIELD.unpack_from(body)[0], body)
         elif tag == _wire.LINK:
             self._linked_by(peer)
         elif tag == _wire.UNLINK:
@@ -314,7 +315,7 @@ class Node:
             with lock:
                 conn = conns.adopt(sock, pid, hello=True)
                 mark = conns.write(conn, frame)
-        if not self._wait_written(conn, mark, deadline):
+        if conn.sent < mark and not self._wait_written(conn, mark, deadline):
             with lock:
                 conns.close(conn)  # part of a frame is on its way: the stream is lost
         return not conn.closed

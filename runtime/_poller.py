@@ -49,6 +49,8 @@ EPOLLOUT = select.EPOLLOUT
 POLL_MAX = 1024  # events one epoll.poll returns at most
 _POLL_LONGEST = 86400.0  # one poll's timeout at most (epoll takes at most ~24 days)
 LEASE = 1.0
+_NONE: list[tuple[int, int]] = []  # no events (never appended to)
+_monotonic = time.monotonic
 # Cleanup jobs wait for an idle moment: this long without events. Once the oldest
 # has waited CLEANUP_DUE, or CLEANUP_MAX are pending, each wait runs one anyway.
 IDLE_CLEANUP = 0.001
@@ -119,14 +121,6 @@ class FdSet:
 
     def numbers(self) -> list[int]:
         return [fd for lo, hi in self.runs() for fd in range(lo, hi)]
-
-
-def time_left(deadline: float | None) -> float:
-    """Seconds until ``deadline`` (monotonic): -1.0 for none, 0.0 once past."""
-    if deadline is None:
-        return -1.0
-    left = deadline - time.monotonic()
-    return left if left > 0 else 0.0
 
 
 class Poller:
@@ -232,9 +226,8 @@ class Poller:
         kick: tuple[float, float] | None = None  # (the leader's poll we kicked, when)
         while True:
             waiter: threading.Lock | None = None
-            woken = False
-            leading = False
-            events: list[tuple[int, int]] = []
+            woken = leading = False
+            events: list[tuple[int, int]] = _NONE
             # From the section that makes us the leader or a follower to the one that
             # undoes it, an exception (Ctrl-C, between two sections) must leave neither
             # a leader that does not poll nor a follower that does not wait.
@@ -245,7 +238,12 @@ class Poller:
                         return r
                     if self._closed:
                         raise ProcessError("the runtime node has been shut down")
-                    timeout = -1.0 if deadline is None else time_left(deadline)
+                    if deadline is None:
+                        timeout = -1.0
+                    else:
+                        timeout = deadline - _monotonic()
+                        if timeout < 0.0:
+                            timeout = 0.0
                     if timeout == 0.0:
                         if polled:
                             return None
@@ -272,15 +270,17 @@ class Poller:
                         leading = True
                         self._leader = me
                         self._leader_key = key
-                        self._leader_since = time.monotonic()
+                        self._leader_since = _monotonic()
                         if self._jobs:
                             timeout = self._poll_timeout(timeout)
+                        if timeout > _POLL_LONGEST:
+                            timeout = _POLL_LONGEST
                 if waiter is not None:
                     # Another thread polls: wait to be woken (a waker takes us off
                     # its list).
                     woken = waiter.acquire(True, LEASE if timeout < 0 else min(timeout, LEASE))
                 elif leading:
-                    events = self._epoll.poll(min(timeout, _POLL_LONGEST), POLL_MAX)
+                    events = self._epoll.poll(timeout, POLL_MAX)
             finally:
                 if leading:
                     # Give up the lead, handle what the poll returned, and look at what
@@ -360,7 +360,7 @@ class Poller:
         """Something was delivered (lock held): wake the threads waiting for it. With
         ``key``, the delivery is the one awaited under that key (see ``wait``):
         the thread waiting for it is woken, and those waiting for any delivery."""
-        if key is not None:
+        if key is not None and self._keyed:
             waiter = self._keyed.pop(key, None)
             if waiter is not None:
                 waiter.release()

@@ -175,12 +175,14 @@ def _frame(head: bytes, payload: bytes) -> list[bytes]:
 
 def message(payload: bytes) -> list[bytes]:
     """A MSG frame around a pickled message (as buffers to write in order)."""
-    return _frame(_TAGGED.pack(len(payload) + 1, MSG), payload)
+    head = _TAGGED.pack(len(payload) + 1, MSG)
+    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
 
 
 def call(ref: int, payload: bytes) -> list[bytes]:
     """A CALL frame: the pickled request of the call ``ref``."""
-    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, CALL, ref), payload)
+    head = _WITH_REF.pack(len(payload) + 9, CALL, ref)  # (9: the tag and the ref)
+    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
 
 
 _RUN = struct.Struct("!IBB")  # length, tag, link
@@ -199,7 +201,8 @@ def info(ref: int) -> list[bytes]:
 
 def reply(ref: int, payload: bytes) -> list[bytes]:
     """A REPLY frame: the pickled answer to the call ``ref``."""
-    return _frame(_WITH_REF.pack(len(payload) + 1 + REF_FIELD.size, REPLY, ref), payload)
+    head = _WITH_REF.pack(len(payload) + 9, REPLY, ref)  # (9: the tag and the ref)
+    return [head + payload] if len(payload) <= _JOIN_MAX else [head, payload]
 
 
 def control(tag: int, payload: bytes = b"") -> list[bytes]:
