@@ -87,24 +87,24 @@ def dumps(obj: Any, shown: Any = None) -> bytes:
             return data
     except Exception:
         pass
-    return dumps_code(obj, shown)
+    return _dumps_by_value(obj, shown)
 
 
 def dumps_code(obj: Any, shown: Any = None) -> bytes:
-    """Pickle a spawn target ``(fn, args)``: plain pickle when that carries no code (a
-    function importable by name, with plain arguments), else cloudpickle, which also
-    takes the modules registered with ``cloudpickle.register_pickle_by_value``.
+    """Pickle a spawn target ``(fn, args)``: as ``dumps`` (a function importable by
+    name travels by name), but by cloudpickle alone once a module is registered with
+    ``cloudpickle.register_pickle_by_value``, which plain pickle would send by name.
 
     Raises:
         TypeError: as ``dumps``.
     """
-    if not _by_value_registered():
-        try:
-            data = pickle.dumps(obj, protocol=5)
-            if b"__main__" not in data:
-                return data
-        except Exception:
-            pass
+    if _by_value_registered():
+        return _dumps_by_value(obj, shown)
+    return dumps(obj, shown)
+
+
+def _dumps_by_value(obj: Any, shown: Any) -> bytes:
+    """cloudpickle: code (lambdas, closures, what ``__main__`` defines) by value."""
     try:
         with io.BytesIO() as file:
             _code_pickler()(file, protocol=5).dump(obj)
