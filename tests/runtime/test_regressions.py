@@ -717,6 +717,58 @@ def test_a_process_killed_while_it_forks_a_child_leaves_no_slot_or_socket_file()
     wait_until(lambda: not unstarted(), what="no table slot without a process")
 
 
+def _child_exits_at_once():
+    pass
+
+
+def _dies_between_its_fork_and_its_record(main):
+    """(A runtime process) Fork a child and let it run into its exit, held there once it
+    has recorded its reason (before it removes its socket file); then die (SIGKILL)
+    before writing the child's OS pid to the table, as a kill that lands right after
+    a fork may. The child dies of it (its parent-death signal) where it is held."""
+    from runtime import _names, _table
+
+    me = os.getpid()
+    write = _table.Table.set_os_pid
+    drop_own = _names.Names.drop_own
+
+    def held(self):
+        if os.getpid() != me:
+            time.sleep(60)  # sleep-ok: held in its exit until its parent's death kills it
+        drop_own(self)
+
+    def dies_first(self, slot, os_pid):
+        if os.getpid() == me and os_pid != me:
+            wait_until(lambda: self.read(slot).state == _table.EXITED, timeout=10)
+            os.kill(me, signal.SIGKILL)
+        write(self, slot, os_pid)
+
+    _names.Names.drop_own = held
+    _table.Table.set_os_pid = dies_first
+    runtime.send(main, "forking")
+    runtime.spawn(_child_exits_at_once)
+
+
+def test_a_child_whose_parent_died_before_recording_it_leaves_no_socket_file():
+    # Found by SIGKILLing a process that forks in a loop (1 in 150 kills): the parent
+    # wrote its child's OS pid to the table once its fork returned. Killed before
+    # that, with its child in its exit (its reason recorded, its socket file not yet
+    # removed), the child died of it, and the root, which finds an orphan's slot by
+    # its OS pid, found none: the slot said EXITED with OS pid 0, and the socket file
+    # stayed for the node's life. The child writes its own OS pid first.
+    from runtime import testing
+
+    before = set(testing.node_files()) | {"lock", "names", "table", "key"}
+    pid, ref = runtime.spawn_monitor(_dies_between_its_fork_and_its_record, runtime.self())
+    assert_receive("forking")
+    assert wait_down(ref).reason == "killed"
+
+    def stray():
+        live = {str(p.serial) for p in runtime.processes()}
+        return set(testing.node_files()) - before - live - {str(pid.serial)}
+    wait_until(lambda: not stray(), what="no socket file of the orphaned child")
+
+
 def _pidfds() -> int:
     return sum("pidfd" in target for target in _fd_targets().values())
 
