@@ -220,8 +220,9 @@ def _forked_main(proc: RuntimeProcess, plan: Plan) -> None:
     if parent is None or node is None or plan.close is None:
         os._exit(1)
     node.me.os_pid = os.getpid()
-    # Our OS pid in the table now, as our parent writes it only once its fork returns:
-    # killed before that, it leaves us an orphan that the root finds by it.
+    # Our OS pid in the table now: our parent writes it only once its fork returns.
+    # Killed before that, it leaves us an orphan that the root finds by it; and a warm
+    # child may be taken by a spawn before, and is then listed (``processes()``).
     node.table.set_os_pid(plan.slot, node.me.os_pid)
     # Close the parent's runtime descriptors; its objects are kept alive for good, so
     # none of them ever closes a number reused here. Descriptors the user's code

@@ -506,10 +506,6 @@ class Node:
             if name not in sys.modules:
                 _import_ahead(name)
         importlib.util.find_spec("_runtime_warm_child_probe_")
-        # Our OS pid in the table before we offer ourselves: our parent writes it once
-        # its fork returns, which may come after a spawn has taken us, and a process
-        # without it is not listed (``processes()``).
-        self.table.set_os_pid(self.me.slot, self.me.os_pid)
         for_root = self.parent is not None and self.parent == self.info.root
         owner = self.info.main if for_root else self.parent
         assert owner is not None
