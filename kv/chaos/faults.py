@@ -168,7 +168,9 @@ class Faults:
                                               f"{self.timeout:.0f} s later")
             self.report.faults.append(Fault(kind, label, None))
             return
-        if down.reason == "noproc":  # (it ended on its own just before)
+        if down.reason == "noproc" or (family == "connection" and down.reason == "normal"):
+            # It ended on its own just before: a connection also ends normally when its
+            # client closes, or after an ERROR, which another fault may cause.
             self.report.skipped[f"{kind}, target gone"] += 1
             return
         self._check_reason(kind, label, down.reason)
