@@ -223,7 +223,7 @@ def _forked_main(proc: RuntimeProcess, plan: Plan) -> None:
     # Our OS pid in the table now: our parent writes it only once its fork returns.
     # Killed before that, it leaves us an orphan that the root finds by it; and a warm
     # child may be taken by a spawn before, and is then listed (``processes()``).
-    node.table.set_os_pid(plan.slot, node.me.os_pid)
+    node.table.set_own_os_pid(plan.serial, plan.slot, node.me.os_pid)
     # Close the parent's runtime descriptors; its objects are kept alive for good, so
     # none of them ever closes a number reused here. Descriptors the user's code
     # opened stay open, as after any fork: their objects are inherited too.
@@ -242,7 +242,7 @@ def _spawned_main(plan: Plan) -> None:
     _close_all_but([0, 1, 2, listen_fd, conn_fd, plan.sentinel])
     table = _table.Table(os.path.join(plan.info.dir, "table"))
     me = Pid(plan.info.node_id, plan.serial, plan.slot, os.getpid())
-    table.set_os_pid(plan.slot, me.os_pid)
+    table.set_own_os_pid(plan.serial, plan.slot, me.os_pid)
     node = Node(plan.info, me, socket.socket(fileno=listen_fd), table, is_main=False,
                 parent=plan.parent, trap=plan.trap)
     if plan.sentinel >= 0:
@@ -271,6 +271,8 @@ def _run(node: Node, plan: Plan) -> None:
             plan.payload = node.wait_for_target(plan.imports)  # (see _root: a warm child)
         fn, args = pickle.loads(plan.payload) if plan.payload is not None else plan.target
         plan.target = plan.payload = None
+        if plan.warm:
+            node.target_loaded(fn, args)
         fn(*args)
     except SystemExit as exc:
         if exc.code not in (None, 0):

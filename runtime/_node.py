@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
+from types import ModuleType
 from typing import Any
 
 from . import _table, _wire
@@ -83,19 +84,41 @@ class NodeInfo:
         return f"{self.dir}/{serial}"
 
 
-def _importable(name: str, module: Any) -> bool:
-    """Can a warm child import ``module`` ahead by its ``name``? (Not ``__main__``, nor
-    a module made at run time, which has no spec, as cloudpickle's.)"""
-    return (getattr(module, "__spec__", None) is not None
-            and name not in ("__main__", "__mp_main__"))
+def target_modules(fn: Any, args: tuple[Any, ...]) -> list[str]:
+    """The modules that unpickling the target ``fn(*args)`` imported by name: those of
+    ``fn`` and of the classes and functions among ``args`` (not ``__main__``'s, nor
+    modules made at run time, which have no spec). Never raises."""
+    names: list[str] = []
+    try:
+        for obj in (fn, *args):
+            if not (isinstance(obj, type) or callable(obj)):
+                continue
+            name = getattr(obj, "__module__", None)
+            if not isinstance(name, str):
+                continue
+            module = sys.modules.get(name)
+            if (isinstance(module, ModuleType) and name not in names
+                    and name not in ("__main__", "__mp_main__")
+                    and module.__dict__.get("__spec__") is not None):
+                names.append(name)
+    except Exception:
+        pass
+    return names
 
 
 def _import_ahead(name: str) -> None:
-    """Import ``name`` in a warm child, ahead of its target: a module that fails to
-    import is left to the target, which meets the same error where it can see it."""
+    """Import ``name`` in a warm child, ahead of its target. A module that fails to
+    import leaves nothing behind (a package may have imported submodules before it
+    failed, which a later import would find half set up): the target meets the same
+    error itself, where it can see it."""
+    before = len(sys.modules)
     try:
         importlib.import_module(name)
     except (Exception, SystemExit) as exc:
+        added = len(sys.modules) - before
+        if added > 0:
+            for extra in list(islice(reversed(sys.modules), added)):
+                sys.modules.pop(extra, None)
         log.debug("a warm child could not import %s ahead: %r", name, exc)
 
 
@@ -498,7 +521,7 @@ class Node:
         another one ahead then: its fork would compete with us on our way. A runtime
         process's own warm child offers itself to its parent, which starts the next
         one when it is idle (see ``_before_idle``). Before all that, import ``imports``
-        (a root's warm child: what the targets before us imported, see ``_root``), and
+        (a root's warm child: the modules of the targets before us, see ``_root``), and
         walk the import system once (for a name that does not exist), so that
         importing the target's module later finds the directory listings read and
         the pages it writes copied."""
@@ -510,26 +533,23 @@ class Node:
         owner = self.info.main if for_root else self.parent
         assert owner is not None
         self.warm_owner = owner
-        modules = len(sys.modules)
         self._send(owner, _wire.control(_wire.WARM), time.monotonic() + 1.0)
         got: bytes = self.poller.wait(lambda: self.target, None)
-        if for_root:
-            with self.poller.lock:
-                self.poller.defer(partial(self._settled, modules))
         return got
 
-    def _settled(self, modules: int) -> None:
+    def target_loaded(self, fn: Any, args: tuple[Any, ...]) -> None:
+        """In a warm child, its target unpickled: a root's warm child tells the root at
+        its first idle moment (see ``wait_for_target``)."""
+        if self.parent is not None and self.parent == self.info.root:
+            with self.poller.lock:
+                self.poller.defer(partial(self._settled, target_modules(fn, args)))
+
+    def _settled(self, modules: list[str]) -> None:
         """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
-        parent, the root, that we have got going (see ``wait_for_target``), and which
-        modules our target imported since it came (those after the first ``modules``
-        in ``sys.modules``, which keeps them in the order they came), for the warm
-        children after us to import ahead. Only those are read: reading a name
-        writes its reference count, and the page it is on, shared with the root, is
-        then copied."""
+        parent, the root, that we have got going, and which ``modules`` unpickling our
+        target imported, for the warm children after us to import ahead."""
         if self.parent is not None:
-            new = list(islice(reversed(sys.modules.items()), len(sys.modules) - modules))
-            names = [name for name, module in reversed(new) if _importable(name, module)]
-            self._post(self.parent, _wire.dumps(("$settled", self.me, names)))
+            self._post(self.parent, _wire.dumps(("$settled", self.me, modules)))
 
     def _ask(self, pid: Pid, ref: int, frame: list[bytes]) -> None:
         """Expect a reply ``ref`` from ``pid`` and queue ``frame`` to it, never waiting

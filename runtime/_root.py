@@ -16,10 +16,12 @@ The embedding process starts the root with ``multiprocessing``'s spawn method
   the child on its way to its first message. One that exits first is replaced
   then; when a spawn finds none left, the root replaces every one taken (one
   that runs only its own code would never tell). A settled child also names
-  the modules its target imported to get going; the root keeps the last
-  ``IMPORTS_KEPT`` of those names (``warm_imports``), and each warm child
-  imports them before it offers itself: the next target of the same kind finds
-  its modules imported, and the root itself imports none;
+  the modules that unpickling its target imported (its function's, its
+  arguments' classes'); the root keeps the last ``IMPORTS_KEPT`` of those names
+  (``warm_imports``), and each warm child imports them before it offers itself:
+  the next target of the same kind finds its modules imported, and the root
+  itself imports none. A warm child that dies before it settles makes the root
+  forget them all (an import ahead may have killed it);
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -186,7 +188,7 @@ class Root:
                     node.reply(caller, result)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
-                elif msg[0] == "$settled":
+                elif msg[0] == "$settled" and len(msg) == 3:
                     self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
                     self._learn_imports(msg[2])
                 elif msg[0] == "$cancel":  # (its spawn came first: see _handle_call)
@@ -204,7 +206,11 @@ class Root:
                 if msg.ref == self.main_ref:
                     self._teardown(graceful=False, timeout=0.0)
                     node.exit_process("normal")
-                self.warm.pop(msg.ref, None)
+                if self.warm.pop(msg.ref, None) is not None and self.imports:
+                    # A warm child died before it settled: maybe importing what it was
+                    # told to import ahead (a module that exits at import, say). Forget
+                    # all of it, or every replacement would die the same way.
+                    self.imports.clear()
 
     def _handle_call(self, request: Any, caller: From) -> Any:
         kind = request[0]
@@ -254,8 +260,8 @@ class Root:
         self.warm[node.monitor(pid)] = pid
 
     def _learn_imports(self, names: Any) -> None:
-        """A settled warm child's target imported the modules ``names``: the next warm
-        children import them ahead (the newest ``IMPORTS_KEPT`` names)."""
+        """A settled warm child's target was unpickled with the modules ``names``: the
+        next warm children import them ahead (the newest ``IMPORTS_KEPT`` names)."""
         imports = self.imports
         if imports is None or not isinstance(names, list):
             return

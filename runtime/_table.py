@@ -230,11 +230,13 @@ class Table:
                     break
             else:
                 raise RuntimeError("the node's process table is full")
+            # The owner's record first: killed between the two writes, it names a slot
+            # that is not ALIVE, which take_unstarted leaves alone.
+            if owner is not None:
+                _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _SLOT.pack_into(mm, _SLOTS + _SLOT_SIZE * slot, serial, 0, ALIVE, 0, 0, 0, 0, 0)
             _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * slot + _UNSTARTED_OFF, 0)
             self._set_start_order(slot, serial)
-            if owner is not None:
-                _UNSTARTED.pack_into(mm, _SLOTS + _SLOT_SIZE * owner + _UNSTARTED_OFF, slot + 1)
             _HDR.pack_into(mm, 0, magic, serial + 1, (slot + 1) % NSLOTS, reserved)
             return serial, slot
         finally:
@@ -267,6 +269,14 @@ class Table:
 
     def set_os_pid(self, slot: int, os_pid: int) -> None:
         struct.pack_into("<I", self.mm, _SLOTS + _SLOT_SIZE * slot + _OS_PID_OFF, os_pid)
+
+    def set_own_os_pid(self, serial: int, slot: int, os_pid: int) -> None:
+        """A new process writes its own OS pid (its parent may not live to): only while
+        its slot is its own and ALIVE. (Its parent's death may have freed it, see
+        take_unstarted; a slot is taken again only after every other one.)"""
+        off = _SLOTS + _SLOT_SIZE * slot
+        if _SERIAL.unpack_from(self.mm, off)[0] == serial and self.mm[off + _STATE_OFF] == ALIVE:
+            struct.pack_into("<I", self.mm, off + _OS_PID_OFF, os_pid)
 
     def started_now(self, slot: int) -> None:
         """The process in ``slot`` starts now, not when its slot was taken (a warm child

@@ -98,9 +98,20 @@ def dumps_code(obj: Any, shown: Any = None) -> bytes:
     Raises:
         TypeError: as ``dumps``.
     """
-    if _by_value_registered():
+    if _by_value_registered() or _is_code(obj[0]):
         return _dumps_by_value(obj, shown)
     return dumps(obj, shown)
+
+
+def _is_code(fn: Any) -> bool:
+    """Is ``fn`` code that travels by value (``__main__``'s, a lambda, a local
+    function)? Then plain pickle is not tried first: it would fail, or pickle the
+    arguments once for nothing."""
+    try:
+        return (getattr(fn, "__module__", None) in ("__main__", "__mp_main__")
+                or "<" in getattr(fn, "__qualname__", ""))
+    except Exception:
+        return False
 
 
 def _dumps_by_value(obj: Any, shown: Any) -> bytes:

@@ -87,13 +87,13 @@ def configure(*, start_method: str | None = None, preload: Any = None,
             holds the root's state, which is the runtime, ``preload``'s modules and
             no user state. ``RUNTIME_WARM_CHILDREN``.
         warm_imports: whether a warm child imports, before it offers itself, the
-            modules that the targets handed to the warm children before it imported
-            to get going (default True): a service that spawns the same kind of
-            process again finds its module imported already, as with ``preload``,
-            but learned, and imported in the warm child, never in the root. Turn it
-            off if importing one of those modules has effects beyond the process
-            (it binds a port, say), as a warm child may never run a target, or run
-            another one. ``RUNTIME_WARM_IMPORTS`` (1 or 0).
+            modules that unpickling earlier targets imported (their functions' and
+            their arguments' classes' modules; default True): a service that spawns
+            the same kind of process again finds its module imported already, as
+            with ``preload``, but learned, and imported in the warm child, never in
+            the root. Turn it off if importing one of those modules has effects
+            beyond the process (it binds a port, say), as a warm child may never run
+            a target, or run another one. ``RUNTIME_WARM_IMPORTS`` (1 or 0).
         call_timeout: the timeout of ``call``, ``acall`` and the Agent's calls when
             none is given (default 5.0 s; ``math.inf``: none). May change at any
             time. ``RUNTIME_CALL_TIMEOUT`` (seconds, or ``none``).

@@ -259,25 +259,43 @@ WARM_IMPORTS = """
 
 LEARNED_MOD = """
     import os
+    import sys
     import runtime
 
     if os.path.exists(os.environ.get("LEARNED_MOD_FLAG", "/nonexistent")):
         raise RuntimeError("learned_mod cannot be imported here")
+    if os.path.exists(os.environ.get("LEARNED_MOD_EXIT", "/nonexistent")):
+        os._exit(3)
 
     def target(parent):
         runtime.send(parent, "target ran")
+
+    def configured(parent):
+        # configures, then imports: what it imports in its body is not imported ahead
+        os.environ["ENVCONF_MODE"] = "fast"
+        import envconf_mod
+        runtime.send(parent, ("mode", envconf_mod.MODE))
+
+    def purges(parent):
+        # drops modules it did not import (as a test suite may), then waits
+        for name in [n for n in sys.modules if n.startswith("email")][:5] + ["learned_mod"]:
+            sys.modules.pop(name, None)
+        sys.modules["a_proxy"] = object()  # not a module
+        runtime.send(parent, ("purged", runtime.receive(timeout=10)))
 """
 
 
-def _run_learning(tmp_path, env=None, *args):
+def _run_learning(tmp_path, env=None, *args, script=WARM_IMPORTS):
     import textwrap
 
     from .test_node import REPO
 
     (tmp_path / "learned_mod.py").write_text(textwrap.dedent(LEARNED_MOD))
+    (tmp_path / "envconf_mod.py").write_text(
+        "import os\nMODE = os.environ.get('ENVCONF_MODE', 'default')\n")
     full_env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO]),
                 "LEARNED_MOD_FLAG": str(tmp_path / "flag"), **(env or {})}
-    proc = run_script(WARM_IMPORTS, *args, env=full_env)
+    proc = run_script(script, *args, env=full_env)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     return out.splitlines(), err
@@ -306,3 +324,51 @@ def test_a_module_that_fails_to_import_ahead_is_left_to_the_target(tmp_path):
     assert lines[0] == "target ran", err
     assert eval(lines[1]) == [False] * len(eval(lines[1])), err
     assert lines[2] == "RuntimeError", err
+
+
+LEARNED_EDGES = """
+    import os, sys, time
+    import runtime
+    from runtime.testing import wait_until, warm_children
+
+    def probe(parent):
+        runtime.send(parent, ("probe", runtime.self().serial))
+
+    if __name__ == "__main__":
+        me = runtime.self()
+        want = runtime.options().warm_children
+        import learned_mod
+        for _ in range(2 * want + 1):  # each in a warm child that imported learned_mod
+            wait_until(lambda: len(warm_children()) == want)
+            runtime.spawn(learned_mod.configured, me)
+            print(runtime.receive(timeout=10)[1])
+        wait_until(lambda: len(warm_children()) == want)
+        pid = runtime.spawn(learned_mod.purges, me)
+        runtime.send(pid, "still there")
+        print(runtime.receive(timeout=10)[1])
+        # From now on importing learned_mod kills the process that does.
+        open(os.environ["LEARNED_MOD_EXIT"], "w").close()
+        runtime.spawn(probe, me)
+        first = runtime.receive(timeout=10)[1]
+        time.sleep(1.0)  # sleep-ok: a window in which to count the root's forks
+        runtime.spawn(probe, me)
+        print(runtime.receive(timeout=10)[1] - first)
+        runtime.shutdown()
+"""
+
+
+def test_what_warm_children_import_ahead_is_what_unpickling_a_target_imports(tmp_path):
+    # Found by a review of the first version, which sent the root every module the
+    # target had imported by its first idle moment: a target that configures (an
+    # environment variable, sys.path) and then imports got modules imported ahead,
+    # unconfigured; one that dropped modules from sys.modules got a ValueError out
+    # of its own receive; and a module that exits at import made the root fork warm
+    # children that died for the node's life (800 in 3 s).
+    lines, err = _run_learning(tmp_path, {"LEARNED_MOD_EXIT": str(tmp_path / "exit")},
+                               script=LEARNED_EDGES)
+    want = 2 * 2 + 1
+    assert lines[:want] == ["fast"] * want, (lines, err[-3000:])
+    assert lines[want] == "still there", (lines, err[-3000:])
+    forks = int(lines[want + 1])
+    assert forks < 20, (f"{forks} processes started in a second: warm children that die "
+                        f"importing ahead are replaced for ever", err[-3000:])
