@@ -98,7 +98,7 @@ def dumps_code(obj: Any, shown: Any = None) -> bytes:
     Raises:
         TypeError: as ``dumps``.
     """
-    if _by_value_registered() or _is_code(obj[0]):
+    if _by_value_registered() or (obj.__class__ is tuple and obj and _is_code(obj[0])):
         return _dumps_by_value(obj, shown)
     return dumps(obj, shown)
 
