@@ -251,7 +251,7 @@ WARM_IMPORTS = """
             seen.append(runtime.receive(timeout=10)[1])
         print(seen)
         if len(sys.argv) > 1:
-            ref = runtime.monitor(runtime.spawn(learned_mod.target, me))
+            _, ref = runtime.spawn_monitor(learned_mod.target, me)
             down = runtime.receive(timeout=10, match=lambda m: getattr(m, "ref", None) == ref)
             print(down.reason.exc_type)
         runtime.shutdown()
