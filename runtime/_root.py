@@ -115,8 +115,8 @@ def main(preload: tuple[str, ...], warm_children: int, warm_imports: bool = True
     """The root's process function (its target). ``preload``: modules the user asked
     the root to import (``runtime.configure``), which the processes it forks then
     inherit instead of importing each; ``warm_children``: how many to keep started
-    ahead; ``warm_imports``: whether they import ahead what the targets before them
-    imported (see the module docstring)."""
+    ahead; ``warm_imports``: whether they import ahead the modules of the targets
+    before them (see the module docstring)."""
     # The runtime's own dependency, imported once here rather than in every child the
     # root forks: a target from the embedding process is unpickled with it.
     import cloudpickle  # noqa: F401
