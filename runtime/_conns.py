@@ -265,16 +265,17 @@ class Connections:
 
     def _frames_unproven(self, conn: Conn, view: memoryview, end: int) -> int:
         """``_frames`` for a connection whose peer is not proven yet (its first frame
-        is a HELLO), or is an observer."""
+        is a HELLO), or is an observer; once a HELLO proves a process, the frames after
+        it go to ``_frames``."""
         pos = 0
         while end - pos >= 4:
+            if conn.peer is not None and not conn.observer:
+                rest = view[pos:end]
+                return pos + self._frames(conn, rest, end - pos)
             stop = pos + 4 + _length(view, pos)[0]
             if stop > end:
                 break
-            if conn.peer is None or conn.observer:
-                self._unproven_frame(conn, view[pos + 4 : stop])
-            else:
-                self._on_frame(conn.peer, view[pos + 4], view[pos + 5 : stop])
+            self._unproven_frame(conn, view[pos + 4 : stop])
             pos = stop
             if conn.closed:
                 break

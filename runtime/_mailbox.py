@@ -133,26 +133,24 @@ class Mailbox:
 
     def put_reply(self, ref: int, result: CallResult) -> None:
         """The call ``ref`` ended (lock held); ignored unless it is still awaited."""
-        replies = self._replies
-        if replies.get(ref) is _PENDING:
-            replies[ref] = result
-            if self._sinks:
-                sink = self._sinks.pop(ref, None)
-                if sink is not None:
-                    sink.append(ref)
-            self._notify(ref)
+        if self._replies.get(ref) is _PENDING:
+            self._ended(ref, result)
 
     def reply_arrived(self, ref: int, frame: memoryview) -> None:
         """A REPLY frame's body (its ref, then the pickled reply) came for the call
         ``ref`` (lock held); ignored unless it is still awaited."""
-        replies = self._replies
-        if replies.get(ref) is _PENDING:
-            replies[ref] = CallResult(True, bytes(frame[8:]))
-            if self._sinks:
-                sink = self._sinks.pop(ref, None)
-                if sink is not None:
-                    sink.append(ref)
-            self._notify(ref)
+        if self._replies.get(ref) is _PENDING:
+            self._ended(ref, CallResult(True, bytes(frame[8:])))
+
+    def _ended(self, ref: int, result: CallResult) -> None:
+        """The awaited call ``ref`` ended with ``result`` (lock held): keep it, and tell
+        whoever waits for it."""
+        self._replies[ref] = result
+        if self._sinks:
+            sink = self._sinks.pop(ref, None)
+            if sink is not None:
+                sink.append(ref)
+        self._notify(ref)
 
     def take_reply(self, ref: int) -> CallResult | None:
         """The call's result if it has ended, and the call forgotten (lock held)."""
