@@ -175,8 +175,10 @@ class Demo:
             self.names[os_pid] = "warm child (for the next spawn)"
         sup = runtime.whereis("kv.bucket_supervisor")
         info = None if sup is None else runtime.info(sup)
-        if info is not None and info["warm_child"] is not None:
-            self.names[info["warm_child"].os_pid] = "warm child (for the next bucket)"
+        for pid in [] if info is None else info["warm_children"]:
+            self.names[pid.os_pid] = "warm child (for the next bucket)"
+        for pid in [] if info is None else info["zygotes"]:
+            self.names[pid.os_pid] = "zygote (forks the buckets)"
         self.names[system.janitor or 0] = "janitor (cleans up the node)"
         rows = []
         me = psutil.Process()

@@ -28,7 +28,7 @@ def start() -> Pid:
     """Start the tree (names above). Blocks until it runs. Raises
     ``AlreadyRegisteredError`` if it is running already."""
     children = [
-        DynamicSupervisor.child_spec(name=BUCKET_SUPERVISOR, warm_child=True),
+        DynamicSupervisor.child_spec(name=BUCKET_SUPERVISOR, zygote=True),
         Registry.child_spec({"name": REGISTRY, "bucket_supervisor": BUCKET_SUPERVISOR}),
     ]
     return Supervisor.start_link(children, strategy="one_for_all", name=SUPERVISOR)

@@ -36,7 +36,6 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing import process, reduction
 from multiprocessing.context import get_spawning_popen, set_spawning_popen
 from typing import Any
@@ -99,8 +98,9 @@ class Plan:
     default_signals: tuple[int, ...] = ()  # handlers of the parent's to drop
     sentinel: int = -1  # its end of its sentinel pipe, once known
     sigmask: Any = None  # under fork: the signal mask to restore once its handlers are set
-    warm: bool = False  # started ahead: waits for its target (see ``_root``)
-    imports: tuple[str, ...] = ()  # a warm child's: modules to import ahead (see _root)
+    warm: bool = False  # started ahead: waits for its target (see ``_forkserver``)
+    offer_to: Pid | None = None  # a warm child's: who hands it its target
+    imports: tuple[str, ...] = ()  # a warm child's: modules to import ahead
     close: list[tuple[int, int]] | None = None  # under fork: the parent's descriptors
 
 
@@ -267,8 +267,9 @@ def _run(node: Node, plan: Plan) -> None:
         node.exit_process(doomed[0], log_crash=False)
     reason: Any = "normal"
     try:
-        if plan.warm:
-            plan.payload = node.wait_for_target(plan.imports)  # (see _root: a warm child)
+        if plan.warm:  # (see _forkserver: a warm child)
+            assert plan.offer_to is not None
+            plan.payload = node.wait_for_target(plan.offer_to, plan.imports)
         fn, args = pickle.loads(plan.payload) if plan.payload is not None else plan.target
         plan.target = plan.payload = None
         if plan.warm:
@@ -321,122 +322,75 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
         # dead, warm children are dying (they die with it).
         pid = node.hand_over(payload, link) if not trap and node.is_alive(root) else None
         if pid is None:
-            pid = _spawn_by_root(node, root, payload, link, trap)
+            try:
+                pid = spawn_by(node, root, payload, link, trap, "the node's root")
+            except ProcessError:
+                if node.is_alive(root):
+                    raise
+                raise ProcessError(
+                    "the node's root process has died, and every process of the node "
+                    "with it: call runtime.shutdown(), then the next use starts a new "
+                    "node") from None
         if link:
             node.linked_by(pid)
         return pid
     if threading.get_ident() != threading.main_thread().ident:
         raise ProcessError("spawn from a runtime process must run on its main thread "
                            "(a fork from another thread would not be safe)")
-    if node.own_warm is not None and node.own_warm in node.warm and not trap:
-        pid = _hand_over_own(node, fn, args, link)
+    keeper = node.keeper  # (children started ahead: see _warm)
+    if keeper is not None:
+        pid = keeper.spawn(fn, args, link, trap)
         if pid is not None:
+            if link:
+                node.linked_by(pid)
             return pid
-    node.warm_paused = False  # (see _start_warm)
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
-# ------------------------------------------- a runtime process's own warm child
-
-
-def keep_warm(node: Node, on: bool) -> None:
-    """In a runtime process: keep one child started ahead (or stop: ``on`` False), so
-    that a spawn hands it its target instead of forking then. The first one starts
-    when the process next waits for a message, and each next one likewise once a
-    spawn took the previous one (``Node._before_idle``): the fork happens while the
-    process is idle, not while a spawn waits.
-
-    What it means for the process's spawns: a target that can be pickled (with
-    cloudpickle) and that does not trap exits is run by that child, which was
-    forked when the process was last idle and sees the process's memory as it was
-    then; any other target is forked as usual. The child started ahead is not one
-    of the node's processes (``processes()``) until it has a target; it stops with
-    the process, and a process killed before it took a target takes it along."""
-    if node.is_main:
-        raise ProcessError("keep_warm is for a runtime process: the embedding process's "
-                           "spawns use the root's warm children (configure(warm_children=))")
-    if on:
-        node.warm_refill = partial(_start_warm, node)
-        return
-    node.warm_refill = None
-    node.warm_paused = False
-    own, node.own_warm = node.own_warm, None
-    if own is not None:
-        with node.poller.lock:
-            if own in node.warm:
-                node.warm.remove(own)
-        node.exit(own, "kill")
-
-
-def _start_warm(node: Node) -> None:
-    """Start the process's next warm child (see ``keep_warm``); if that fails (no
-    descriptors or processes left, the table full), start none until the next spawn:
-    the process goes on as if it kept none."""
-    try:
-        node.own_warm = start_child(node, warm=True)
-    except Exception as exc:
-        log.warning("could not start a child ahead (%s); trying again after the next "
-                    "spawn", exc)
-        node.own_warm = None
-        node.warm_paused = True
-
-
-def _hand_over_own(node: Node, fn: Any, args: tuple[Any, ...], link: bool) -> Pid | None:
-    """Run ``fn(*args)`` in the process's warm child (it has offered itself) if the
-    target can be pickled; its Pid, else None (the spawn forks as usual)."""
-    try:
-        payload = _wire.dumps_code((fn, args), None)
-    except Exception:
-        return None  # (not picklable: a fork inherits it)
-    pid = node.hand_over(payload, link)  # (in a runtime process, only its own offers)
-    if pid is None:
-        return None
-    node.own_warm = None
-    if link:
-        node.linked_by(pid)
-    return pid
-
-
-def _spawn_by_root(node: Node, root: Pid, payload: bytes, link: bool, trap: bool) -> Pid:
-    """From the embedding process: have the root fork a new process for ``payload``.
-    A spawn that does not end with the root's answer (no answer in ROOT_WAIT seconds:
-    the root is stopped; or Ctrl-C) tells the root to cancel it: the root forks
-    nothing, or kills what it forked, so that no process runs a target whose spawn
-    raised."""
+def spawn_by(node: Node, server: Pid, payload: bytes, link: bool, trap: bool,
+             name: str) -> Pid:
+    """Have the fork server ``server`` (the root, a zygote: see ``_forkserver``) fork
+    a new process for ``payload``. A spawn that does not end with the server's
+    answer (none in ROOT_WAIT seconds: the server is stopped; or Ctrl-C) tells the
+    server to cancel it: it forks nothing, or kills what it forked, so that no
+    process runs a target whose spawn raised. Raises ProcessError if the server is
+    dead, did not answer, or could not fork (``name`` names the server in it)."""
 
     def cancel(ref: int) -> None:
-        node.post(root, ("$cancel", ref))  # (the root may be stopped: never wait)
+        node.post(server, ("$cancel", ref))  # (the server may be stopped: never wait)
 
     try:
-        pid = node.call(root, ("$spawn", payload, link, trap), ROOT_WAIT, cancel)
+        pid = node.call(server, ("$spawn", payload, link, trap), ROOT_WAIT, cancel)
     except (NoProcError, ExitError):
-        raise ProcessError(
-            "the node's root process has died, and every process of the node with "
-            "it: call runtime.shutdown(), then the next use starts a new node") from None
+        raise ProcessError(f"{name} has died") from None
     except CallTimeout:
-        raise ProcessError(f"the node's root did not answer a spawn within {ROOT_WAIT} s "
+        raise ProcessError(f"{name} did not answer a spawn within {ROOT_WAIT} s "
                            "(stopped?); the spawn was cancelled") from None
     if pid.__class__ is tuple and pid[0] == "$error":
-        raise pid[1]  # the root could not fork (out of descriptors or processes)
+        raise pid[1]  # the server could not fork (out of descriptors or processes)
     if not isinstance(pid, Pid):
-        raise ProcessError(f"the node's root answered a spawn with {pid!r}")
+        raise ProcessError(f"{name} answered a spawn with {pid!r}")
     return pid
 
 
 def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
                 link: bool = False, link_to: Pid | None = None, trap: bool = False,
                 default_signals: tuple[int, ...] = (), name: str = "runtime",
-                warm: bool = False, imports: tuple[str, ...] = (), shown: Any = None) -> Pid:
+                warm: bool = False, offer_to: Pid | None = None,
+                imports: tuple[str, ...] = (), fresh: bool = False,
+                shown: Any = None) -> Pid:
     """Start a child of ``node`` (this process's node) running ``target = (fn, args)``
     or the cloudpickled ``payload`` (``warm``: neither yet; it waits for a target from
-    ``Node.hand_over``, having imported the modules ``imports`` first). Returns once
+    ``Node.hand_over`` in ``offer_to``, by default us, having imported the modules
+    ``imports`` first). ``fresh``: start it with the spawn start method (a new
+    interpreter) whatever the node's start method is. Returns once
     the OS process exists and can be sent to; does not wait for it to run. A warm
     child's slot is marked as started ahead (``Table.set_ahead``): it is not listed
     among the node's processes until it is handed a target, and it is found by its
     OS pid like any other (by the root, when its parent was killed and it died an
     orphan)."""
     info = node.info
-    spawned = info.start_method == "spawn"
+    spawned = fresh or info.start_method == "spawn"
     if spawned and payload is None:
         payload, target = _wire.dumps_code(target, shown), None
     table = node.table
@@ -463,7 +417,8 @@ def start_child(node: Node, target: Any = None, *, payload: bytes | None = None,
         plan = Plan(info, serial, slot, node.me, os.getpid(), InheritFd(listen.fileno()),
                     InheritFd(theirs.fileno()), link=link, link_to=link_to, trap=trap,
                     target=target, payload=payload, default_signals=default_signals,
-                    sentinel=sentinel[1], warm=warm, imports=imports)
+                    sentinel=sentinel[1], warm=warm, imports=imports,
+                    offer_to=(offer_to or node.me) if warm else None)
         proc = RuntimeProcess(plan, f"{name}-{serial}")
         if spawned:
             popen = SpawnPopen(proc)
@@ -539,8 +494,9 @@ def _child_node(parent: Node, plan: Plan, listen: socket.socket, conn: socket.so
     with node.poller.lock:
         if plan.link:
             node.watches.prelink(parent.me, os.pidfd_open(os.getpid()))
-        if plan.link_to is not None:
-            node.watches.link(plan.link_to, watched=False)  # (the embedding process)
+        if plan.link_to is not None:  # (the client of a fork server: see _forkserver)
+            # The embedding process traps exits and watches us itself: no watch.
+            node.watches.link(plan.link_to, watched=plan.link_to != plan.info.main)
     return node
 
 

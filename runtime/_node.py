@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from . import _table, _wire
 from ._conns import Conn, Connections
@@ -82,6 +82,18 @@ class NodeInfo:
 
     def sock_path(self, serial: int) -> str:
         return f"{self.dir}/{serial}"
+
+
+class Keeper(Protocol):
+    """What keeps a runtime process's children started ahead (see ``_warm``)."""
+
+    def idle_work(self) -> bool: ...
+    def do_idle_work(self) -> None: ...
+    def accepts(self, peer: Pid) -> bool: ...
+    def kept(self) -> list[Pid]: ...
+    def zygotes(self) -> list[Pid]: ...
+    def spawn(self, fn: Any, args: tuple[Any, ...], link: bool, trap: bool) -> Pid | None: ...
+    def stop(self) -> None: ...
 
 
 def target_modules(fn: Any, args: tuple[Any, ...]) -> list[str]:
@@ -145,11 +157,9 @@ class Node:
         self.extra_fds: list[int] = []  # owned, not polled: our sentinel's write end
         self.target: bytes | None = None  # a warm child's, once handed over
         self.warm: list[Pid] = []  # warm children that offered themselves (see hand_over)
-        # A runtime process that keeps a child started ahead of its spawns (see
-        # _launch.keep_warm): how to start one, and the one started, not handed over.
-        self.warm_refill: Callable[[], None] | None = None
-        self.own_warm: Pid | None = None
-        self.warm_paused = False  # the last start failed: none until the next spawn
+        # A runtime process that keeps children started ahead of its spawns: its
+        # keeper (see _warm).
+        self.keeper: Keeper | None = None
         self.warm_owner: Pid | None = None  # a warm child's: whom it waits for a target from
         self.janitor: int | None = None  # the embedding process's: see _embed.janitor
         self._refs = itertools.count(1)
@@ -208,8 +218,10 @@ class Node:
 
     def _on_closed(self, peer: Pid) -> None:
         # A peer closes its end only by dying: check it in this batch rather than
-        # wait for its watch to wake us again.
+        # wait for its watch to wake us again. A warm child that does is none.
         self._suspects.append(peer.serial)
+        if self.warm and peer in self.warm:
+            self.warm.remove(peer)
 
     def _check_suspects(self, handled: list[Watch], whole: bool) -> None:
         suspects, self._suspects = self._suspects, []
@@ -269,8 +281,8 @@ class Node:
                 self.target = bytes(body[1:])
                 self.poller.notify()
         elif tag == _wire.WARM:
-            own = self.own_warm
-            if self.is_main or (own is not None and own.serial == peer.serial):
+            keeper = self.keeper
+            if self.is_main or (keeper is not None and keeper.accepts(peer)):
                 self.warm.append(peer)  # (see hand_over)
         elif tag == _wire.INFO:
             conn = self.conns.out_to(peer.serial)
@@ -354,7 +366,7 @@ class Node:
 
     def receive(self, timeout: float | None, match: Any) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self.warm_refill is not None and match is None:
+        if self.keeper is not None and match is None:
             got = self._before_idle()
             if got is not None:
                 return got[0]
@@ -368,7 +380,7 @@ class Node:
 
     def next_message(self) -> Any:
         """The next message, however long it takes (the GenServer loop)."""
-        if self.warm_refill is not None:
+        if self.keeper is not None:
             got = self._before_idle()
             if got is not None:
                 return got[0]
@@ -431,26 +443,24 @@ class Node:
     # -------------------------------------------------------- warm children
 
     def _before_idle(self) -> tuple[Any] | None:
-        """In a process that keeps a child started ahead (``_launch.keep_warm``), before
-        it waits for a message: the first message if one is there; else, if the child
-        started ahead was taken (or died), start the next one now, while idle, and
+        """In a process that keeps children started ahead (see ``_warm``), before it
+        waits for a message: the first message if one is there; else, if its keeper
+        has work to do while idle (start the next child ahead, say), do it now, and
         None. Only on the main thread: another thread's wait forks nothing."""
-        own = self.own_warm
-        if self.warm_paused or (own is not None and self.watches.get(own.serial) is not None):
+        keeper = self.keeper
+        if keeper is None or not keeper.idle_work():
             return None
         if threading.get_ident() != threading.main_thread().ident:
             return None  # (a fork from another thread is not safe: see _launch.spawn)
         got = self.mailbox.take(0.0)
         if got is None:
-            refill = self.warm_refill
-            if refill is not None:
-                refill()
+            keeper.do_idle_work()
         return got
 
     def hand_over(self, payload: bytes, link: bool) -> Pid | None:
         """Give the cloudpickled target ``payload`` to a warm child that offered itself
         (in the embedding process, the root's: see ``_root``; in a runtime process, its
-        own: see ``_launch.keep_warm``) and return its Pid, linked to us if ``link``;
+        keeper's: see ``_warm``) and return its Pid, linked to us if ``link``;
         None if no warm child is waiting. Blocks only while the payload is written: a child that
         takes none of it for ``HAND_OVER_WAIT`` seconds (stopped) is killed, and the
         next one is tried. Interrupted (Ctrl-C), it kills the child it chose: a spawn
@@ -467,11 +477,12 @@ class Node:
                     conn = conns.out_to(pid.serial)
                 if conn is None:
                     return None
-                if not self._ready_for_target(pid):
+                # (Claimed atomically: its fork server may kill those not taken.)
+                if not self._ready_for_target(pid) \
+                        or not self.table.claim_ahead(pid.serial, pid.slot):
                     continue  # it dies (killed while it waited): the next one, or a fork
                 # Listed among the node's processes from now on, as started now.
                 self.table.started_now(pid.slot)
-                self.table.set_ahead(pid.slot, False)
                 mark = conns.write(conn, frame)
                 if conn.closed:
                     continue  # it died meanwhile: the next one, or a new process
@@ -512,41 +523,36 @@ class Node:
             return sorted((pid for pid in self.warm if self.conns.out_to(pid.serial)),
                           key=_serial)
 
-    def wait_for_target(self, imports: tuple[str, ...] = ()) -> bytes:
-        """In a warm child: tell whoever spawns through us that we wait for a target,
-        and wait for it (see ``hand_over``), leaving every message in the mailbox as it
-        is. The root's warm children offer themselves to the embedding process
-        (connecting to it now, as what it spawns mostly talks to it first); at our
-        first idle moment after the target came, we tell the root, which starts
-        another one ahead then: its fork would compete with us on our way. A runtime
-        process's own warm child offers itself to its parent, which starts the next
-        one when it is idle (see ``_before_idle``). Before all that, import ``imports``
-        (a root's warm child: the modules of the targets before us, see ``_root``), and
-        walk the import system once (for a name that does not exist), so that
-        importing the target's module later finds the directory listings read and
-        the pages it writes copied."""
+    def wait_for_target(self, owner: Pid, imports: tuple[str, ...] = ()) -> bytes:
+        """In a warm child: tell ``owner``, whose spawns we serve, that we wait for a
+        target, and wait for it (see ``hand_over``), leaving every message in the
+        mailbox as it is. ``owner`` is our parent, or the client of our parent if that
+        is a fork server (the root, a zygote: see ``_forkserver``), which we then tell
+        at our first idle moment after the target came, so that it starts another
+        one ahead then: its fork would compete with us on our way. Before all that,
+        import ``imports`` (the modules of the targets before us), and walk the
+        import system once (for a name that does not exist), so that importing the
+        target's module later finds the directory listings read and the pages it
+        writes copied."""
         for name in imports:
             if name not in sys.modules:
                 _import_ahead(name)
         importlib.util.find_spec("_runtime_warm_child_probe_")
-        for_root = self.parent is not None and self.parent == self.info.root
-        owner = self.info.main if for_root else self.parent
-        assert owner is not None
         self.warm_owner = owner
         self._send(owner, _wire.control(_wire.WARM), time.monotonic() + 1.0)
         got: bytes = self.poller.wait(lambda: self.target, None)
         return got
 
     def target_loaded(self, fn: Any, args: tuple[Any, ...]) -> None:
-        """In a warm child, its target unpickled: a root's warm child tells the root at
-        its first idle moment (see ``wait_for_target``)."""
-        if self.parent is not None and self.parent == self.info.root:
+        """In a warm child, its target unpickled: one forked by a fork server tells it
+        at its first idle moment (see ``wait_for_target``)."""
+        if self.parent is not None and self.warm_owner != self.parent:
             with self.poller.lock:
                 self.poller.defer(partial(self._settled, target_modules(fn, args)))
 
     def _settled(self, modules: list[str]) -> None:
         """(A cleanup job: it runs at our first idle moment, or as we exit.) Tell our
-        parent, the root, that we have got going, and which ``modules`` unpickling our
+        parent, a fork server, that we have got going, and which ``modules`` unpickling our
         target imported, for the warm children after us to import ahead."""
         if self.parent is not None:
             self._post(self.parent, _wire.dumps(("$settled", self.me, modules)))
@@ -750,16 +756,20 @@ class Node:
             status = "waiting"
         else:
             status = "running"
-        kept = self.own_warm
+        kept = [] if self.keeper is None else self.keeper.kept()
         return {
             "parent": self.parent,
             "status": status,
             "message_queue_len": self.mailbox.length(),
             "monitors": self.watches.monitored(),
             "links": self.watches.links(),
-            "children": [w.pid for w in self.watches.children() if w.pid != kept],
+            "children": [w.pid for w in self.watches.children() if w.pid not in kept],
             "trap_exit": self.exits.trap,
-            "warm_child": kept if kept in self.warm else None,  # (once ready for a target)
+            # (those ready for a target, the next one a spawn takes first)
+            "warm_children": [] if self.is_main else sorted(self.warm, key=_serial),
+            "warm_child": min(self.warm, key=_serial) if self.warm and not self.is_main
+            else None,
+            "zygotes": [] if self.keeper is None else self.keeper.zygotes(),
         }
 
     def processes(self) -> list[Pid]:
@@ -790,7 +800,8 @@ class Node:
             if not self.is_alive(pid):
                 return None
             state = dict.fromkeys(("parent", "message_queue_len", "monitors", "links",
-                                   "children", "trap_exit", "warm_child"))
+                                   "children", "trap_exit", "warm_children", "warm_child",
+                                   "zygotes"))
             state["status"] = "running"
         out.update(state)
         return out

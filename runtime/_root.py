@@ -3,25 +3,10 @@
 The embedding process starts the root with ``multiprocessing``'s spawn method
 (see ``_embed``). The root is a small runtime process that
 
-- forks the processes the embedding process spawns (the embedding process must
-  never fork), so it is their parent and reaps them; it runs no user code: the
-  targets it is given stay pickled until the new process unpickles them;
-- keeps ``warm_children`` of them started ahead, whenever it has nothing else to
-  do: a warm child has closed what it inherited, made its node, connected to
-  the embedding process and told it that it waits for a target. A spawn from the
-  embedding process hands one its target directly (``Node.hand_over``): one
-  message instead of a round trip to the root and a fork. A warm child that was
-  handed its target tells the root at its first idle moment (see ``_poller``),
-  and the root starts the next one then, not at once: its fork would compete with
-  the child on its way to its first message. One that exits first is replaced
-  then; when a spawn finds none left, the root replaces every one taken (one
-  that runs only its own code would never tell). A settled child also names
-  the modules that unpickling its target imported (its function's, its
-  arguments' classes'); the root keeps the last ``IMPORTS_KEPT`` of those names
-  (``warm_imports``), and each warm child imports them before it offers itself:
-  the next target of the same kind finds its modules imported, and the root
-  itself imports none. A warm child that dies before it settles makes the root
-  forget them all (an import ahead may have killed it);
+- is the embedding process's fork server (see ``_forkserver``): it forks the
+  processes the embedding process spawns (the embedding process must never
+  fork), so it is their parent and reaps them, and keeps ``warm_children`` of
+  them started ahead;
 - is the child subreaper of the node: a process whose parent died is reparented
   to it, and it records the exit of such orphans before reaping them;
 - SIGKILLs a process that was sent an exit signal and has not exited
@@ -51,22 +36,20 @@ import select
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import _current, _launch, _table
 from ._exits import EXIT_GRACE
+from ._forkserver import ForkServer
 from ._node import Node
-from .errors import ProcessError, ReceiveTimeout
+from .errors import ReceiveTimeout
 from .messages import Down
-from .pid import From, Pid, Ref
+from .pid import From, Pid
 
 log = logging.getLogger(__name__)
 
 # Signals that end the whole node when the root gets them.
 ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-SPAWNS_KEPT = 256  # (see Root.spawned)
-IMPORTS_KEPT = 512  # module names a warm child imports ahead, at most (the newest)
 
 
 class Escalation(NamedTuple):
@@ -152,15 +135,8 @@ class Root:
         node.extra_fds.append(w)
         node.add_reader(r, self._on_signals)
         self.timers: list[Escalation] = []
-        # Warm children not yet settled (see the module docstring), by their monitor.
-        self.warm: dict[Ref, Pid] = {}
-        self.warm_target = warm_children
-        self.warm_blocked = False  # the last start failed: none until the next spawn
-        # What a warm child imports ahead (None: nothing), oldest first: a dict kept
-        # in the order names were first seen.
-        self.imports: dict[str, None] | None = {} if warm_imports else None
-        # The last spawns, by their call's ref: what a "$cancel" that comes late kills.
-        self.spawned: dict[int, Pid] = {}
+        self.server = ForkServer(node, node.info.main, warm_children, warm_imports,
+                                 default_signals=(signal.SIGCHLD, *ENDING))
 
     def run(self) -> None:
         node = self.node
@@ -168,33 +144,31 @@ class Root:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0].due - time.monotonic())
-            refill = len(self.warm) < self.warm_target and not self.warm_blocked
+            refill = self.server.wants_warm()
             try:
                 msg = node.receive(0.0 if refill else timeout, None)
             except ReceiveTimeout:
                 msg = None
             if msg is None and refill:  # nothing else to do: start one ahead
-                self._warm_one()
+                self.server.warm_one()
                 continue
             if self.timers:
                 self._escalate_due()
+            if msg.__class__ is Down and msg.ref == self.main_ref:
+                self._teardown(graceful=False, timeout=0.0)
+                node.exit_process("normal")
+            if self.server.handle(msg):
+                continue
             if msg.__class__ is tuple and msg:
                 if msg[0] == "$gen_call":
                     _, caller, request = msg
                     try:
                         result = self._handle_call(request, caller)
-                    except Exception as exc:  # a failed fork must not take the node down
+                    except Exception as exc:
                         result = ("$error", exc)
                     node.reply(caller, result)
                     if request[0] == "$shutdown":
                         node.exit_process("normal")
-                elif msg[0] == "$settled" and len(msg) == 3:
-                    self._forget_warm(lambda pid, settled=msg[1]: pid == settled)
-                    self._learn_imports(msg[2])
-                elif msg[0] == "$cancel":  # (its spawn came first: see _handle_call)
-                    pid = self.spawned.pop(msg[1], None)
-                    if pid is not None:
-                        node.exit(pid, "kill")
                 elif msg[0] == "$escalate":
                     pid = msg[1]
                     heapq.heappush(self.timers, Escalation(time.monotonic() + EXIT_GRACE,
@@ -202,40 +176,9 @@ class Root:
                 elif msg[0] == "$end":
                     self._teardown(graceful=False, timeout=0.0)
                     node.exit_process("normal")
-            elif msg.__class__ is Down:
-                if msg.ref == self.main_ref:
-                    self._teardown(graceful=False, timeout=0.0)
-                    node.exit_process("normal")
-                if self.warm.pop(msg.ref, None) is not None and self.imports:
-                    # A warm child died before it settled: maybe importing what it was
-                    # told to import ahead (a module that exits at import, say). Forget
-                    # all of it, or every replacement would die the same way.
-                    self.imports.clear()
 
     def _handle_call(self, request: Any, caller: From) -> Any:
         kind = request[0]
-        if kind == "$spawn":
-            _, payload, link, trap = request
-            node = self.node
-            # The caller gave up on it (no answer in time, or Ctrl-C): fork nothing. A
-            # cancel that comes once it is forked kills it (see run).
-            cancel = ("$cancel", caller.ref)
-            try:
-                node.receive(0.0, lambda m: m == cancel)
-                return ("$error", ProcessError("the spawn was cancelled"))
-            except ReceiveTimeout:
-                pass
-            self.warm_blocked = False
-            table = node.table
-            # (those taken: see the module docstring)
-            self._forget_warm(lambda pid: not table.is_ahead(pid.slot))
-            pid = _launch.start_child(node, payload=payload, trap=trap,
-                                      link_to=node.info.main if link else None,
-                                      default_signals=(signal.SIGCHLD, *ENDING))
-            self.spawned[caller.ref] = pid
-            if len(self.spawned) > SPAWNS_KEPT:
-                del self.spawned[next(iter(self.spawned))]
-            return pid
         if kind == "$janitor":
             return self.janitor
         if kind == "$ping":
@@ -244,39 +187,6 @@ class Root:
             self._teardown(graceful=True, timeout=request[1])
             return "ok"
         return ("$error", ValueError(f"unknown request {request!r}"))
-
-    def _warm_one(self) -> None:
-        """Start one child ahead; if that fails (no descriptors or processes left),
-        start no more until the next spawn."""
-        node = self.node
-        try:
-            pid = _launch.start_child(node, warm=True, default_signals=(signal.SIGCHLD, *ENDING),
-                                      imports=tuple(self.imports or ()))
-        except OSError as exc:
-            log.warning("could not start a child ahead (%s); trying again at the next "
-                        "spawn", exc)
-            self.warm_blocked = True
-            return
-        self.warm[node.monitor(pid)] = pid
-
-    def _learn_imports(self, names: Any) -> None:
-        """A settled warm child's target was unpickled with the modules ``names``: the
-        next warm children import them ahead (the newest ``IMPORTS_KEPT`` names)."""
-        imports = self.imports
-        if imports is None or not isinstance(names, list):
-            return
-        for name in names:
-            if isinstance(name, str) and name not in imports:
-                imports[name] = None
-        while len(imports) > IMPORTS_KEPT:
-            del imports[next(iter(imports))]
-
-    def _forget_warm(self, which: Callable[..., bool]) -> None:
-        """Stop counting the warm children ``which`` accepts: settled or taken."""
-        for ref, pid in list(self.warm.items()):
-            if which(pid):
-                del self.warm[ref]
-                self.node.demonitor(ref, True)
 
     def _escalate_due(self) -> None:
         """SIGKILL the doomed processes that did not run their exit path in time."""
@@ -376,8 +286,7 @@ class Root:
         node = self.node
         table = node.table
         skip = {node.me.serial, node.info.main.serial}
-        self.warm_target = 0
-        self.warm.clear()
+        self.server.stop_warming()
         if graceful:
             # One at a time, last started first, each gone before the next is asked (as
             # OTP stops applications), each with up to ``timeout`` seconds.

@@ -342,6 +342,20 @@ class Table:
     def set_ahead(self, slot: int, flag: bool) -> None:
         self._set_flag(slot, _AHEAD, flag)
 
+    def claim_ahead(self, serial: int, slot: int) -> bool:
+        """Take the warm child ``serial`` for a target: clear its started-ahead flag,
+        if it is still alive and started ahead. False if it was doomed first (see
+        ``doom(only_ahead=True)``): the two exclude each other."""
+        self._lock()
+        try:
+            s = self.read(slot)
+            if s.serial != serial or s.state != ALIVE or not self.is_ahead(slot):
+                return False
+            self._set_flag(slot, _AHEAD, False)
+            return True
+        finally:
+            self._unlock()
+
     def _set_flag(self, slot: int, bit: int, flag: bool) -> None:
         # (each slot has one writer of its flags at a time: its parent until it runs,
         # then itself for its trap, the process handing it a target for the other)
@@ -441,8 +455,9 @@ class Table:
         finally:
             self._unlock()
 
-    def doom(self, serial: int, slot: int, reason: Any) -> bool:
-        """Record ``reason`` for a process we are about to signal.
+    def doom(self, serial: int, slot: int, reason: Any, only_ahead: bool = False) -> bool:
+        """Record ``reason`` for a process we are about to signal; ``only_ahead``: if
+        it is a warm child not taken for a target yet (see ``claim_ahead``).
 
         Returns False if the process already exited or was doomed by someone else
         (then its reason stands and no signal should be sent by us)."""
@@ -451,6 +466,8 @@ class Table:
         try:
             s = self.read(slot)
             if s.serial != serial or s.state != ALIVE:
+                return False
+            if only_ahead and not self.is_ahead(slot):
                 return False
             if s.os_pid and zombie_status(s.os_pid, exiting=True) is not None:
                 return False  # already dead: watchers may have seen its true reason

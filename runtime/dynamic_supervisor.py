@@ -41,7 +41,8 @@ class DynamicSupervisor(GenServer):
     @classmethod
     def start_link(cls, name: str | None = None, max_children: int | None = None,  # type: ignore[override]
                    max_restarts: int = 3, max_seconds: float = 5.0,
-                   timeout: float = 60.0, warm_child: bool = False) -> Pid:
+                   timeout: float = 60.0, warm_child: bool = False,
+                   zygote: bool = False) -> Pid:
         """Start the supervisor, with no children, linked to the caller. Blocks until
         it runs. Raises InvalidChildSpec for a bad option, AlreadyRegisteredError.
 
@@ -49,14 +50,22 @@ class DynamicSupervisor(GenServer):
         hands it the child's start function instead of forking then (see
         ``runtime.keep_warm``: the child runs in a process forked while the
         supervisor was last idle). For supervisors that start many short-lived or
-        many small children, such as kv's buckets."""
+        many small children.
+
+        ``zygote``: have the children forked by a zygote instead, a small fresh
+        process that keeps two started ahead (see ``runtime.keep_warm(zygote=True)``):
+        starting a child then costs the same with ten thousand children as with
+        ten, where a supervisor's own fork slows down as its children grow. The
+        children run in fresh interpreters, not copies of the supervisor. For
+        supervisors of thousands of children, such as kv's buckets."""
         if max_children is not None and not (
                 isinstance(max_children, int) and not isinstance(max_children, bool)
                 and max_children >= 0):
             raise InvalidChildSpec("max_children", max_children, "None or an int >= 0")
         validate_intensity(max_restarts, max_seconds)
         options = {"max_children": max_children, "max_restarts": max_restarts,
-                   "max_seconds": max_seconds, "warm_child": bool(warm_child)}
+                   "max_seconds": max_seconds, "warm_child": bool(warm_child),
+                   "zygote": bool(zygote)}
         return start_server(cls, options, name, timeout, link=True, trap=True)
 
     @classmethod
@@ -101,8 +110,8 @@ class DynamicSupervisor(GenServer):
         self.max_children = options["max_children"]
         self.restarter = Restarter(options["max_restarts"], options["max_seconds"])
         self.children: dict[Pid, ChildEntry] = {}
-        if options["warm_child"]:
-            keep_warm(True)
+        if options["warm_child"] or options.get("zygote"):
+            keep_warm(True, zygote=bool(options.get("zygote")))
         return None
 
     def handle_call(self, request: Any, from_: Any, state: Any) -> Any:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _checks, _config, _embed, _launch
+from . import _checks, _config, _embed, _launch, _warm
 from ._config import DEFAULT_TIMEOUT, Config
 from .errors import NoProcError
 from .pid import Pid, Ref
@@ -248,31 +248,50 @@ def trap_exit(flag: bool) -> bool:
     return _embed.current().trap_exit(flag)
 
 
-def keep_warm(on: bool = True) -> None:
-    """In a runtime process: keep one child started ahead for its spawns (``on``), or
-    stop (``False``: the child kept is stopped). Returns at once; the child is
-    forked when the caller next waits for a message (``receive`` with no ``match``,
-    or a GenServer between messages), and again each time a spawn took it: the
-    fork happens while the process is idle instead of while a spawn waits.
+def keep_warm(on: bool = True, *, zygote: bool = False) -> None:
+    """In a runtime process: keep children started ahead for its spawns (``on``), or
+    stop (``False``). Returns at once; the work is done when the caller next waits
+    for a message (``receive`` with no ``match``, or a GenServer between messages),
+    on its main thread: while the process is idle instead of while a spawn waits.
 
-    A spawn whose target can be pickled (cloudpickle) then writes it to that child
-    instead of forking, except ``trap=True`` starts (a supervisor's own children):
-    the target runs in a process forked when the caller was last idle, so it sees
-    the caller's memory, and holds the descriptors the caller had open, as they
-    were then, not as they are at the spawn (a socket the caller has closed since
-    stays open in it: its port stays bound). That is why this is a choice, not
-    the default. Other targets are forked as usual.
+    A spawn whose target can be pickled (cloudpickle) is then run by a child
+    started ahead instead of a fork of the caller, except ``trap=True`` starts (a
+    supervisor's own children), which are forked as usual, or by the zygote. Two
+    kinds:
 
-    The child kept is not one of the node's processes (``processes()``) until it
-    has a target, costs the memory of an idle process, stops when the caller
-    exits, and dies with it if it is killed. ``DynamicSupervisor.start_link(
-    warm_child=True)`` turns it on for a supervisor's children.
+    - ``zygote=False``: one child, forked by the caller when it was last idle (and
+      again each time a spawn took it). The target runs in a process that sees
+      the caller's memory, and holds the descriptors the caller had open, as they
+      were then, not as they are at the spawn (a socket the caller has closed
+      since stays open in it: its port stays bound). That is why this is a
+      choice, not the default.
+    - ``zygote=True``: children forked by a *zygote*, a small process the caller
+      starts as a fresh interpreter (its child), which keeps two children started
+      ahead and forks more when a spawn finds none ready (``trap=True`` ones
+      too). A process's own fork slows down as it and its children grow (at
+      thousands of children, by 5-10x on a small machine: the kernel walks the
+      pages they share with it); a zygote's does not, and a new zygote replaces
+      it after 500 children, so none is shared by more. The target runs in a
+      fresh interpreter that has imported the modules of the targets before it,
+      not a copy of the caller: it must not rely on state the caller set up at
+      run time (a target from a child spec never does). The processes it runs
+      in are the zygote's children (``info(pid)["parent"]``), linked to the
+      caller if the spawn links; they die with the zygote, which dies with the
+      caller: killing a zygote kills the processes it forked, as killing the
+      caller does. A retired zygote exits once those it forked are gone.
+
+    Children started ahead are not the node's processes (``processes()``) until
+    they have a target, and cost the memory of an idle process each (a zygote
+    that of a fresh interpreter, ~10 MiB). ``keep_warm(False)`` stops those
+    waiting; the zygotes exit once the processes they forked are gone.
+    ``DynamicSupervisor.start_link(warm_child=True)`` (or ``zygote=True``) turns
+    it on for a supervisor's children.
 
     Raises:
         ProcessError: called from the embedding process (its spawns use the root's
             warm children: ``configure(warm_children=)``).
     """
-    _launch.keep_warm(_embed.current(), bool(on))
+    _warm.keep_warm(_embed.current(), bool(on), bool(zygote))
 
 
 def exit(pid: Any, reason: Any) -> None:
@@ -317,9 +336,11 @@ def info(pid: Pid, timeout: float = 1.0) -> dict[str, Any] | None:
     runtime answers when asked: ``parent``, ``status`` (``"waiting"`` in the
     runtime, ``"running"`` its own code, ``"exiting"``), ``message_queue_len``,
     ``monitors`` (the processes it monitors), ``links``, ``children``,
-    ``trap_exit`` and ``warm_child`` (the Pid of the child it keeps started ahead,
-    once that is ready for a target, else None: see ``keep_warm``; it is not among
-    its ``children``). A process busy in its own code answers when it next enters the
+    ``trap_exit``, ``warm_children`` (the children started ahead for its spawns that
+    are ready for a target, the one its next spawn takes first: see ``keep_warm``),
+    ``warm_child`` (that first one, or None) and ``zygotes`` (the zygotes it keeps,
+    see ``keep_warm``; like its warm children, they are not among its
+    ``children``). A process busy in its own code answers when it next enters the
     runtime: if it has not within ``timeout`` seconds, those keys are None and its
     status is ``"running"``.
 

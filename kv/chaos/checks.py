@@ -91,24 +91,34 @@ class Leftovers:
         tree = {runtime.whereis(n) for n in (kv_supervisor.REGISTRY,
                                              kv_supervisor.BUCKET_SUPERVISOR,
                                              kv_server.TASKS, kv_server.ACCEPTOR)}
-        expected = {runtime.self(), self.root, self.kv_sup, self.server_sup, *tree, *buckets}
+        sup = runtime.whereis(kv_supervisor.BUCKET_SUPERVISOR)
+        sup_info = None if sup is None else runtime.info(sup, timeout=5.0)
+        zygotes = set() if sup_info is None or sup_info["zygotes"] is None else \
+            set(sup_info["zygotes"])
+        expected = {runtime.self(), self.root, self.kv_sup, self.server_sup, *tree, *buckets,
+                    *zygotes}
 
         def extra() -> list[Pid]:
             return [p for p in runtime.processes() if p not in expected]
         left = [] if poll(lambda: not extra(), timeout) else extra()
         if left:
             r.violation("leak", f"processes left behind: {left!r}")
-        # (the root's warm children, the bucket supervisor's child started ahead and
-        # the janitor are not the node's processes)
+        # (the root's warm children, the children the bucket supervisor's zygote
+        # started ahead and the janitor are not the node's processes)
         system = runtime.system_info()
         known = {p.os_pid for p in runtime.processes()} | {*system.warm_children,
                                                               system.janitor}
 
         def warm_child() -> set[int]:
-            sup = runtime.whereis(kv_supervisor.BUCKET_SUPERVISOR)
-            info = None if sup is None else runtime.info(sup, timeout=5.0)
-            own = None if info is None else info.get("warm_child")
-            return set() if own is None else {own.os_pid}
+            zygote_os = {pid.os_pid for pid in zygotes}
+            ahead = set()
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if proc.ppid() in zygote_os and proc.pid not in known:
+                        ahead.add(proc.pid)  # (a runtime process is in known)
+                except psutil.Error:
+                    pass
+            return ahead
 
         def family() -> tuple[list[int], list[int]]:
             living, zombies = _living(psutil.Process().children(recursive=True))

@@ -64,10 +64,12 @@ def _snapshot() -> dict:
     procs = _long_lived()
     registry_info = runtime.info(procs["kv.registry"], timeout=5)
     sup_info = runtime.info(procs["kv.bucket_supervisor"], timeout=5)
-    # The bucket supervisor's warm child (a new one after each wave) is not a leak.
-    warm = sup_info["warm_child"]
-    warm_files = set() if warm is None else {testing.sock_file(warm)}
-    warm_os = set() if warm is None else {warm.os_pid}
+    # The bucket supervisor's warm children (new ones after each wave) and its
+    # zygote are not leaks.
+    warm = sup_info["warm_children"]
+    kept = warm + sup_info["zygotes"]  # (a new zygote every 500 buckets)
+    warm_files = {testing.sock_file(pid) for pid in kept}
+    warm_os = {pid.os_pid for pid in kept}
     return {
         "registry maps": kv.registry.sizes("kv.registry"),
         "registry monitors": len(registry_info["monitors"]),
@@ -78,7 +80,8 @@ def _snapshot() -> dict:
         "fds": {name: psutil.Process(pid.os_pid).num_fds() for name, pid in procs.items()},
         "files": [f for f in _node_files() if f not in warm_files],
         "os processes": [p for p in _os_processes() if p not in warm_os],
-        "warm child": warm is not None,
+        "warm child": bool(warm),
+        "zygotes": len(sup_info["zygotes"]),
     }
 
 

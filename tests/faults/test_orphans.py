@@ -57,9 +57,10 @@ SERVICE = """
         time.sleep(600)  # sleep-ok: the service idles until it is killed
 """
 # root; kv.supervisor, kv.bucket_supervisor, kv.registry, 3 buckets, the bucket
-# supervisor's child started ahead (runtime.keep_warm); a supervisor, 2 workers and
-# their 2 children; parent_of_two and its 2 children; a warm child; the janitor
-TREE = 1 + 3 + 3 + 1 + 1 + 2 + 2 + 1 + 2 + 1 + 1
+# supervisor's zygote and its 2 children started ahead (runtime.keep_warm); a
+# supervisor, 2 workers and their 2 children; parent_of_two and its 2 children; a
+# warm child; the janitor
+TREE = 1 + 3 + 3 + 1 + 2 + 1 + 2 + 2 + 1 + 2 + 1 + 1
 
 
 WAYS = ["sigkill", "os._exit", "group sigterm", "group sigkill"]

@@ -83,7 +83,13 @@ def test_buckets_are_children_of_the_bucket_supervisor_not_of_the_registry(reg):
     import psutil
 
     b = registry.create(reg, "shopping")
-    assert psutil.Process(b.os_pid).ppid() == runtime.whereis("kv.bucket_supervisor").os_pid
+    sup = runtime.whereis("kv.bucket_supervisor")
+    assert b in [c.pid for c in runtime.DynamicSupervisor.which_children(sup)]
+    assert b in runtime.info(sup)["links"] and b not in runtime.info(reg)["links"]
+    # Forked by the bucket supervisor's zygote (see keep_warm), its child.
+    zygote = psutil.Process(b.os_pid).ppid()
+    assert zygote in [z.os_pid for z in runtime.info(sup)["zygotes"]]
+    assert psutil.Process(zygote).ppid() == sup.os_pid
 
 
 @pytest.mark.parametrize("name", ["Shopping", "1abc", "été", "with space", "a/b", "", "x" * 3000])

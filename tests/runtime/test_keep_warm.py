@@ -252,7 +252,7 @@ def _starved_keeper(main):
             runtime.receive(timeout=0.05)  # idle: the start of a child ahead fails
         except runtime.ReceiveTimeout:
             pass
-        paused = (node.own_warm, node.warm_paused)
+        paused = (node.keeper.child, node.keeper.paused)
     finally:
         for fd in fillers:
             os.close(fd)
@@ -262,7 +262,7 @@ def _starved_keeper(main):
         runtime.receive(timeout=0.05)
     except runtime.ReceiveTimeout:
         pass
-    runtime.send(main, ("starved", paused, child, node.own_warm is not None))
+    runtime.send(main, ("starved", paused, child, node.keeper.child is not None))
     runtime.receive(timeout=30)
 
 
@@ -292,12 +292,12 @@ def _keeper_with_a_receiving_thread(main):
     t = threading.Thread(target=worker)
     t.start()
     t.join()
-    after_thread = node.own_warm
+    after_thread = node.keeper.child
     try:
         runtime.receive(timeout=0.05)
     except runtime.ReceiveTimeout:
         pass
-    runtime.send(main, ("waited", after_thread, node.own_warm is not None))
+    runtime.send(main, ("waited", after_thread, node.keeper.child is not None))
 
 
 def test_only_the_main_thread_s_wait_starts_a_child_ahead():
