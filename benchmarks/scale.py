@@ -42,7 +42,7 @@ REG = "kv.registry"
 
 def small_tree(prefix: str) -> Any:
     """A tree like kv's (a bucket supervisor and a registry) under other names."""
-    children = [runtime.DynamicSupervisor.child_spec(name=f"{prefix}.buckets", warm_child=True),
+    children = [runtime.DynamicSupervisor.child_spec(name=f"{prefix}.buckets", zygote=True),
                 Registry.child_spec({"name": f"{prefix}.registry",
                                      "bucket_supervisor": f"{prefix}.buckets"})]
     return runtime.Supervisor.start_link(children, strategy="one_for_all", name=f"{prefix}.sup")

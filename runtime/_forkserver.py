@@ -22,9 +22,11 @@ the new process unpickles it. For its client it
   that unpickling its target imported (its function's, its arguments'
   classes'); the server keeps the last ``IMPORTS_KEPT`` of those names
   (``warm_imports``), and each warm child imports them before it offers itself:
-  the next target of the same kind finds its modules imported, and the server
+  the next target of the same kind finds its modules imported, and the root
   itself imports none. A warm child that dies before it settles makes the server
-  forget them all (an import ahead may have killed it).
+  forget them all (an import ahead may have killed it). A zygote imports them
+  itself instead (``import_here``): its children share them then, rather than
+  each importing its own copy, as a process's children share what it imported.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from . import _launch
-from ._node import Node
+from ._node import Node, import_ahead
 from .errors import ProcessError, ReceiveTimeout
 from .messages import Down
 from .pid import From, Pid, Ref
@@ -51,8 +55,10 @@ class ForkServer:
     """Spawns and warm children for ``client``, in the server's process (``node``)."""
 
     def __init__(self, node: Node, client: Pid, warm_target: int, warm_imports: bool,
-                 default_signals: tuple[int, ...] = (), count_children: bool = False) -> None:
+                 default_signals: tuple[int, ...] = (), count_children: bool = False,
+                 import_here: bool = False) -> None:
         self.node = node
+        self.import_here = import_here  # (see the module docstring)
         # ``count_children``: monitor every child, so that ``children`` holds those
         # alive (by their monitor); else it stays empty.
         self.children: dict[Ref, Pid] | None = {} if count_children else None
@@ -175,8 +181,27 @@ class ForkServer:
         for name in names:
             if isinstance(name, str) and name not in imports:
                 imports[name] = None
+                if self.import_here:
+                    self.import_modules((name,))
         while len(imports) > IMPORTS_KEPT:
             del imports[next(iter(imports))]
+
+    def import_modules(self, names: Any) -> None:
+        """(``import_here``) Import ``names`` here, for the children forked next. A
+        module that starts a thread as it is imported ends that: a process that
+        forks should have one thread (a child inherits the locks the others held),
+        and a module that starts one is imported by the children themselves."""
+        for name in names:
+            if not self.import_here:
+                return
+            if not isinstance(name, str) or name in sys.modules:
+                continue
+            import_ahead(name)
+            if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+                self.import_here = False
+                log.warning("importing %s started a thread in the zygote; the "
+                            "modules of the targets after it are imported by each "
+                            "child instead", name)
 
     def down(self, msg: Down) -> bool:
         """A Down: is it one of our children (a warm one, dead before it settled)?"""

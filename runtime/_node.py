@@ -118,8 +118,8 @@ def target_modules(fn: Any, args: tuple[Any, ...]) -> list[str]:
     return names
 
 
-def _import_ahead(name: str) -> None:
-    """Import ``name`` in a warm child, ahead of its target. A module that fails to
+def import_ahead(name: str) -> None:
+    """Import ``name`` in a warm child (or a zygote), ahead of a target. A module that fails to
     import leaves nothing behind (a package may have imported submodules before it
     failed, which a later import would find half set up): the target meets the same
     error itself, where it can see it."""
@@ -536,7 +536,7 @@ class Node:
         writes copied."""
         for name in imports:
             if name not in sys.modules:
-                _import_ahead(name)
+                import_ahead(name)
         importlib.util.find_spec("_runtime_warm_child_probe_")
         self.warm_owner = owner
         self._send(owner, _wire.control(_wire.WARM), time.monotonic() + 1.0)

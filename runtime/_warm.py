@@ -11,8 +11,9 @@ A process that keeps children warm has a *keeper* (``Node.keeper``), one of two:
   mappings the kernel walks while the fork waits (the kernel's own memory
   monitor walks them all the time), and it holds descriptors for each child that
   every new child inherits. A zygote's pages are its own, shared only with the
-  children it forked itself, and it holds nothing of the keeper's: its fork
-  costs what a small process's costs. After ``ZYGOTE_RENEW`` children it is
+  children it forked itself, and it holds nothing of the keeper's but the
+  modules of the keeper's targets (it imports them, so that its children share
+  them): its fork costs what a small process's costs. After ``ZYGOTE_RENEW`` children it is
   replaced by a new one (started ``ZYGOTE_LEAD`` children before, so that it is
   up by then), so that no zygote's pages are shared by more; the old one stops
   keeping children warm, kills those it started ahead that were not taken, and
@@ -30,7 +31,8 @@ import logging
 from typing import Any
 
 from . import _launch, _wire, _zygote
-from ._node import Node
+from ._forkserver import IMPORTS_KEPT
+from ._node import Node, target_modules
 from .errors import ProcessError
 from .pid import Pid
 
@@ -129,6 +131,8 @@ class Zygotes:
         self.current: Pid | None = None  # the zygote that forks our children
         self.next: Pid | None = None  # its successor, started ahead
         self.retired: list[Pid] = []  # those replaced, until they exit
+        # The modules of our targets, newest last: what a new zygote imports first.
+        self.modules: dict[str, None] = {}
         self.forks = 0  # children the current one started for us
         self.paused = False  # the last start failed: none until the next spawn
 
@@ -169,8 +173,8 @@ class Zygotes:
         return self.node.watches.get(zygote.serial) is not None
 
     def _start(self) -> Pid:
-        return _launch.start_child(self.node, (_zygote.main, (self.node.me, ZYGOTE_WARM)),
-                                   fresh=True, name="runtime-zygote")
+        target = (_zygote.main, (self.node.me, ZYGOTE_WARM, tuple(self.modules)))
+        return _launch.start_child(self.node, target, fresh=True, name="runtime-zygote")
 
     def _retire(self, zygote: Pid) -> None:
         """Tell ``zygote`` to kill the children it started ahead that we have not
@@ -206,6 +210,12 @@ class Zygotes:
             payload = _wire.dumps_code((fn, args), None)
         except Exception:
             return None  # (not picklable: a fork inherits it)
+        modules = self.modules
+        for name in target_modules(fn, args):
+            if name not in modules:
+                modules[name] = None
+                if len(modules) > IMPORTS_KEPT:
+                    del modules[next(iter(modules))]
         pid = None if trap else node.hand_over(payload, link)
         if pid is None:
             try:

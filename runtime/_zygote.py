@@ -11,7 +11,10 @@ The children a zygote forks are its children: it reaps them, they die with it
 children are. It is its keeper's child and dies with it likewise; when its
 keeper exits, it is stopped with the keeper's other children (``"shutdown"``),
 after the keeper's links, its children among them, got the keeper's reason.
-A zygote runs no user code and holds no user state.
+A zygote runs no user code of its own: it imports the modules of its keeper's
+targets (those the keeper names as it starts it, and those its children name
+once they have unpickled their targets), which its children then share instead
+of importing them each.
 
 A retired zygote (``("$retire",)`` from its keeper, which started a successor or
 stopped keeping children warm) kills those it started ahead that its keeper has
@@ -29,15 +32,19 @@ from .errors import ReceiveTimeout
 from .pid import Pid
 
 
-def main(keeper: Pid, warm_children: int) -> None:
-    """The zygote's process function: serve ``keeper`` until retired and childless."""
+def main(keeper: Pid, warm_children: int, imports: tuple[str, ...] = ()) -> None:
+    """The zygote's process function: serve ``keeper`` until retired and childless.
+    ``imports``: the modules of the keeper's targets so far, imported here first
+    (see ``_forkserver``: the zygote imports them for its children)."""
     # The runtime's own dependency, imported once here rather than in every child:
     # a target from the keeper is unpickled with it.
     import cloudpickle  # noqa: F401
 
     node = _current.get()
     assert node is not None
-    server = ForkServer(node, keeper, warm_children, warm_imports=True, count_children=True)
+    server = ForkServer(node, keeper, warm_children, warm_imports=True, count_children=True,
+                        import_here=True)
+    server.import_modules(imports)
     retired = False
     while not (retired and not server.children):
         refill = server.wants_warm()
