@@ -1,7 +1,9 @@
 """The application's supervision tree, as the guide ends it.
 
 ``kv.supervisor`` (one_for_all)
-  1. ``kv.bucket_supervisor``: a DynamicSupervisor; every bucket is its child.
+  1. ``kv.bucket_supervisor``: a DynamicSupervisor; every bucket is its child,
+     forked by its zygote (``runtime.keep_warm(zygote=True)``), so that creating
+     a bucket costs the same with thousands alive as with ten.
   2. ``kv.registry``: the registry, which monitors the buckets.
 
 The bucket supervisor starts first because the registry needs it. The strategy

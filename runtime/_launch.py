@@ -347,22 +347,32 @@ def spawn(node: Node, fn: Any, args: tuple[Any, ...], *, link: bool = False,
     return start_child(node, (fn, args), link=link, trap=trap, shown=shown)
 
 
+class ServerGone(ProcessError):
+    """``spawn_by``: the fork server was dead before the spawn asked it anything."""
+
+
 def spawn_by(node: Node, server: Pid, payload: bytes, link: bool, trap: bool,
              name: str) -> Pid:
     """Have the fork server ``server`` (the root, a zygote: see ``_forkserver``) fork
     a new process for ``payload``. A spawn that does not end with the server's
     answer (none in ROOT_WAIT seconds: the server is stopped; or Ctrl-C) tells the
     server to cancel it: it forks nothing, or kills what it forked, so that no
-    process runs a target whose spawn raised. Raises ProcessError if the server is
-    dead, did not answer, or could not fork (``name`` names the server in it)."""
+    process runs a target whose spawn raised. Raises ServerGone if the server was
+    dead before it was asked, ProcessError if it died while it was asked, did not
+    answer, or could not fork (``name`` names the server in them)."""
 
     def cancel(ref: int) -> None:
         node.post(server, ("$cancel", ref))  # (the server may be stopped: never wait)
 
     try:
         pid = node.call(server, ("$spawn", payload, link, trap), ROOT_WAIT, cancel)
-    except (NoProcError, ExitError):
-        raise ProcessError(f"{name} has died") from None
+    except NoProcError:
+        raise ServerGone(f"{name} has died") from None
+    except ExitError as exc:
+        # It may have forked a process for the target first, which dies with it (the
+        # parent-death signal): this spawn raises, it must not run the target again.
+        raise ProcessError(f"{name} died during the spawn ({exc.reason!r}); a process "
+                           "it may have started for the target died with it") from None
     except CallTimeout:
         raise ProcessError(f"{name} did not answer a spawn within {ROOT_WAIT} s "
                            "(stopped?); the spawn was cancelled") from None

@@ -200,7 +200,10 @@ class Zygotes:
     def spawn(self, fn: Any, args: tuple[Any, ...], link: bool, trap: bool) -> Pid | None:
         """Run ``fn(*args)`` in a zygote's child: one started ahead if one is ready and
         the target does not trap exits, else one the zygote forks now. None if the
-        target cannot be pickled or no zygote is up (the spawn forks)."""
+        target cannot be pickled or no zygote is up (the spawn forks). Raises
+        ProcessError if the zygote died while it was asked: it may have started the
+        target, and what it started died with it, so the spawn must not fork it
+        again."""
         node = self.node
         self.paused = False
         zygote = self.current
@@ -220,9 +223,8 @@ class Zygotes:
         if pid is None:
             try:
                 pid = _launch.spawn_by(node, zygote, payload, link, trap, "the zygote")
-            except ProcessError as exc:
-                log.debug("the zygote could not fork (%s): forking", exc)
-                return None
+            except _launch.ServerGone:
+                return None  # (asked nothing: a fork runs the target, once)
         self.forks += 1
         return pid
 

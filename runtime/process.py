@@ -133,8 +133,10 @@ def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
 
     From the embedding process it blocks while the target is written to a process
     the root started ahead (one that takes none of it for 2 s, stopped, is killed
-    and another used), or, with none ready, while the root forks one (up to 30 s).
-    A spawn that raises (Ctrl-C included) leaves no process running ``fn``.
+    and another used), or, with none ready, while the root forks one (up to 30 s);
+    likewise from a runtime process with a zygote (``keep_warm(zygote=True)``),
+    with the zygote for the root. A spawn that raises (Ctrl-C included) leaves no
+    process running ``fn``.
 
     Args:
         link: link the new process to the caller (atomically, before it runs).
@@ -142,8 +144,10 @@ def spawn(fn: Callable[..., Any], *args: Any, link: bool = False) -> Pid:
     Raises:
         TypeError: ``fn`` is not callable, or cannot be pickled when it must be.
         ProcessError: called from a thread other than a runtime process's main thread;
-            the node's root has died, or did not answer within 30 s.
-        OSError: the root could not fork (out of processes or descriptors).
+            the node's root has died, or did not answer within 30 s; the caller's
+            zygote died during the spawn (what it may have started died with it).
+        OSError: the root (or the zygote) could not fork (out of processes or
+            descriptors).
     """
     if not callable(fn):
         raise TypeError(f"spawn needs a callable, got {fn!r}")

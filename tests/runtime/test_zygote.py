@@ -5,6 +5,7 @@ children; what the children see, how they die, and that nothing is left behind."
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import psutil
@@ -32,9 +33,14 @@ def _keeper(main, renew=None):
             runtime.send(main, ("exit", msg.pid, msg.reason))
             continue
         kind = msg[0]
-        if kind == "spawn":
+        if kind in ("spawn", "spawn_asking"):
             _, fn, args, link = msg
-            runtime.send(main, ("spawned", runtime.spawn(fn, *args, link=link)))
+            if kind == "spawn_asking":
+                runtime.send(main, ("asking",))
+            try:
+                runtime.send(main, ("spawned", runtime.spawn(fn, *args, link=link)))
+            except runtime.ProcessError as exc:
+                runtime.send(main, ("spawn_error", str(exc)))
         elif kind == "set":
             STATE = msg[1]
             runtime.send(main, ("set",))
@@ -114,6 +120,29 @@ def test_a_spawn_runs_in_a_child_of_the_zygote_that_is_a_fresh_interpreter():
     assert_receive(("exit", child, "normal"))
     _stop(keeper, ref)
     assert _gone(zygote.os_pid)
+
+
+def test_a_spawn_whose_zygote_dies_while_asked_raises_and_is_not_forked_again():
+    # The zygote may have forked a process for the target before it died (which then
+    # dies with it): the spawn must raise, not run the target a second time.
+    keeper, ref, zygote = _start_keeper()
+    ahead = [_spawn(keeper, tag=i)[0] for i in range(2)]  # the two started ahead
+    os.kill(zygote.os_pid, signal.SIGSTOP)  # asked next, it answers nothing
+    try:
+        runtime.send(keeper, ("spawn_asking", _report, (runtime.self(), "late"), True))
+        assert_receive(("asking",))
+        # Asleep from then on only in the call to the zygote: the request is written.
+        wait_until(lambda: psutil.Process(keeper.os_pid).status() == psutil.STATUS_SLEEPING,
+                   what="the keeper waiting for the zygote")
+    finally:
+        os.kill(zygote.os_pid, signal.SIGKILL)
+    _, text = assert_receive(tagged("spawn_error"))
+    assert "the zygote died during the spawn" in text
+    with pytest.raises(AssertionError):
+        assert_receive(tagged("late"), timeout=0.3)  # it ran nowhere
+    for child in ahead:  # (killed with the zygote)
+        assert_receive(("exit", child, "killed"))
+    _stop(keeper, ref)
 
 
 def test_a_crash_in_a_zygote_s_child_reaches_the_keeper_with_its_true_reason():
