@@ -159,7 +159,7 @@ def _start_node() -> Node:
         me = Pid(node_id, serial, slot, os.getpid())
         root_serial, root_slot = table.allocate()
         root = Pid(node_id, root_serial, root_slot, 0)  # its OS pid is known once started
-        info = NodeInfo(directory, key, node_id, me, root, method)
+        info = NodeInfo(directory, key, node_id, me, root, method, config.warm_imports)
         node = Node(info, me, _listen_at(info.sock_path(serial)), table, is_main=True)
         node.extra_fds.append(lock_fd)
         _start_root(node, config)

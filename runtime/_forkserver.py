@@ -188,9 +188,10 @@ class ForkServer:
 
     def import_modules(self, names: Any) -> None:
         """(``import_here``) Import ``names`` here, for the children forked next. A
-        module that starts a thread as it is imported ends that: a process that
-        forks should have one thread (a child inherits the locks the others held),
-        and a module that starts one is imported by the children themselves."""
+        module that starts a thread as it is imported ends that, with a warning: a
+        process that forks should have one thread (a child inherits the locks the
+        others held). The thread stays, as it would in a keeper that forks its
+        children itself: the later modules are imported by each child instead."""
         for name in names:
             if not self.import_here:
                 return

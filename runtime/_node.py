@@ -79,6 +79,7 @@ class NodeInfo:
     main: Pid
     root: Pid | None
     start_method: str
+    warm_imports: bool = True  # (see configure: zygotes follow it too)
 
     def sock_path(self, serial: int) -> str:
         return f"{self.dir}/{serial}"

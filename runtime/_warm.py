@@ -22,7 +22,11 @@ A process that keeps children warm has a *keeper* (``Node.keeper``), one of two:
 The node asks its keeper, before the process waits for a message (on its main
 thread only, as a fork from another thread is not safe), whether it has work to
 do while idle (``idle_work``), and each spawn whether a child started ahead can
-take the target (``spawn``; None: the spawn forks as usual).
+take the target (``spawn``; None: the spawn forks as usual). A zygote's renewal
+that is due is also done in a spawn: a busy process may never be idle. Zygotes
+that die one after another before forking anything (a module of the targets
+that exits at import in a fresh interpreter, say) make the keeper forget the
+modules it had them import, then, after ZYGOTE_FAILS, give zygotes up.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from .pid import Pid
 
 log = logging.getLogger("runtime")
 
-ZYGOTE_RENEW = 500  # children a zygote forks before a new one replaces it
-ZYGOTE_LEAD = 50  # how many children before that the new one is started
+ZYGOTE_RENEW = 400  # children a zygote forks before a new one replaces it
+ZYGOTE_LEAD = 40  # how many children before that the new one is started
 ZYGOTE_WARM = 2  # children a zygote keeps started ahead
+ZYGOTE_FAILS = 3  # zygotes in a row that die before forking anything: no more
 
 
 def keep_warm(node: Node, on: bool, zygote: bool = False) -> None:
@@ -135,10 +140,11 @@ class Zygotes:
         self.modules: dict[str, None] = {}
         self.forks = 0  # children the current one started for us
         self.paused = False  # the last start failed: none until the next spawn
+        self.failed = 0  # zygotes in a row that died before forking anything for us
 
     def idle_work(self) -> bool:
         """Is there work to do while idle: start or switch zygotes?"""
-        if self.paused:
+        if self.paused or self.failed >= ZYGOTE_FAILS:
             return False
         current = self.current
         if current is None or not self._alive(current):
@@ -155,6 +161,11 @@ class Zygotes:
             if self.next is not None and not self._alive(self.next):
                 self.next = None
             if self.current is None or not self._alive(self.current):
+                if self.current is not None and self.forks == 0:
+                    self._died_unused()
+                    if self.failed >= ZYGOTE_FAILS:
+                        self.current = self.next = None
+                        return
                 self.current, self.next = self.next or self._start(), None
                 self.forks = 0
             elif self.forks >= ZYGOTE_RENEW:
@@ -167,6 +178,17 @@ class Zygotes:
             log.warning("could not start a zygote (%s); trying again after the next "
                         "spawn", exc)
             self.paused = True
+
+    def _died_unused(self) -> None:
+        """The current zygote died before it forked anything for us: maybe importing
+        the modules of our targets (one that exits at import in a fresh interpreter,
+        say). Forget them; after ZYGOTE_FAILS such deaths in a row, start no more
+        zygotes: our spawns fork as usual."""
+        self.modules.clear()
+        self.failed += 1
+        if self.failed >= ZYGOTE_FAILS:
+            log.warning("%d zygotes in a row died before forking anything; this "
+                        "process's spawns fork as usual from now on", self.failed)
 
     def _alive(self, zygote: Pid) -> bool:
         """Is our child ``zygote`` alive (as far as we have seen: lock held or not)?"""
@@ -206,6 +228,17 @@ class Zygotes:
         again."""
         node = self.node
         self.paused = False
+        modules = self.modules
+        for name in target_modules(fn, args):
+            if name not in modules:
+                modules[name] = None
+                if len(modules) > IMPORTS_KEPT:
+                    del modules[next(iter(modules))]
+        if self.idle_work():  # (due now: a busy process may never be idle)
+            starting = self.current is None or not self._alive(self.current)
+            self.do_idle_work()
+            if starting:
+                return None  # (it boots while this spawn forks)
         zygote = self.current
         if zygote is None or not self._alive(zygote):
             return None
@@ -213,12 +246,6 @@ class Zygotes:
             payload = _wire.dumps_code((fn, args), None)
         except Exception:
             return None  # (not picklable: a fork inherits it)
-        modules = self.modules
-        for name in target_modules(fn, args):
-            if name not in modules:
-                modules[name] = None
-                if len(modules) > IMPORTS_KEPT:
-                    del modules[next(iter(modules))]
         pid = None if trap else node.hand_over(payload, link)
         if pid is None:
             try:
@@ -226,6 +253,7 @@ class Zygotes:
             except _launch.ServerGone:
                 return None  # (asked nothing: a fork runs the target, once)
         self.forks += 1
+        self.failed = 0
         return pid
 
     def stop(self) -> None:

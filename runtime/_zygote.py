@@ -42,8 +42,9 @@ def main(keeper: Pid, warm_children: int, imports: tuple[str, ...] = ()) -> None
 
     node = _current.get()
     assert node is not None
-    server = ForkServer(node, keeper, warm_children, warm_imports=True, count_children=True,
-                        import_here=True)
+    learn = node.info.warm_imports  # (configure(warm_imports=False): none)
+    server = ForkServer(node, keeper, warm_children, warm_imports=learn, count_children=True,
+                        import_here=learn)
     server.import_modules(imports)
     retired = False
     while not (retired and not server.children):
