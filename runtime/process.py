@@ -275,7 +275,7 @@ def keep_warm(on: bool = True, *, zygote: bool = False) -> None:
       too). A process's own fork slows down as it and its children grow (at
       thousands of children, by 5-10x on a small machine: the kernel walks the
       pages they share with it); a zygote's does not, and a new zygote replaces
-      it after 500 children, so none is shared by more. The target runs in a
+      it after 400 children, so none is shared by more. The target runs in a
       fresh interpreter that has imported the modules of the targets before it,
       not a copy of the caller: it must not rely on state the caller set up at
       run time (a target from a child spec never does). The processes it runs
