@@ -169,6 +169,8 @@ def test_a_busy_keeper_renews_its_zygote_in_its_spawns():
     _stop(keeper, ref)
 
 
+@pytest.mark.skipif(runtime.options().start_method == "spawn",
+                    reason="under spawn the keeper's own children are fresh interpreters too")
 def test_a_zygote_that_dies_importing_the_keeper_s_modules_is_replaced_without_them(tmp_path):
     # A module of the keeper's targets that exits at import in a fresh interpreter
     # kills the zygote that imports it as it starts: the next one must start without
