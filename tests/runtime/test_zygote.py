@@ -15,6 +15,8 @@ import runtime
 from runtime import Crash
 from runtime.testing import assert_receive, tagged, wait_down, wait_until
 
+from .test_keep_warm import _gone, _stop
+
 STATE = "as imported"  # what a zygote's child sees of this module (see _keeper)
 
 
@@ -93,18 +95,6 @@ def _spawn(keeper, tag="child", link=True):
     return spawned, ppid, seen
 
 
-def _gone(os_pid: int) -> bool:
-    try:
-        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _stop(pid, ref):
-    runtime.send(pid, ("stop",))
-    assert wait_down(ref).reason == "normal"
-
-
 def test_a_spawn_runs_in_a_child_of_the_zygote_that_is_a_fresh_interpreter():
     keeper, ref, zygote = _start_keeper()
     assert psutil.Process(zygote.os_pid).ppid() == keeper.os_pid
@@ -145,12 +135,20 @@ def test_a_spawn_whose_zygote_dies_while_asked_raises_and_is_not_forked_again():
         assert "the zygote died during the spawn" in outcome[1]
         with pytest.raises(AssertionError):
             assert_receive(tagged("late"), timeout=0.3)  # it ran nowhere
-    else:  # the keeper saw the zygote dead before it asked: it forked, once
-        _, late, _, ppid, _ = assert_receive(tagged("late"))
-        assert late == outcome[1] and ppid == keeper.os_pid
+    else:
+        # On a loaded machine: the stopped zygote had started a third child ahead,
+        # which took the target; or the keeper saw the zygote dead before it asked
+        # and forked the target, or a new zygote did; or the target went to a child
+        # the dead zygote had started ahead, which the kernel killed as it took it.
+        # It ran once at most.
+        late = outcome[1]
+        got = assert_receive(lambda m: m == ("exit", late, "killed") or (
+            m.__class__ is tuple and m[0] == "late"))
+        if got[0] == "late":
+            assert got[1] == late
+            runtime.send(late, "go")
         with pytest.raises(AssertionError):
             assert_receive(tagged("late"), timeout=0.3)
-        runtime.send(late, "go")
     for child in ahead:  # (killed with the zygote)
         assert_receive(("exit", child, "killed"))
     _stop(keeper, ref)
