@@ -394,13 +394,17 @@ def test_what_a_process_sent_comes_before_its_down_after_a_wait_that_raised(tmp_
             runtime.receive(timeout=5, match=lambda m: False)
         with open(fifo, "wb") as f:
             f.write(b"x")
-        pidfd = os.pidfd_open(pid.os_pid)
         try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            assert poller.poll(10_000), "the sender did not exit"
-        finally:
-            os.close(pidfd)
+            pidfd = os.pidfd_open(pid.os_pid)
+        except ProcessLookupError:
+            pidfd = -1  # exited and reaped already
+        if pidfd >= 0:
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                assert poller.poll(10_000), "the sender did not exit"
+            finally:
+                os.close(pidfd)
         ref = runtime.monitor(pid)  # of a dead process: its messages come first
         assert runtime.receive(timeout=5) == "before-death"
         down = runtime.receive(timeout=5)
