@@ -179,6 +179,11 @@ class Demo:
             self.names[pid.os_pid] = "warm child (for the next bucket)"
         for pid in [] if info is None else info["zygotes"]:
             self.names[pid.os_pid] = "zygote (forks the buckets)"
+            try:  # (one it is starting ahead has not offered itself yet)
+                for child in psutil.Process(pid.os_pid).children():
+                    self.names.setdefault(child.pid, "warm child (for the next bucket)")
+            except psutil.Error:
+                pass
         self.names[system.janitor or 0] = "janitor (cleans up the node)"
         rows = []
         me = psutil.Process()
