@@ -96,6 +96,18 @@ class ForkServer:
                 except OSError:
                     pass
 
+    def next_message(self, timeout: float | None) -> Any:
+        """The next message of the server's loop, waiting up to ``timeout`` seconds
+        (None: for ever); None if there was none, or if a warm child was wanted and
+        there was nothing else to do: one was started instead."""
+        refill = self.wants_warm()
+        try:
+            return self.node.receive(0.0 if refill else timeout, None)
+        except ReceiveTimeout:
+            if refill:
+                self.warm_one()
+            return None
+
     def handle(self, msg: Any) -> bool:
         """Act on ``msg`` if it is for the fork server (a ``$spawn`` call, a
         ``$cancel``, a ``$settled``, the Down of a warm child); True if it was."""

@@ -42,7 +42,6 @@ from . import _current, _launch, _table
 from ._exits import EXIT_GRACE
 from ._forkserver import ForkServer
 from ._node import Node
-from .errors import ReceiveTimeout
 from .messages import Down
 from .pid import From, Pid
 
@@ -144,16 +143,11 @@ class Root:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0].due - time.monotonic())
-            refill = self.server.wants_warm()
-            try:
-                msg = node.receive(0.0 if refill else timeout, None)
-            except ReceiveTimeout:
-                msg = None
-            if msg is None and refill:  # nothing else to do: start one ahead
-                self.server.warm_one()
-                continue
+            msg = self.server.next_message(timeout)
             if self.timers:
                 self._escalate_due()
+            if msg is None:
+                continue
             if msg.__class__ is Down and msg.ref == self.main_ref:
                 self._teardown(graceful=False, timeout=0.0)
                 node.exit_process("normal")

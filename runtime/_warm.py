@@ -63,6 +63,15 @@ def keep_warm(node: Node, on: bool, zygote: bool = False) -> None:
         node.keeper = Zygotes(node) if zygote else OwnWarm(node)
 
 
+def _payload(fn: Any, args: tuple[Any, ...]) -> bytes | None:
+    """The target pickled for a child started ahead; None if it cannot be pickled
+    (a fork inherits it instead)."""
+    try:
+        return _wire.dumps_code((fn, args), None)
+    except Exception:
+        return None
+
+
 class OwnWarm:
     """One child started ahead, forked by the process itself (see the module doc)."""
 
@@ -107,10 +116,9 @@ class OwnWarm:
         child = self.child
         if trap or child is None or child not in node.warm:
             return None
-        try:
-            payload = _wire.dumps_code((fn, args), None)
-        except Exception:
-            return None  # (not picklable: a fork inherits it)
+        payload = _payload(fn, args)
+        if payload is None:
+            return None
         pid = node.hand_over(payload, link)  # (only our own child offers itself)
         if pid is None:
             return None
@@ -242,10 +250,9 @@ class Zygotes:
         zygote = self.current
         if zygote is None or not self._alive(zygote):
             return None
-        try:
-            payload = _wire.dumps_code((fn, args), None)
-        except Exception:
-            return None  # (not picklable: a fork inherits it)
+        payload = _payload(fn, args)
+        if payload is None:
+            return None
         pid = None if trap else node.hand_over(payload, link)
         if pid is None:
             try:

@@ -24,11 +24,8 @@ forked are gone.
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import _current
 from ._forkserver import ForkServer
-from .errors import ReceiveTimeout
 from .pid import Pid
 
 
@@ -48,15 +45,8 @@ def main(keeper: Pid, warm_children: int, imports: tuple[str, ...] = ()) -> None
     server.import_modules(imports)
     retired = False
     while not (retired and not server.children):
-        refill = server.wants_warm()
-        msg: Any
-        try:
-            msg = node.receive(0.0 if refill else None, None)
-        except ReceiveTimeout:
-            msg = None
+        msg = server.next_message(None)
         if msg is None:
-            if refill:  # nothing else to do: start one ahead
-                server.warm_one()
             continue
         if server.handle(msg):
             continue
